@@ -1,0 +1,78 @@
+"""A decoder-only language model on the synthetic token stream: proves the training loop.
+
+Variants (`--config configs/lm.py:variant=NAME`):
+  tiny  ~0.1M params, seconds per run on a laptop CPU (the test and quick-start config)
+  50m   ~50M params (benchmarks)
+  1b    ~1.1B params, LLaMA-style shapes, for pods
+"""
+from vlm_jax import sharding
+from vlm_jax.config_lib import ConfigDict, parse_arg
+
+VARIANTS = {
+    #       vocab, embed, layers, heads, kv_heads, mlp, seq_len, batch, steps
+    "tiny": (256, 64, 2, 4, 2, 128, 64, 16, 200),
+    "50m": (32000, 512, 8, 8, 4, 1536, 512, 32, 1000),
+    "1b": (32000, 2048, 16, 16, 8, 5632, 2048, 256, 100_000),
+}
+
+
+def get_config(arg=None):
+    arg = parse_arg(arg, variant="tiny")
+    if arg.variant not in VARIANTS:
+        raise ValueError(f"variant {arg.variant!r} is not one of {sorted(VARIANTS)}.")
+    vocab, embed, layers, heads, kv_heads, mlp, seq_len, batch, steps = VARIANTS[arg.variant]
+
+    c = ConfigDict()
+    c.seed = 0
+    c.total_steps = steps
+    c.batch_size = batch
+    c.grad_accum_steps = 1
+    c.mesh = "data=-1,fsdp=1,tensor=1"
+    c.logical_axis_rules = [list(r) for r in sharding.DEFAULT_RULES]
+    c.log_every = 20
+    c.checkpoint_every = 100
+    c.keep_checkpoints = 3
+    c.eval_every = 100
+    c.eval_steps = 4
+    c.peak_tflops = 0.0  # per device; 0 = spec-sheet table, else measured
+
+    c.model = ConfigDict(
+        dict(
+            name="lm",
+            vocab_size=vocab,
+            embed_dim=embed,
+            num_layers=layers,
+            num_heads=heads,
+            num_kv_heads=kv_heads,
+            mlp_dim=mlp,
+            head_dim=0,  # 0 = embed_dim // num_heads
+            rope_theta=10000.0,
+            norm_eps=1e-6,
+            tie_embeddings=False,
+            dtype="float32",
+            remat="none",  # none | full | dots | dots_no_batch
+        )
+    )
+    c.data = ConfigDict(dict(name="synthetic_lm", seq_len=seq_len, min_doc_len=8))
+    c.optim = ConfigDict(
+        dict(
+            name="adamw",
+            lr=3e-3 if arg.variant == "tiny" else 3e-4,
+            schedule="cosine",
+            warmup_steps=max(steps // 20, 1),
+            min_lr_ratio=0.1,
+            rsqrt_timescale=10_000.0,
+            b1=0.9,
+            b2=0.95,
+            eps=1e-8,
+            momentum=0.9,
+            nesterov=False,
+            weight_decay=0.1,
+            wd_exclude=[],
+            clip_norm=1.0,
+            agc_clip=0.0,
+            freeze=[],
+            lr_mults=[],
+        )
+    )
+    return c

@@ -1,0 +1,37 @@
+"""Input pipelines: each yields host batches in the batch format of docs/design.md.
+
+`build(config, split, process_index, process_count)` returns an iterator over
+this process's share of each global batch, with `get_state()` / `set_state()`
+so the trainer can checkpoint it beside the model.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterator, Protocol
+
+import ml_collections
+import numpy as np
+
+
+class BatchIterator(Protocol):
+    """What the trainer needs from a pipeline: batches and a JSON-able resumable state."""
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]: ...
+
+    def __next__(self) -> dict[str, np.ndarray]: ...
+
+    def get_state(self) -> dict[str, Any]: ...
+
+    def set_state(self, state: dict[str, Any]) -> None: ...
+
+
+def build(config: ml_collections.ConfigDict, split: str, process_index: int = 0, process_count: int = 1) -> BatchIterator:
+    """The pipeline named by `config.data.name` for `split` ("train" or "validation")."""
+    from data_pipelines import synthetic
+
+    pipelines = {"synthetic_lm": synthetic.SyntheticTokens}
+    name = config.data.name
+    if name not in pipelines:
+        raise ValueError(f"data.name {name!r} is not a known pipeline; known: {', '.join(sorted(pipelines))}.")
+    if config.batch_size % process_count:
+        raise ValueError(f"batch_size={config.batch_size} is not divisible by the {process_count} processes.")
+    return pipelines[name](config, split, process_index, process_count)

@@ -1,0 +1,97 @@
+"""The `vlm-jax` command.
+
+    vlm-jax train   --config configs/X.py[:arg] --workdir DIR [--config.key=value ...]
+    vlm-jax forward --checkpoint DIR --inputs IN.npz --out OUT.npz
+
+`--config` and its overrides are ml_collections config flags; a config error
+is printed as one sentence and exits with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+USAGE = """usage: vlm-jax COMMAND [flags]
+
+commands:
+  train     train a config in a workdir (resumes from its latest checkpoint)
+  forward   run a checkpoint on inputs from an .npz file and write the outputs to another
+
+`vlm-jax COMMAND --help` lists a command's flags."""
+
+
+def _parse_config_flags(argv: list[str], extra: dict[str, str]):
+    """Parses `--config path[:arg]`, `--config.x=y` overrides and string flags with absl."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "config file, optionally with :arg", flag_values=fv, lock_config=True)
+    for name, help_text in extra.items():
+        flags.DEFINE_string(name, None, help_text, flag_values=fv)
+    fv(["vlm-jax"] + argv)
+    if fv.config is None:
+        raise SystemExit("vlm-jax: --config is required, e.g. --config configs/lm.py:variant=tiny")
+    return fv
+
+
+def cmd_train(argv: list[str]) -> int:
+    """`vlm-jax train`: returns the exit status."""
+    if "--help" in argv or "-h" in argv:
+        print("usage: vlm-jax train --config configs/X.py[:arg] --workdir DIR [--config.key=value ...]")
+        return 0
+    fv = _parse_config_flags(argv, {"workdir": "where checkpoints, logs and TensorBoard files go"})
+    if not fv.workdir:
+        raise SystemExit("vlm-jax train: --workdir is required.")
+    from vlm_jax.train import trainer
+
+    result = trainer.train(fv.config, fv.workdir)
+    if result.stopped_by_signal is not None:
+        return 128 + result.stopped_by_signal
+    print(f"Outputs (checkpoints, config.json, TensorBoard logs) are in {os.path.abspath(fv.workdir)}")
+    return 0
+
+
+def cmd_forward(argv: list[str]) -> int:
+    """`vlm-jax forward`: checkpoint + inputs npz -> outputs npz."""
+    parser = argparse.ArgumentParser(prog="vlm-jax forward", description="Runs a checkpoint on transformers-style inputs.")
+    parser.add_argument("--checkpoint", required=True, help="a workdir (latest step) or a step directory")
+    parser.add_argument("--inputs", required=True, help=".npz with input_ids [, attention_mask, ...]")
+    parser.add_argument("--out", required=True, help=".npz to write (logits, or embeddings for dual encoders)")
+    args = parser.parse_args(argv)
+    import numpy as np
+
+    from vlm_jax.train.checkpoint import load_params
+
+    if not os.path.isfile(args.inputs):
+        raise FileNotFoundError(f"the inputs file {args.inputs} does not exist.")
+    with np.load(args.inputs) as f:
+        inputs = {k: f[k] for k in f.files}
+    config, system, params = load_params(args.checkpoint)
+    outputs = system.forward(params, inputs)
+    np.savez(args.out, **outputs)
+    print(f"Wrote {', '.join(f'{k} {v.shape}' for k, v in outputs.items())} to {args.out}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "forward": cmd_forward}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `vlm-jax` console script."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(USAGE, file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    from vlm_jax.config_lib import ConfigError
+
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"vlm-jax {argv[0]}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

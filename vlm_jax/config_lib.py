@@ -1,0 +1,160 @@
+"""Config helpers: `parse_arg` for `get_config(arg)` strings, loading, and `validate`.
+
+`validate` turns every inconsistency we can detect before compiling into one
+`ConfigError` with one clear sentence.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import math
+import re
+from typing import Any, Iterable
+
+import ml_collections
+
+from vlm_jax import sharding
+
+ConfigDict = ml_collections.ConfigDict
+
+
+class ConfigError(ValueError):
+    """A config that cannot work, explained in one sentence."""
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ConfigDict:
+    """Parses a config argument such as `"variant=tiny,res=224"` against typed defaults.
+
+    Values are converted to the type of their default (bools accept
+    true/false/1/0; a bare name means True). Unknown names are an error, so a
+    typo never silently falls back to a default.
+    """
+    result = dict(defaults)
+    for item in filter(None, (s.strip() for s in (arg or "").split(","))):
+        name, sep, raw = item.partition("=")
+        name = name.strip()
+        if name not in defaults:
+            raise ConfigError(f"config argument {name!r} is not one of {sorted(defaults)}.")
+        default = defaults[name]
+        if not sep:
+            value: Any = True
+        elif isinstance(default, bool):
+            if raw.lower() not in ("true", "false", "1", "0"):
+                raise ConfigError(f"config argument {name}={raw!r} is not a boolean.")
+            value = raw.lower() in ("true", "1")
+        elif isinstance(default, (int, float)):
+            try:
+                value = type(default)(ast.literal_eval(raw))
+            except (ValueError, SyntaxError):
+                raise ConfigError(f"config argument {name}={raw!r} is not a number.") from None
+        else:
+            value = raw
+        result[name] = value
+    return ConfigDict(result)
+
+
+def to_json(config: ConfigDict) -> str:
+    """The config as JSON (what checkpoints store beside the state)."""
+    return config.to_json_best_effort(sort_keys=True, indent=2)
+
+
+def from_json(text: str) -> ConfigDict:
+    """Inverse of `to_json` (tuples come back as lists)."""
+    return ConfigDict(json.loads(text))
+
+
+def validate(config: ConfigDict, num_devices: int) -> None:
+    """Checks a training config against the registry and the device count."""
+    from vlm_jax import models  # local: models import this module's helpers
+
+    required = ("seed", "total_steps", "batch_size", "mesh", "log_every", "checkpoint_every", "eval_every", "model", "data", "optim")
+    missing = [k for k in required if k not in config]
+    if missing:
+        raise ConfigError(f"the config has no {', '.join(missing)} (every training config needs these top-level keys).")
+    models.get(config.model.name)  # raises ConfigError naming the known systems
+    try:
+        shape = sharding.mesh_shape(config.mesh, num_devices)
+    except sharding.ShardingError as e:
+        raise ConfigError(str(e)) from None
+    rules = config.get("logical_axis_rules", sharding.DEFAULT_RULES)
+    dp = math.prod(shape[a] for a in _batch_axes(rules, shape))
+    accum = int(config.get("grad_accum_steps", 1))
+    if accum < 1:
+        raise ConfigError(f"grad_accum_steps is {accum}; it must be at least 1.")
+    if config.batch_size % (dp * accum):
+        raise ConfigError(
+            f"batch_size={config.batch_size} is not divisible by the data-parallel size {dp}"
+            + (f" times grad_accum_steps={accum}" if accum > 1 else "")
+            + f" (mesh {config.mesh!r})."
+        )
+    if config.total_steps < 1:
+        raise ConfigError(f"total_steps is {config.total_steps}; it must be at least 1.")
+    for key in ("log_every", "checkpoint_every", "eval_every"):
+        if config[key] < 0:
+            raise ConfigError(f"{key} is {config[key]}; use a positive number of steps, or 0 to turn it off.")
+    for pattern in list(config.optim.get("freeze", ())) + [p for p, _ in config.optim.get("lr_mults", ())]:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ConfigError(f"optim pattern {pattern!r} is not a valid regular expression ({e}).") from None
+
+
+def _batch_axes(rules: Iterable, shape: dict[str, int]) -> tuple[str, ...]:
+    for name, target in rules:
+        if name == "batch":
+            axes = (target,) if isinstance(target, str) else tuple(target or ())
+            return tuple(a for a in axes if a in shape)
+    return ()
+
+
+def validate_patterns(config: ConfigDict, param_paths: list[str]) -> None:
+    """Every freeze / lr-multiplier regex must match at least one parameter path."""
+    for key, patterns in (("optim.freeze", config.optim.get("freeze", ())), ("optim.lr_mults", [p for p, _ in config.optim.get("lr_mults", ())])):
+        for pattern in patterns:
+            if not any(re.fullmatch(pattern, path) for path in param_paths):
+                example = ", ".join(param_paths[:4])
+                raise ConfigError(f"{key} pattern {pattern!r} matches no parameter (paths look like: {example}, ...).")
+    frozen = [p for p in param_paths if any(re.fullmatch(f, p) for f in config.optim.get("freeze", ()))]
+    if len(frozen) == len(param_paths):
+        raise ConfigError("optim.freeze matches every parameter, so there is nothing to train.")
+
+
+# Keys that fix the shapes and structure of a checkpointed train state.
+_STRUCTURAL_KEYS = ("model", "optim.name", "optim.freeze")
+
+
+def validate_checkpoint_config(saved: ConfigDict, given: ConfigDict, where: str) -> None:
+    """A checkpoint can be resumed only with the same model and optimizer structure."""
+    for key in _STRUCTURAL_KEYS:
+        a, b = _lookup(saved, key), _lookup(given, key)
+        if _normalise(a) != _normalise(b):
+            diff = _first_difference(_normalise(a), _normalise(b), key)
+            raise ConfigError(
+                f"the checkpoint in {where} was written with {diff[0]}={diff[1]!r} but the config gives {diff[2]!r}; "
+                "use the same config to resume, or a new --workdir."
+            )
+
+
+def _lookup(config: ConfigDict, dotted: str) -> Any:
+    node: Any = config
+    for part in dotted.split("."):
+        node = node.get(part) if hasattr(node, "get") else None
+    return node
+
+
+def _normalise(x: Any) -> Any:
+    if isinstance(x, ConfigDict):
+        x = x.to_dict()
+    if isinstance(x, dict):
+        return {k: _normalise(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_normalise(v) for v in x]
+    return x
+
+
+def _first_difference(a: Any, b: Any, path: str) -> tuple[str, Any, Any]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            if a.get(k) != b.get(k):
+                return _first_difference(a.get(k), b.get(k), f"{path}.{k}")
+    return path, a, b

@@ -1,0 +1,115 @@
+"""A decoder-only language model: RoPE, RMSNorm, SwiGLU, grouped-query attention.
+
+The layer stack is one `nn.scan` (parameters stacked on a leading 'layers'
+axis), optionally rematerialised, so compile time does not grow with depth.
+Attention is causal within each packed segment (`segment_ids`), and RoPE uses
+each token's position within its segment (`positions`).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vlm_jax import sharding
+from vlm_jax.nn.attention import SelfAttention, causal_segment_mask
+from vlm_jax.nn.layers import DenseGeneral, RMSNorm, SwiGLU
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class DecoderBlock(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    mlp_dim: int
+    rope_theta: float
+    norm_eps: float
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x, positions, mask):
+        h = RMSNorm(self.norm_eps, self.dtype, name="attn_norm")(x)
+        h = SelfAttention(self.num_heads, self.num_kv_heads, self.head_dim, self.rope_theta, self.dtype, name="attn")(
+            h, positions, mask
+        )
+        x = sharding.constrain(x + h, ("batch", "length", "embed"))
+        h = RMSNorm(self.norm_eps, self.dtype, name="mlp_norm")(x)
+        h = SwiGLU(self.mlp_dim, self.dtype, name="mlp")(h)
+        x = sharding.constrain(x + h, ("batch", "length", "embed"))
+        return x, None
+
+
+class DecoderLM(nn.Module):
+    """Token ids -> next-token logits [batch, length, vocab] (float32).
+
+    Attributes mirror `config.model` of `configs/lm.py`.
+    """
+
+    vocab_size: int
+    embed_dim: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    mlp_dim: int
+    head_dim: int | None = None
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = False
+    dtype: str = "float32"
+    remat: str = "none"
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim or self.embed_dim // self.num_heads
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array, segment_ids: jax.Array, positions: jax.Array) -> jax.Array:
+        dtype = jnp.dtype(self.dtype)
+        embed = nn.Embed(
+            self.vocab_size,
+            self.embed_dim,
+            dtype=dtype,
+            param_dtype=jnp.float32,
+            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
+            name="embed",
+        )
+        x = sharding.constrain(embed(tokens), ("batch", "length", "embed"))
+        mask = causal_segment_mask(segment_ids)
+
+        block = DecoderBlock
+        if REMAT_POLICIES[self.remat] is not None:
+            block = nn.remat(block, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+        stack = nn.scan(
+            block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast, nn.broadcast),
+            length=self.num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )
+        x, _ = stack(
+            self.num_heads,
+            self.num_kv_heads,
+            self.resolved_head_dim,
+            self.mlp_dim,
+            self.rope_theta,
+            self.norm_eps,
+            dtype,
+            name="layers",
+        )(x, positions, mask)
+        x = RMSNorm(self.norm_eps, dtype, name="final_norm")(x)
+        if self.tie_embeddings:
+            logits = embed.attend(x)
+        else:
+            logits = DenseGeneral(self.vocab_size, ("embed", "vocab"), dtype=dtype, name="lm_head")(x)
+        return sharding.constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))

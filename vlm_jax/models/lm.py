@@ -1,0 +1,78 @@
+"""The decoder-only language model as a trainable system (`model.name = "lm"`)."""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from vlm_jax.lm.decoder import DecoderLM
+from vlm_jax.models import register
+from vlm_jax.models.base import System
+
+
+@register("lm")
+class LanguageModel(System):
+    """Next-token prediction on packed token rows (batch keys: tokens, targets, loss_mask, segment_ids, positions)."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        kwargs = {k: v for k, v in config.model.items() if k != "name"}
+        self.module = DecoderLM(**kwargs)
+        self.seq_len = int(config.data.seq_len)
+
+    def dummy_batch(self, batch_size: int) -> dict[str, np.ndarray]:
+        shape = (batch_size, self.seq_len)
+        return {
+            "tokens": np.zeros(shape, np.int32),
+            "targets": np.zeros(shape, np.int32),
+            "loss_mask": np.zeros(shape, np.float32),
+            "segment_ids": np.ones(shape, np.int32),
+            "positions": np.broadcast_to(np.arange(self.seq_len, dtype=np.int32), shape).copy(),
+        }
+
+    def init(self, rng, batch):
+        return self.module.init(rng, batch["tokens"], batch["segment_ids"], batch["positions"])["params"]
+
+    def logits(self, params: Any, batch: dict[str, jax.Array]) -> jax.Array:
+        """[B, L, vocab] float32 logits."""
+        return self.module.apply({"params": params}, batch["tokens"], batch["segment_ids"], batch["positions"])
+
+    def loss(self, params, batch):
+        logits = self.logits(params, batch)
+        mask = batch["loss_mask"].astype(jnp.float32)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+        correct = (jnp.argmax(logits, axis=-1) == batch["targets"]).astype(jnp.float32)
+        return jnp.sum(ce * mask), jnp.sum(mask), {"accuracy": jnp.sum(correct * mask)}
+
+    def flops_per_example(self) -> float:
+        m = self.module
+        d, hd, length = m.embed_dim, m.resolved_head_dim, self.seq_len
+        attn_params = d * hd * (2 * m.num_heads + 2 * m.num_kv_heads)
+        mlp_params = 3 * d * m.mlp_dim
+        matmul_params = m.num_layers * (attn_params + mlp_params) + d * m.vocab_size  # + lm head / tied attend
+        attention_scores = m.num_layers * 4 * length * m.num_heads * hd  # QK^T and AV, full (unskipped) mask
+        forward_per_token = 2 * matmul_params + attention_scores
+        return 3.0 * forward_per_token * length
+
+    def tokens_in(self, batch):
+        return int(np.count_nonzero(batch["segment_ids"]))
+
+    def forward(self, params, inputs):
+        if "input_ids" not in inputs:
+            raise ValueError(f"the inputs have no 'input_ids' (found: {', '.join(sorted(inputs)) or 'nothing'}).")
+        tokens = np.asarray(inputs["input_ids"], np.int32)
+        if tokens.ndim != 2:
+            raise ValueError(f"input_ids must be [batch, length]; got shape {tokens.shape}.")
+        vocab = self.module.vocab_size
+        if tokens.min() < 0 or tokens.max() >= vocab:
+            raise ValueError(f"input_ids must lie in [0, {vocab}); got values from {tokens.min()} to {tokens.max()}.")
+        mask = np.asarray(inputs.get("attention_mask", np.ones_like(tokens)), np.int32)
+        positions = inputs.get("position_ids")
+        if positions is None:
+            positions = np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), tokens.shape)
+        batch = {"tokens": tokens, "segment_ids": (mask > 0).astype(np.int32), "positions": np.asarray(positions, np.int32)}
+        logits = jax.jit(self.logits)(params, batch)
+        return {"logits": np.asarray(logits)}

@@ -1,0 +1,1 @@
+"""Building blocks shared by encoders, connectors and language models."""

@@ -1,0 +1,1 @@
+"""Training: the train step and loop, optimizer factory, checkpoints and metrics."""

@@ -1,0 +1,124 @@
+"""Training metrics: TensorBoard event files, a progress bar or log lines, and the FLOP/s peak for MFU."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Dense bfloat16 peak TFLOP/s per device, from the vendors' spec sheets.
+PEAK_TFLOPS = {
+    "TPU v4": 275.0,
+    "TPU v5 lite": 197.0,
+    "TPU v5e": 197.0,
+    "TPU v5p": 459.0,
+    "TPU v6 lite": 918.0,
+    "NVIDIA A100": 312.0,
+    "NVIDIA H100": 989.0,
+    "NVIDIA H200": 989.0,
+}
+
+
+def measure_matmul_flops(devices: list, dtype=jnp.float32, size: int = 1024, repeats: int = 5) -> float:
+    """Measured matmul FLOP/s of `devices` together.
+
+    Method: one [size, size] x [size, size] matmul per device, all devices at
+    once (a batched matmul sharded over a 1-D mesh of `devices`), timed after a
+    warm-up; the best of `repeats` runs gives 2 * n_devices * size^3 / seconds.
+    """
+    mesh = jax.sharding.Mesh(np.asarray(devices), ("d",))
+    spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("d"))
+    n = len(devices)
+    a = jax.device_put(jnp.ones((n, size, size), dtype), spec)
+    b = jax.device_put(jnp.ones((n, size, size), dtype), spec)
+    matmul = jax.jit(lambda x, y: jnp.einsum("bij,bjk->bik", x, y), out_shardings=spec)
+    matmul(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * n * size**3 / best
+
+
+def peak_flops(devices: list, peak_tflops_per_device: float = 0.0, dtype=jnp.float32) -> tuple[float, str]:
+    """(total peak FLOP/s of `devices`, where the number came from).
+
+    A positive `peak_tflops_per_device` (config key `peak_tflops`) wins; then
+    the spec-sheet table by device kind; otherwise (CPUs, unknown GPUs) the
+    matmul peak measured on the devices themselves.
+    """
+    n = len(devices)
+    if peak_tflops_per_device > 0:
+        return peak_tflops_per_device * 1e12 * n, "config.peak_tflops"
+    kind = devices[0].device_kind
+    for name, tflops in PEAK_TFLOPS.items():
+        if kind.startswith(name):
+            return tflops * 1e12 * n, f"spec sheet ({kind})"
+    return measure_matmul_flops(devices, dtype), f"measured matmul peak ({kind})"
+
+
+class Reporter:
+    """Writes scalars to TensorBoard and shows progress: a bar on a terminal, plain lines otherwise."""
+
+    def __init__(self, workdir: str | None, total_steps: int, start_step: int, enabled: bool = True, stream=None):
+        self.enabled = enabled
+        self.stream = stream or sys.stderr
+        self.total_steps = total_steps
+        self.writer = None
+        self.bar = None
+        if not enabled:
+            return
+        if workdir:
+            from tensorboardX import SummaryWriter
+
+            self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        if self.stream.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, file=self.stream, unit="step", dynamic_ncols=True)
+
+    def step_done(self, step: int) -> None:
+        """Advances the bar (host-side only; no device sync)."""
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+
+    def write(self, step: int, metrics: dict[str, Any], prefix: str = "train") -> None:
+        """Logs `metrics` (Python floats) at `step`."""
+        if not self.enabled:
+            return
+        if self.writer is not None:
+            for name, value in metrics.items():
+                self.writer.add_scalar(f"{prefix}/{name}", value, step)
+            self.writer.flush()
+        text = " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items())
+        if self.bar is not None:
+            self.bar.write(f"[{prefix}] step {step}: {text}")
+        else:
+            print(f"[{prefix}] step {step}/{self.total_steps}: {text}", file=self.stream, flush=True)
+
+    def message(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5):
+            return f"{v:.3e}"
+        return f"{v:.4f}"
+    return str(v)

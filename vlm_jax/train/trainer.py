@@ -1,0 +1,304 @@
+"""The training loop behind `vlm-jax train`.
+
+Read it top to bottom: `Trainer` builds everything from a config (mesh,
+system, optimizer, shardings, the jitted train step); `train` runs the loop
+(restore or init, step, log, evaluate, checkpoint, stop on a signal).
+
+The train step is one pure jitted function of (state, batch) with the state
+donated. Frozen parameters (`optim.freeze`) are split off before
+differentiation: they get no gradient and no optimizer state. Gradient
+accumulation scans over micro-batches and normalises by the total loss weight
+once, so it gives the same update as one large batch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import traverse_util
+from jax.sharding import NamedSharding, PartitionSpec
+
+import data_pipelines
+from vlm_jax import config_lib, models, sharding
+from vlm_jax.train import optimizer as optim_lib
+from vlm_jax.train.checkpoint import Checkpointer, abstract_like
+from vlm_jax.train.metrics import Reporter, peak_flops
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a training step changes: step counter, all params, optimizer state of the trainable ones."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+class Trainer:
+    """Mesh, system, optimizer, shardings and the jitted init / train / eval functions for a config."""
+
+    def __init__(self, config: ml_collections.ConfigDict, devices: list | None = None):
+        devices = list(jax.devices() if devices is None else devices)
+        config_lib.validate(config, len(devices))
+        self.config = config
+        self.mesh = sharding.make_mesh(config.mesh, devices)
+        self.rules = tuple(tuple(r) for r in config.get("logical_axis_rules", sharding.DEFAULT_RULES))
+        self.system = models.build(config)
+        self.freeze = list(config.optim.get("freeze", ()))
+        self.accum = int(config.get("grad_accum_steps", 1))
+
+        init_batch = self.system.dummy_batch(1)
+        boxed = jax.eval_shape(self.system.init, jax.random.key(0), init_batch)
+        param_names = sharding.logical_names(boxed)
+        paths = [optim_lib.path_str(k) for k in traverse_util.flatten_dict(param_names)]
+        config_lib.validate_patterns(config, paths)
+        trainable_names, _ = optim_lib.split_trainable(param_names, self.freeze)
+        self.tx, self.schedule = optim_lib.make_optimizer(config.optim, config.total_steps, trainable_names)
+
+        def init_state(rng):
+            params = nn.unbox(self.system.init(rng, init_batch))
+            trainable, _ = optim_lib.split_trainable(params, self.freeze)
+            return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(trainable))
+
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        param_shardings = sharding.tree_shardings(boxed, self.rules, self.mesh)
+        abstract = jax.eval_shape(init_state, jax.random.key(0))
+        self.state_shardings = TrainState(
+            step=replicated,
+            params=param_shardings,
+            opt_state=_opt_state_shardings(abstract.opt_state, param_shardings, replicated),
+        )
+        self.abstract_state = abstract_like(abstract, self.state_shardings)
+        self.batch_shardings = {
+            k: sharding.batch_sharding(self.mesh, self.rules, v.ndim)
+            for k, v in self.system.dummy_batch(config.batch_size).items()
+        }
+        self.init = jax.jit(init_state, out_shardings=self.state_shardings)
+        self.train_step = jax.jit(
+            self._train_step,
+            in_shardings=(self.state_shardings, self.batch_shardings),
+            out_shardings=(self.state_shardings, replicated),
+            donate_argnums=0,
+        )
+        self.eval_step = jax.jit(
+            self._eval_step, in_shardings=(param_shardings, self.batch_shardings), out_shardings=replicated
+        )
+
+    def put_batch(self, host_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """This process's rows -> global arrays sharded over the data-parallel axes."""
+        return {k: jax.make_array_from_process_local_data(self.batch_shardings[k], v) for k, v in host_batch.items()}
+
+    def _loss_and_grads(self, trainable, frozen, batch):
+        def loss_fn(trainable, micro):
+            loss_sum, weight, extra = self.system.loss(optim_lib.merge(trainable, frozen), micro)
+            return loss_sum, (weight, extra)
+
+        value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
+        if self.accum == 1:
+            (loss_sum, (weight, extra)), grads = value_and_grad(trainable, batch)
+            return grads, loss_sum, weight, extra
+
+        # Micro-batch i takes rows i, i+A, i+2A, ...: each device keeps its own rows.
+        def split(x):
+            return x.reshape(x.shape[0] // self.accum, self.accum, *x.shape[1:]).swapaxes(0, 1)
+
+        def body(carry, micro):
+            (loss_sum, (weight, extra)), grads = value_and_grad(trainable, micro)
+            return jax.tree.map(jnp.add, carry, (grads, loss_sum, weight, extra)), None
+
+        micro = jax.tree.map(split, batch)
+        (loss_s, (weight_s, extra_s)), grads_s = jax.eval_shape(value_and_grad, trainable, jax.tree.map(lambda x: x[0], micro))
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (grads_s, loss_s, weight_s, extra_s))
+        (grads, loss_sum, weight, extra), _ = jax.lax.scan(body, zeros, micro)
+        return grads, loss_sum, weight, extra
+
+    def _train_step(self, state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
+        with sharding.use_rules(self.mesh, self.rules):
+            trainable, frozen = optim_lib.split_trainable(state.params, self.freeze)
+            grads, loss_sum, weight, extra = self._loss_and_grads(trainable, frozen, batch)
+            denom = jnp.where(weight > 0, weight, 1.0)
+            grads = jax.tree.map(lambda g: g / denom, grads)
+            updates, opt_state = self.tx.update(grads, state.opt_state, trainable)
+            trainable = optax.apply_updates(trainable, updates)
+            metrics = {
+                "loss": loss_sum / denom,
+                **{k: v / denom for k, v in extra.items()},
+                "grad_norm": optim_lib.global_norm(grads),
+                "learning_rate": jnp.asarray(self.schedule(state.step), jnp.float32),
+            }
+            new_state = TrainState(step=state.step + 1, params=optim_lib.merge(trainable, frozen), opt_state=opt_state)
+            return new_state, metrics
+
+    def _eval_step(self, params, batch):
+        with sharding.use_rules(self.mesh, self.rules):
+            loss_sum, weight, extra = self.system.loss(params, batch)
+            return {"loss": loss_sum, "weight": weight, **extra}
+
+
+def _opt_state_shardings(opt_state: Any, param_shardings: Any, default: NamedSharding) -> Any:
+    """Optimizer-state leaves shaped like a parameter take its sharding; the rest are replicated.
+
+    An optimizer-state leaf belongs to the parameter whose dict path it ends
+    with (optax nests per-parameter statistics like the params themselves).
+    """
+    by_path = traverse_util.flatten_dict(param_shardings)
+
+    def leaf_sharding(path, leaf):
+        keys = tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
+        s = by_path.get(keys)
+        if s is not None and len(s.spec) <= leaf.ndim:
+            return s
+        return default
+
+    return jax.tree_util.tree_map_with_path(leaf_sharding, opt_state)
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What a `train` call ended with."""
+
+    step: int
+    metrics: dict[str, float]
+    eval_metrics: dict[str, float]
+    stopped_by_signal: int | None = None
+
+
+class _StopOnSignal:
+    """Turns SIGTERM / SIGINT into a flag the loop checks after each step (a second SIGINT aborts)."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGTERM, signal.SIGINT):
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+def evaluate(trainer: Trainer, params: Any) -> dict[str, float]:
+    """Loss and metrics over `config.eval_steps` batches of the validation split (same batches every time)."""
+    config = trainer.config
+    data = data_pipelines.build(config, "validation", jax.process_index(), jax.process_count())
+    totals: dict[str, float] = {}
+    for _ in range(int(config.get("eval_steps", 4))):
+        sums = jax.device_get(trainer.eval_step(params, trainer.put_batch(next(data))))
+        for k, v in sums.items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+    weight = max(totals.pop("weight"), 1e-9)
+    return {k: v / weight for k, v in totals.items()}
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
+    """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one."""
+    os.makedirs(workdir, exist_ok=True)
+    trainer = Trainer(config)
+    system = trainer.system
+    is_main = jax.process_index() == 0
+    ckpt = Checkpointer(workdir, keep=int(config.get("keep_checkpoints", 3)))
+    data = data_pipelines.build(config, "train", jax.process_index(), jax.process_count())
+
+    latest = ckpt.latest_step()
+    if latest is not None:
+        config_lib.validate_checkpoint_config(ckpt.config(latest), config, workdir)
+        state, data_state = ckpt.restore(latest, trainer.abstract_state)
+        data.set_state(data_state)
+    else:
+        state = trainer.init(jax.random.key(config.seed))
+    step = int(jax.device_get(state.step))
+    if is_main:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config_lib.to_json(config))
+
+    reporter = Reporter(workdir if is_main else None, config.total_steps, step, enabled=is_main)
+    reporter.message(
+        f"{'Resuming from step ' + str(step) if latest is not None else 'Starting'}: "
+        f"{_count(state.params):,} parameters on mesh {dict(trainer.mesh.shape)} in {workdir}"
+    )
+    start = time.perf_counter()
+    compiled = trainer.train_step.lower(trainer.abstract_state, _abstract(trainer.batch_shardings, system, config)).compile()
+    reporter.message(f"Compiled the train step in {time.perf_counter() - start:.1f}s.")
+    peak, peak_source = peak_flops(jax.devices(), float(config.get("peak_tflops", 0.0)))
+    flops_per_step = system.flops_per_example() * config.batch_size
+
+    metrics: dict[str, float] = {}
+    eval_metrics: dict[str, float] = {}
+    pending: list = []
+    window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
+    saved_step = latest
+    with _StopOnSignal() as stop:
+        while step < config.total_steps and stop.signum is None:
+            host_batch = next(data)
+            batch = trainer.put_batch(host_batch)
+            with jax.transfer_guard("disallow"):
+                state, step_metrics = compiled(state, batch)
+            step += 1
+            pending.append(step_metrics)
+            window_steps += 1
+            window_tokens += system.tokens_in(host_batch) * jax.process_count()
+            reporter.step_done(step)
+
+            if config.log_every and (step % config.log_every == 0 or step == config.total_steps):
+                fetched = jax.device_get(pending)
+                seconds = time.perf_counter() - window_start
+                metrics = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+                steps_per_s = window_steps / seconds
+                metrics.update(
+                    examples_per_s=steps_per_s * config.batch_size,
+                    tokens_per_s=window_tokens / seconds,
+                    mfu=flops_per_step * steps_per_s / peak,
+                )
+                reporter.write(step, metrics)
+                pending, window_start, window_steps, window_tokens = [], time.perf_counter(), 0, 0
+            if config.checkpoint_every and step % config.checkpoint_every == 0:
+                ckpt.save(step, state, data.get_state(), config)
+                saved_step = step
+            if config.eval_every and (step % config.eval_every == 0 or step == config.total_steps):
+                eval_metrics = evaluate(trainer, state.params)
+                reporter.write(step, eval_metrics, prefix="eval")
+                window_start = time.perf_counter()  # evaluation time is not training throughput
+        if saved_step != step:
+            ckpt.save(step, state, data.get_state(), config, force=True)
+        ckpt.close()
+        if stop.signum is not None:
+            name = signal.Signals(stop.signum).name
+            reporter.message(
+                f"Caught {name} at step {step}: saved a checkpoint to {ckpt.directory}/{step}; "
+                "run the same command to resume."
+            )
+    reporter.message(f"Done at step {step}; peak FLOP/s for MFU: {peak:.3e} ({peak_source}).")
+    reporter.close()
+    return TrainResult(step=step, metrics=metrics, eval_metrics=eval_metrics, stopped_by_signal=stop.signum)
+
+
+def _abstract(batch_shardings, system, config):
+    return {
+        k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_shardings[k])
+        for k, v in system.dummy_batch(config.batch_size).items()
+    }
+
+
+def _count(params: Any) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+
