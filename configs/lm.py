@@ -6,7 +6,7 @@ Variants (`--config configs/lm.py:variant=NAME`):
   1b    ~1.1B params, LLaMA-style shapes, for pods
 """
 from vlm_jax import sharding
-from vlm_jax.config_lib import ConfigDict, parse_arg
+from vlm_jax.config_lib import ConfigDict, ConfigError, parse_arg
 
 VARIANTS = {
     #       vocab, embed, layers, heads, kv_heads, mlp, seq_len, batch, steps
@@ -19,7 +19,7 @@ VARIANTS = {
 def get_config(arg=None):
     arg = parse_arg(arg, variant="tiny")
     if arg.variant not in VARIANTS:
-        raise ValueError(f"variant {arg.variant!r} is not one of {sorted(VARIANTS)}.")
+        raise ConfigError(f"variant {arg.variant!r} is not one of {sorted(VARIANTS)}.")
     vocab, embed, layers, heads, kv_heads, mlp, seq_len, batch, steps = VARIANTS[arg.variant]
 
     c = ConfigDict()
@@ -28,7 +28,7 @@ def get_config(arg=None):
     c.batch_size = batch
     c.grad_accum_steps = 1
     c.mesh = "data=-1,fsdp=1,tensor=1"
-    c.logical_axis_rules = [list(r) for r in sharding.DEFAULT_RULES]
+    c.logical_axis_rules = sharding.DEFAULT_RULES
     c.log_every = 20
     c.checkpoint_every = 100
     c.keep_checkpoints = 3
@@ -68,11 +68,11 @@ def get_config(arg=None):
             momentum=0.9,
             nesterov=False,
             weight_decay=0.1,
-            wd_exclude=[],
+            wd_exclude=(),
             clip_norm=1.0,
             agc_clip=0.0,
-            freeze=[],
-            lr_mults=[],
+            freeze=(),
+            lr_mults=(),  # ((regex, multiplier), ...)
         )
     )
     return c

@@ -11,6 +11,8 @@ from typing import Any, Iterator, Protocol
 import ml_collections
 import numpy as np
 
+from vlm_jax.config_lib import ConfigError
+
 
 class BatchIterator(Protocol):
     """What the trainer needs from a pipeline: batches and a JSON-able resumable state."""
@@ -31,7 +33,7 @@ def build(config: ml_collections.ConfigDict, split: str, process_index: int = 0,
     pipelines = {"synthetic_lm": synthetic.SyntheticTokens}
     name = config.data.name
     if name not in pipelines:
-        raise ValueError(f"data.name {name!r} is not a known pipeline; known: {', '.join(sorted(pipelines))}.")
+        raise ConfigError(f"data.name {name!r} is not a known pipeline; known: {', '.join(sorted(pipelines))}.")
     if config.batch_size % process_count:
-        raise ValueError(f"batch_size={config.batch_size} is not divisible by the {process_count} processes.")
+        raise ConfigError(f"batch_size={config.batch_size} is not divisible by the {process_count} processes.")
     return pipelines[name](config, split, process_index, process_count)

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from vlm_jax.config_lib import ConfigError
+
 _SPLIT_IDS = {"train": 0, "validation": 1}
 
 
@@ -24,7 +26,7 @@ class SyntheticTokens:
 
     def __init__(self, config, split: str, process_index: int = 0, process_count: int = 1):
         if split not in _SPLIT_IDS:
-            raise ValueError(f"split {split!r} is not one of {sorted(_SPLIT_IDS)}.")
+            raise ConfigError(f"split {split!r} is not one of {sorted(_SPLIT_IDS)}.")
         self.seed = int(config.seed)
         self.split = _SPLIT_IDS[split]
         self.seq_len = int(config.data.seq_len)

@@ -3,7 +3,8 @@
     vlm-jax train   --config configs/X.py[:arg] --workdir DIR [--config.key=value ...]
     vlm-jax forward --checkpoint DIR --inputs IN.npz --out OUT.npz
 
-`--config` and its overrides are ml_collections config flags; a config error
+`--config` and its overrides are ml_collections config flags. A user error
+(`vlm_jax.errors.UserError`: bad config, arguments or inputs; a missing file)
 is printed as one sentence and exits with status 2.
 """
 from __future__ import annotations
@@ -22,17 +23,36 @@ commands:
 
 
 def _parse_config_flags(argv: list[str], extra: dict[str, str]):
-    """Parses `--config path[:arg]`, `--config.x=y` overrides and string flags with absl."""
+    """Loads `--config path[:arg]`, then parses `--config.x=y` overrides and string flags with absl."""
     from absl import flags
     from ml_collections import config_flags
 
+    from vlm_jax.config_lib import ConfigError, load_config
+
+    rest, spec = [], None
+    args = iter(argv)
+    for a in args:
+        if a == "--config":
+            spec = next(args, None)
+        elif a.startswith("--config="):
+            spec = a.split("=", 1)[1]
+        else:
+            rest.append(a)
+    if not spec:
+        raise ConfigError("--config is required, e.g. --config configs/lm.py:variant=tiny")
+    config = load_config(spec)
     fv = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", None, "config file, optionally with :arg", flag_values=fv, lock_config=True)
+    rest = ["vlm-jax"] + rest
     for name, help_text in extra.items():
         flags.DEFINE_string(name, None, help_text, flag_values=fv)
-    fv(["vlm-jax"] + argv)
-    if fv.config is None:
-        raise SystemExit("vlm-jax: --config is required, e.g. --config configs/lm.py:variant=tiny")
+    try:
+        config_flags.DEFINE_config_dict("config", config, flag_values=fv, lock_config=True, sys_argv=rest)
+        fv(rest)
+    except (AttributeError, KeyError) as e:  # an override of a key the config lacks
+        detail = str(e).strip("'\"").replace("\\'", "'").replace("\\n", "; ")
+        raise ConfigError(f"a --config override names a key the config does not have ({detail}).") from None
+    except flags.Error as e:
+        raise ConfigError(str(e).rstrip(".") + ".") from None
     return fv
 
 
@@ -84,11 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(USAGE, file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    from vlm_jax.config_lib import ConfigError
+    from vlm_jax.errors import UserError
 
     try:
         return COMMANDS[argv[0]](argv[1:])
-    except (ConfigError, FileNotFoundError) as e:
+    except (UserError, FileNotFoundError) as e:
         print(f"vlm-jax {argv[0]}: {e}", file=sys.stderr)
         return 2
 

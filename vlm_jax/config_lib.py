@@ -14,11 +14,12 @@ from typing import Any, Iterable
 import ml_collections
 
 from vlm_jax import sharding
+from vlm_jax.errors import UserError
 
 ConfigDict = ml_collections.ConfigDict
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config that cannot work, explained in one sentence."""
 
 
@@ -51,6 +52,25 @@ def parse_arg(arg: str | None, **defaults: Any) -> ConfigDict:
             value = raw
         result[name] = value
     return ConfigDict(result)
+
+
+def load_config(spec: str) -> ConfigDict:
+    """Loads `path/to/config.py[:arg]` by calling its `get_config(arg)`."""
+    import importlib.util
+    import os
+
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise ConfigError(f"the config file {path} does not exist.")
+    module_spec = importlib.util.spec_from_file_location(f"vlm_jax_config_{os.path.basename(path)[:-3]}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"the config file {path} defines no get_config(arg).")
+    config = module.get_config(arg or None)
+    if not isinstance(config, ConfigDict):
+        raise ConfigError(f"get_config in {path} returned a {type(config).__name__}, not an ml_collections ConfigDict.")
+    return config
 
 
 def to_json(config: ConfigDict) -> str:

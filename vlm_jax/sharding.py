@@ -23,6 +23,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from vlm_jax.errors import UserError
+
 Rules = Sequence[tuple[str, Any]]
 
 # Mesh axes in the order they are laid out over devices (outermost first).
@@ -41,7 +43,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
-class ShardingError(ValueError):
+class ShardingError(UserError):
     """A mesh or rule specification that cannot work on the given devices."""
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import optax
 
 from vlm_jax.lm.decoder import DecoderLM
+from vlm_jax.errors import UserError
 from vlm_jax.models import register
 from vlm_jax.models.base import System
 
@@ -62,13 +63,13 @@ class LanguageModel(System):
 
     def forward(self, params, inputs):
         if "input_ids" not in inputs:
-            raise ValueError(f"the inputs have no 'input_ids' (found: {', '.join(sorted(inputs)) or 'nothing'}).")
+            raise UserError(f"the inputs have no 'input_ids' (found: {', '.join(sorted(inputs)) or 'nothing'}).")
         tokens = np.asarray(inputs["input_ids"], np.int32)
         if tokens.ndim != 2:
-            raise ValueError(f"input_ids must be [batch, length]; got shape {tokens.shape}.")
+            raise UserError(f"input_ids must be [batch, length]; got shape {tokens.shape}.")
         vocab = self.module.vocab_size
         if tokens.min() < 0 or tokens.max() >= vocab:
-            raise ValueError(f"input_ids must lie in [0, {vocab}); got values from {tokens.min()} to {tokens.max()}.")
+            raise UserError(f"input_ids must lie in [0, {vocab}); got values from {tokens.min()} to {tokens.max()}.")
         mask = np.asarray(inputs.get("attention_mask", np.ones_like(tokens)), np.int32)
         positions = inputs.get("position_ids")
         if positions is None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from vlm_jax.errors import UserError
+
 
 def apply_rope(x: jax.Array, positions: jax.Array, theta: float = 10000.0) -> jax.Array:
     """Rotates `x` [batch, length, heads, head_dim] by `positions` [batch, length].
@@ -14,7 +16,7 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float = 10000.0) -> ja
     """
     head_dim = x.shape[-1]
     if head_dim % 2:
-        raise ValueError(f"RoPE needs an even head_dim, got {head_dim}.")
+        raise UserError(f"RoPE needs an even head_dim, got {head_dim}.")
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
     angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, L, D/2]
     angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, L, 1, D]

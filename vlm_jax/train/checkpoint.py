@@ -108,7 +108,14 @@ def load_params(path: str, devices: list | None = None) -> tuple[ml_collections.
     boxed = jax.eval_shape(system.init, jax.random.key(0), system.dummy_batch(1))
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), nn.unbox(boxed))
     restored = ckpt.manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(item={"params": target}, partial_restore=True))
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(
+                item={"params": target},
+                restore_args=ocp.checkpoint_utils.construct_restore_args({"params": target}),
+                partial_restore=True,
+            )
+        ),
     )
     ckpt.close()
     return config, system, restored["state"]["params"]

@@ -30,6 +30,8 @@ import ml_collections
 import optax
 from flax import traverse_util
 
+from vlm_jax.config_lib import ConfigError
+
 
 def path_str(path: tuple) -> str:
     """'/'-joined path of a flattened flax param dict key."""
@@ -53,7 +55,7 @@ def make_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.S
         timescale = float(optim.get("rsqrt_timescale", 10_000))
         main = lambda step: lr * jax.lax.rsqrt(1.0 + step / timescale)  # noqa: E731
     else:
-        raise ValueError(f"optim.schedule {kind!r} is not one of constant, cosine, linear, rsqrt.")
+        raise ConfigError(f"optim.schedule {kind!r} is not one of constant, cosine, linear, rsqrt.")
     if warmup <= 0:
         return main
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])
@@ -118,7 +120,7 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int, param_nam
     elif name == "adafactor":
         parts.append(optax.adafactor(schedule, weight_decay_rate=wd or None, weight_decay_mask=mask))
     else:
-        raise ValueError(f"optim.name {name!r} is not one of adamw, sgd, adafactor.")
+        raise ConfigError(f"optim.name {name!r} is not one of adamw, sgd, adafactor.")
     if optim.get("lr_mults"):
         mults = lr_multipliers(param_names, optim)
         parts.append(optax.stateless(lambda updates, params=None: jax.tree.map(lambda u, m: u * m, updates, mults)))
@@ -143,4 +145,4 @@ def merge(trainable: dict, frozen: dict) -> dict:
 
 def global_norm(tree: Any) -> jax.Array:
     """L2 norm over all leaves (float32)."""
-    return optax.global_norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
+    return optax.tree.norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))

@@ -1,0 +1,9 @@
+"""The base class of errors caused by a user's input (config, files, arguments).
+
+The `vlm-jax` command prints these as one sentence and exits with status 2;
+any other exception is a bug and keeps its traceback.
+"""
+
+
+class UserError(ValueError):
+    """A problem with what the user gave us, explained in one sentence."""
