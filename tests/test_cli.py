@@ -100,3 +100,14 @@ def test_sigterm_to_a_training_process_leaves_a_restorable_checkpoint(tmp_path):
     assert "Caught SIGTERM at step" in output and "run the same command to resume" in output
     config, _, params = load_params(workdir)
     assert config.total_steps == 1000000 and params["embed"]["embedding"].shape == (256, 64)
+
+
+def test_local_launcher_runs_a_config_on_emulated_devices(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run(
+        [sys.executable, os.path.join(REPO, "launch", "local.py"), "--cpu_devices", "2", "--config", os.path.join(REPO, "configs/lm.py:variant=tiny"),
+         "--workdir", str(tmp_path), "--config.total_steps=2", "--config.log_every=1", "--config.peak_tflops=1.0", "--config.mesh=data=2"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "mesh {'data': 2}" in out.stderr and "step 2/2" in out.stderr
