@@ -1,4 +1,5 @@
 """Prints the N-th ```bash block (1-based) of README.md's '## Quick start' section."""
+
 import os
 import re
 import sys

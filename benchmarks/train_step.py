@@ -10,6 +10,7 @@ time / peak, where the peak is a matmul peak measured on the same devices: one
 [N, N] x [N, N] matmul per device in the compute dtype, all devices at once,
 best of 5 (`vlm_jax.train.metrics.measure_matmul_flops`). The last line is JSON.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -5,6 +5,7 @@ Variants (`--config configs/lm.py:variant=NAME`):
   50m   ~50M params (benchmarks)
   1b    ~1.1B params, LLaMA-style shapes, for pods
 """
+
 from vlm_jax import sharding
 from vlm_jax.config_lib import ConfigDict, ConfigError, parse_arg
 

@@ -4,6 +4,7 @@
 this process's share of each global batch, with `get_state()` / `set_state()`
 so the trainer can checkpoint it beside the model.
 """
+
 from __future__ import annotations
 
 from typing import Any, Iterator, Protocol
@@ -26,7 +27,9 @@ class BatchIterator(Protocol):
     def set_state(self, state: dict[str, Any]) -> None: ...
 
 
-def build(config: ml_collections.ConfigDict, split: str, process_index: int = 0, process_count: int = 1) -> BatchIterator:
+def build(
+    config: ml_collections.ConfigDict, split: str, process_index: int = 0, process_count: int = 1
+) -> BatchIterator:
     """The pipeline named by `config.data.name` for `split` ("train" or "validation")."""
     from data_pipelines import synthetic
 

@@ -10,6 +10,7 @@ Row r of global batch s is drawn from a generator seeded by (seed, split, s, r),
 so any process can produce exactly its own rows, and the iterator state is
 just the next batch index.
 """
+
 from __future__ import annotations
 
 from typing import Any

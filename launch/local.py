@@ -7,6 +7,7 @@ ARGS are `vlm-jax train` arguments (`--config ... --workdir ... --config.x=y`).
     python launch/local.py --cpu_devices 8 --config configs/lm.py:variant=tiny \\
         --workdir workdirs/lm_mesh --config.mesh=data=2,fsdp=2,tensor=2
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,7 +25,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.cpu_devices:
         if args.cpu_devices < 1:
             sys.exit(f"--cpu_devices must be positive, got {args.cpu_devices}.")
-        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={args.cpu_devices}".strip()
+        env["XLA_FLAGS"] = (
+            f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={args.cpu_devices}".strip()
+        )
         env["JAX_PLATFORMS"] = "cpu"
     command = [sys.executable, "-m", "vlm_jax.cli", "train", *train_args]
     print("+", " ".join(command), file=sys.stderr, flush=True)

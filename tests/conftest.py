@@ -1,4 +1,5 @@
 """Test setup: 8 CPU devices (set before jax is imported) and shared tiny configs."""
+
 import os
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"

@@ -1,4 +1,5 @@
 """The `vlm-jax` command: README/CI agreement, forward, config flags, SIGTERM in a real process."""
+
 import os
 import signal
 import subprocess
@@ -7,15 +8,18 @@ import time
 
 import numpy as np
 import pytest
-
 from conftest import REPO
+
 from vlm_jax import cli
 from vlm_jax.train.checkpoint import load_params
 
 
 def quickstart_block(n):
     out = subprocess.run(
-        [sys.executable, os.path.join(REPO, ".ci", "quickstart_block.py"), str(n)], capture_output=True, text=True, check=True
+        [sys.executable, os.path.join(REPO, ".ci", "quickstart_block.py"), str(n)],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return out.stdout
 
@@ -30,7 +34,13 @@ def test_readme_blocks_are_what_ci_runs():
 
 def test_config_overrides_reach_the_config():
     fv = cli._parse_config_flags(
-        ["--config", os.path.join(REPO, "configs/lm.py:variant=tiny"), "--config.optim.lr=0.5", "--config.optim.freeze=('embed/.*',)", "--workdir=/x"],
+        [
+            "--config",
+            os.path.join(REPO, "configs/lm.py:variant=tiny"),
+            "--config.optim.lr=0.5",
+            "--config.optim.freeze=('embed/.*',)",
+            "--workdir=/x",
+        ],
         {"workdir": ""},
     )
     assert fv.config.optim.lr == 0.5 and fv.config.optim.freeze == ("embed/.*",) and fv.workdir == "/x"
@@ -58,34 +68,116 @@ def test_forward_writes_the_logits_of_the_checkpoint(trained_lm, tmp_path):
     ids = np.array([[5, 6, 7, 8, 9, 10], [3, 5, 7, 0, 0, 0]], np.int32)
     mask = np.array([[1] * 6, [1, 1, 1, 0, 0, 0]], np.int32)
     np.savez(tmp_path / "in.npz", input_ids=ids, attention_mask=mask)
-    assert cli.main(["forward", "--checkpoint", workdir, "--inputs", str(tmp_path / "in.npz"), "--out", str(tmp_path / "out.npz")]) == 0
+    assert (
+        cli.main(
+            [
+                "forward",
+                "--checkpoint",
+                workdir,
+                "--inputs",
+                str(tmp_path / "in.npz"),
+                "--out",
+                str(tmp_path / "out.npz"),
+            ]
+        )
+        == 0
+    )
     logits = np.load(tmp_path / "out.npz")["logits"]
     assert logits.shape == (2, 6, 256)
     _, system, params = load_params(workdir)
-    alone = np.asarray(system.logits(params, {"tokens": ids[1:, :3], "segment_ids": np.ones((1, 3), np.int32), "positions": np.arange(3)[None]}))
+    alone = np.asarray(
+        system.logits(
+            params, {"tokens": ids[1:, :3], "segment_ids": np.ones((1, 3), np.int32), "positions": np.arange(3)[None]}
+        )
+    )
     np.testing.assert_allclose(logits[1, :3], alone[0], atol=1e-5)  # padding changes nothing before it
     # A step directory works as --checkpoint too.
-    assert cli.main(["forward", "--checkpoint", os.path.join(workdir, "checkpoints", "4"), "--inputs", str(tmp_path / "in.npz"), "--out", str(tmp_path / "out4.npz")]) == 0
+    assert (
+        cli.main(
+            [
+                "forward",
+                "--checkpoint",
+                os.path.join(workdir, "checkpoints", "4"),
+                "--inputs",
+                str(tmp_path / "in.npz"),
+                "--out",
+                str(tmp_path / "out4.npz"),
+            ]
+        )
+        == 0
+    )
     assert not np.allclose(np.load(tmp_path / "out4.npz")["logits"], logits)
 
 
 def test_forward_bad_inputs_are_one_sentence(trained_lm, tmp_path, capsys):
     np.savez(tmp_path / "bad.npz", ids=np.zeros((1, 3), np.int32))
-    assert cli.main(["forward", "--checkpoint", trained_lm[0], "--inputs", str(tmp_path / "bad.npz"), "--out", str(tmp_path / "o.npz")]) == 2
+    assert (
+        cli.main(
+            [
+                "forward",
+                "--checkpoint",
+                trained_lm[0],
+                "--inputs",
+                str(tmp_path / "bad.npz"),
+                "--out",
+                str(tmp_path / "o.npz"),
+            ]
+        )
+        == 2
+    )
     assert "the inputs have no 'input_ids' (found: ids)." in capsys.readouterr().err
     np.savez(tmp_path / "big.npz", input_ids=np.full((1, 3), 999, np.int32))
-    assert cli.main(["forward", "--checkpoint", trained_lm[0], "--inputs", str(tmp_path / "big.npz"), "--out", str(tmp_path / "o.npz")]) == 2
+    assert (
+        cli.main(
+            [
+                "forward",
+                "--checkpoint",
+                trained_lm[0],
+                "--inputs",
+                str(tmp_path / "big.npz"),
+                "--out",
+                str(tmp_path / "o.npz"),
+            ]
+        )
+        == 2
+    )
     assert "input_ids must lie in [0, 256)" in capsys.readouterr().err
-    assert cli.main(["forward", "--checkpoint", str(tmp_path), "--inputs", str(tmp_path / "big.npz"), "--out", str(tmp_path / "o.npz")]) == 2
+    assert (
+        cli.main(
+            [
+                "forward",
+                "--checkpoint",
+                str(tmp_path),
+                "--inputs",
+                str(tmp_path / "big.npz"),
+                "--out",
+                str(tmp_path / "o.npz"),
+            ]
+        )
+        == 2
+    )
     assert "is neither a workdir with checkpoints nor a step directory" in capsys.readouterr().err
 
 
 def test_sigterm_to_a_training_process_leaves_a_restorable_checkpoint(tmp_path):
     workdir = str(tmp_path / "run")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "vlm_jax.cli", "train", "--config", os.path.join(REPO, "configs/lm.py:variant=tiny"),
-         "--workdir", workdir, "--config.total_steps=1000000", "--config.log_every=1", "--config.peak_tflops=1.0"],
-        stderr=subprocess.PIPE, text=True, cwd=REPO,
+        [
+            sys.executable,
+            "-m",
+            "vlm_jax.cli",
+            "train",
+            "--config",
+            os.path.join(REPO, "configs/lm.py:variant=tiny"),
+            "--workdir",
+            workdir,
+            "--config.total_steps=1000000",
+            "--config.log_every=1",
+            "--config.peak_tflops=1.0",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
     )
     lines = []
     deadline = time.time() + 300
@@ -105,9 +197,24 @@ def test_sigterm_to_a_training_process_leaves_a_restorable_checkpoint(tmp_path):
 def test_local_launcher_runs_a_config_on_emulated_devices(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     out = subprocess.run(
-        [sys.executable, os.path.join(REPO, "launch", "local.py"), "--cpu_devices", "2", "--config", os.path.join(REPO, "configs/lm.py:variant=tiny"),
-         "--workdir", str(tmp_path), "--config.total_steps=2", "--config.log_every=1", "--config.peak_tflops=1.0", "--config.mesh=data=2"],
-        capture_output=True, text=True, env=env, timeout=300,
+        [
+            sys.executable,
+            os.path.join(REPO, "launch", "local.py"),
+            "--cpu_devices",
+            "2",
+            "--config",
+            os.path.join(REPO, "configs/lm.py:variant=tiny"),
+            "--workdir",
+            str(tmp_path),
+            "--config.total_steps=2",
+            "--config.log_every=1",
+            "--config.peak_tflops=1.0",
+            "--config.mesh=data=2",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert out.returncode == 0, out.stderr
     assert "mesh {'data': 2}" in out.stderr and "step 2/2" in out.stderr

@@ -1,4 +1,5 @@
 """The decoder LM against an independent NumPy implementation of the LLaMA architecture."""
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -57,7 +58,9 @@ def model_and_params():
     params = nn.unbox(model.init(jax.random.key(1), tokens, tokens, tokens))["params"]
     # Random norm scales, so the test also sees them.
     params = jax.tree_util.tree_map_with_path(
-        lambda path, a: a + 0.3 * jax.random.normal(jax.random.key(len(path)), a.shape) if "scale" in str(path[-1]) else a,
+        lambda path, a: (
+            a + 0.3 * jax.random.normal(jax.random.key(len(path)), a.shape) if "scale" in str(path[-1]) else a
+        ),
         params,
     )
     return model, params

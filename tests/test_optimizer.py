@@ -1,4 +1,5 @@
 """The optax factory: schedules against closed forms, decay masks, lr multipliers, freezing."""
+
 import math
 
 import jax
@@ -54,7 +55,9 @@ def test_decay_mask_skips_vectors_even_when_scanned():
 
 
 def test_sgd_weight_decay_and_lr_multipliers_scale_updates():
-    config = optim(name="sgd", schedule="constant", warmup_steps=0, lr=0.1, weight_decay=0.5, lr_mults=[["layers/kernel", 0.25]])
+    config = optim(
+        name="sgd", schedule="constant", warmup_steps=0, lr=0.1, weight_decay=0.5, lr_mults=[["layers/kernel", 0.25]]
+    )
     tx, _ = opt.make_optimizer(config, 10, NAMES)
     params = params_like(NAMES, 2.0)
     grads = params_like(NAMES, 1.0)

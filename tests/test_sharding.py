@@ -1,4 +1,5 @@
 """Mesh construction and the logical-axis rule resolver."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -1,4 +1,5 @@
 """The trainer on 8 CPU devices: mesh equivalence, shardings, accumulation, freezing, resume, validation."""
+
 import os
 import re
 import shutil
@@ -7,11 +8,11 @@ import signal
 import jax
 import numpy as np
 import pytest
+from conftest import tiny_lm
 from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 
 import data_pipelines
-from conftest import tiny_lm
 from vlm_jax import sharding
 from vlm_jax.config_lib import ConfigError
 from vlm_jax.train import trainer as trainer_lib
@@ -50,7 +51,11 @@ def test_meshes_give_the_same_losses_and_params(mesh_runs):
     for mesh in ("data=8", "data=2,fsdp=2,tensor=2"):
         _, state, _, losses = mesh_runs[mesh]
         np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, err_msg=mesh)
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=mesh), jax.device_get(state.params), ref)
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=mesh),
+            jax.device_get(state.params),
+            ref,
+        )
 
 
 def test_every_parameter_is_sharded_as_the_rules_say(mesh_runs):
@@ -82,7 +87,10 @@ def test_every_parameter_is_sharded_as_the_rules_say(mesh_runs):
     assert mu["layers"]["mlp"]["down"]["kernel"].sharding.spec == expected["layers/mlp/down/kernel"]
     # Every parameter carries logical names.
     boxed = jax.eval_shape(trainer.system.init, jax.random.key(0), trainer.system.dummy_batch(1))
-    assert all(n is not None for n in jax.tree.leaves(sharding.logical_names(boxed), is_leaf=lambda x: x is None or isinstance(x, tuple)))
+    assert all(
+        n is not None
+        for n in jax.tree.leaves(sharding.logical_names(boxed), is_leaf=lambda x: x is None or isinstance(x, tuple))
+    )
 
 
 def test_gradient_accumulation_matches_one_big_batch(mesh_runs):
@@ -92,7 +100,11 @@ def test_gradient_accumulation_matches_one_big_batch(mesh_runs):
     _, state, _, losses = run_steps(config, jax.devices())
     _, ref_state, _, ref_losses = mesh_runs["data=8"]
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), jax.device_get(state.params), jax.device_get(ref_state.params))
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+        jax.device_get(state.params),
+        jax.device_get(ref_state.params),
+    )
 
 
 def test_frozen_params_are_bit_identical_and_hold_no_optimizer_state():
@@ -119,7 +131,9 @@ def test_training_lowers_the_loss_and_writes_logs(trained_lm):
     assert result.step == 8
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "8"]
     assert os.listdir(os.path.join(workdir, "tensorboard"))
-    assert {"loss", "accuracy", "grad_norm", "learning_rate", "examples_per_s", "tokens_per_s", "mfu"} <= set(result.metrics)
+    assert {"loss", "accuracy", "grad_norm", "learning_rate", "examples_per_s", "tokens_per_s", "mfu"} <= set(
+        result.metrics
+    )
 
 
 def test_sigterm_saves_and_resume_is_bit_identical(trained_lm, tmp_path, monkeypatch):
@@ -181,7 +195,10 @@ def test_checkpoint_with_another_model_is_refused(trained_lm):
         (lambda c: setattr(c, "grad_accum_steps", 4), "times grad_accum_steps=4"),
         (lambda c: setattr(c.optim, "freeze", ["vision/.*"]), "optim.freeze pattern 'vision/.*' matches no parameter"),
         (lambda c: setattr(c.optim, "freeze", [".*"]), "matches every parameter"),
-        (lambda c: setattr(c.optim, "lr_mults", (("nope", 0.1),)), "optim.lr_mults pattern 'nope' matches no parameter"),
+        (
+            lambda c: setattr(c.optim, "lr_mults", (("nope", 0.1),)),
+            "optim.lr_mults pattern 'nope' matches no parameter",
+        ),
         (lambda c: setattr(c.optim, "name", "lion"), "optim.name 'lion' is not one of adamw, sgd, adafactor"),
         (lambda c: setattr(c.optim, "schedule", "cubic"), "optim.schedule 'cubic' is not one of"),
         (lambda c: setattr(c.data, "name", "c4"), "data.name 'c4' is not a known pipeline"),

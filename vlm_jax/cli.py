@@ -7,6 +7,7 @@
 (`vlm_jax.errors.UserError`: bad config, arguments or inputs; a missing file)
 is printed as one sentence and exits with status 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -75,7 +76,9 @@ def cmd_train(argv: list[str]) -> int:
 
 def cmd_forward(argv: list[str]) -> int:
     """`vlm-jax forward`: checkpoint + inputs npz -> outputs npz."""
-    parser = argparse.ArgumentParser(prog="vlm-jax forward", description="Runs a checkpoint on transformers-style inputs.")
+    parser = argparse.ArgumentParser(
+        prog="vlm-jax forward", description="Runs a checkpoint on transformers-style inputs."
+    )
     parser.add_argument("--checkpoint", required=True, help="a workdir (latest step) or a step directory")
     parser.add_argument("--inputs", required=True, help=".npz with input_ids [, attention_mask, ...]")
     parser.add_argument("--out", required=True, help=".npz to write (logits, or embeddings for dual encoders)")

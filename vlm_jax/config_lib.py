@@ -3,6 +3,7 @@
 `validate` turns every inconsistency we can detect before compiling into one
 `ConfigError` with one clear sentence.
 """
+
 from __future__ import annotations
 
 import ast
@@ -87,7 +88,18 @@ def validate(config: ConfigDict, num_devices: int) -> None:
     """Checks a training config against the registry and the device count."""
     from vlm_jax import models  # local: models import this module's helpers
 
-    required = ("seed", "total_steps", "batch_size", "mesh", "log_every", "checkpoint_every", "eval_every", "model", "data", "optim")
+    required = (
+        "seed",
+        "total_steps",
+        "batch_size",
+        "mesh",
+        "log_every",
+        "checkpoint_every",
+        "eval_every",
+        "model",
+        "data",
+        "optim",
+    )
     missing = [k for k in required if k not in config]
     if missing:
         raise ConfigError(f"the config has no {', '.join(missing)} (every training config needs these top-level keys).")
@@ -129,7 +141,10 @@ def _batch_axes(rules: Iterable, shape: dict[str, int]) -> tuple[str, ...]:
 
 def validate_patterns(config: ConfigDict, param_paths: list[str]) -> None:
     """Every freeze / lr-multiplier regex must match at least one parameter path."""
-    for key, patterns in (("optim.freeze", config.optim.get("freeze", ())), ("optim.lr_mults", [p for p, _ in config.optim.get("lr_mults", ())])):
+    for key, patterns in (
+        ("optim.freeze", config.optim.get("freeze", ())),
+        ("optim.lr_mults", [p for p, _ in config.optim.get("lr_mults", ())]),
+    ):
         for pattern in patterns:
             if not any(re.fullmatch(pattern, path) for path in param_paths):
                 example = ", ".join(param_paths[:4])

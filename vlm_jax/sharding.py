@@ -11,6 +11,7 @@ Every parameter and main activation carries *logical* axis names ("batch",
   boxes (params, optimizer state);
 * `use_rules` + `constrain` annotate activations inside a model.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -5,6 +5,7 @@ axis), optionally rematerialised, so compile time does not grow with depth.
 Attention is causal within each packed segment (`segment_ids`), and RoPE uses
 each token's position within its segment (`positions`).
 """
+
 from __future__ import annotations
 
 from typing import Any

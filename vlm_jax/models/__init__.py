@@ -4,6 +4,7 @@ A system file defines a `System` subclass decorated with `@register("name")`;
 every module in this package is imported on first lookup, so adding a system
 means adding one file here and one config in `configs/`.
 """
+
 from __future__ import annotations
 
 import importlib

@@ -1,4 +1,5 @@
 """The interface every trainable system implements (what the trainer needs to know)."""
+
 from __future__ import annotations
 
 from typing import Any

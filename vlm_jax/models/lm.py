@@ -1,4 +1,5 @@
 """The decoder-only language model as a trainable system (`model.name = "lm"`)."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -8,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vlm_jax.lm.decoder import DecoderLM
 from vlm_jax.errors import UserError
+from vlm_jax.lm.decoder import DecoderLM
 from vlm_jax.models import register
 from vlm_jax.models.base import System
 
@@ -74,6 +75,10 @@ class LanguageModel(System):
         positions = inputs.get("position_ids")
         if positions is None:
             positions = np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), tokens.shape)
-        batch = {"tokens": tokens, "segment_ids": (mask > 0).astype(np.int32), "positions": np.asarray(positions, np.int32)}
+        batch = {
+            "tokens": tokens,
+            "segment_ids": (mask > 0).astype(np.int32),
+            "positions": np.asarray(positions, np.int32),
+        }
         logits = jax.jit(self.logits)(params, batch)
         return {"logits": np.asarray(logits)}

@@ -1,4 +1,5 @@
 """Multi-head self-attention with grouped KV heads and segment-aware masks."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -38,14 +39,18 @@ class SelfAttention(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
         embed_dim = x.shape[-1]
-        q = DenseGeneral((self.num_heads, self.head_dim), ("embed", "heads", "head_dim"), dtype=self.dtype, name="query")(x)
-        k = DenseGeneral((self.num_kv_heads, self.head_dim), ("embed", "kv_heads", "head_dim"), dtype=self.dtype, name="key")(x)
-        v = DenseGeneral((self.num_kv_heads, self.head_dim), ("embed", "kv_heads", "head_dim"), dtype=self.dtype, name="value")(x)
+        q = DenseGeneral(
+            (self.num_heads, self.head_dim), ("embed", "heads", "head_dim"), dtype=self.dtype, name="query"
+        )(x)
+        k = DenseGeneral(
+            (self.num_kv_heads, self.head_dim), ("embed", "kv_heads", "head_dim"), dtype=self.dtype, name="key"
+        )(x)
+        v = DenseGeneral(
+            (self.num_kv_heads, self.head_dim), ("embed", "kv_heads", "head_dim"), dtype=self.dtype, name="value"
+        )(x)
         q = sharding.constrain(apply_rope(q, positions, self.rope_theta), ("batch", "length", "heads", "head_dim"))
         k = sharding.constrain(apply_rope(k, positions, self.rope_theta), ("batch", "length", "kv_heads", "head_dim"))
         v = sharding.constrain(v, ("batch", "length", "kv_heads", "head_dim"))
         out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
         out = sharding.constrain(out, ("batch", "length", "heads", "head_dim"))
-        return DenseGeneral(
-            embed_dim, ("heads", "head_dim", "embed"), in_dims=2, dtype=self.dtype, name="out"
-        )(out)
+        return DenseGeneral(embed_dim, ("heads", "head_dim", "embed"), in_dims=2, dtype=self.dtype, name="out")(out)

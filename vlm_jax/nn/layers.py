@@ -1,4 +1,5 @@
 """Dense projections, norms and MLPs whose parameters carry logical axis names."""
+
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -10,6 +11,7 @@ import jax.numpy as jnp
 from vlm_jax import sharding
 
 Dtype = Any
+
 
 class DenseGeneral(nn.Module):
     """A linear map over the trailing `in_dims` dims of x, with a named kernel.
@@ -29,7 +31,7 @@ class DenseGeneral(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
-        in_shape = x.shape[x.ndim - self.in_dims:]
+        in_shape = x.shape[x.ndim - self.in_dims :]
         init = self.kernel_init or nn.initializers.variance_scaling(
             1.0,
             "fan_in",
@@ -44,7 +46,7 @@ class DenseGeneral(nn.Module):
         y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
         if self.use_bias:
             bias = self.param(
-                "bias", nn.with_logical_partitioning(nn.initializers.zeros, self.kernel_axes[self.in_dims:]), features
+                "bias", nn.with_logical_partitioning(nn.initializers.zeros, self.kernel_axes[self.in_dims :]), features
             )
             y = y + bias.astype(self.dtype)
         return y

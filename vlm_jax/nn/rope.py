@@ -1,4 +1,5 @@
 """Rotary position embeddings (RoPE), driven by explicit per-token positions."""
+
 from __future__ import annotations
 
 import jax

@@ -5,6 +5,7 @@ into a temporary directory and renames it when complete, so a crash during a
 save leaves no step directory that restores wrong; `latest_step` only sees
 finalized steps, and leftover temporary directories are removed at start-up.
 """
+
 from __future__ import annotations
 
 import os
@@ -36,7 +37,9 @@ class Checkpointer:
         """The newest complete checkpoint's step, or None."""
         return self.manager.latest_step()
 
-    def save(self, step: int, state: Any, data_state: dict, config: ml_collections.ConfigDict, force: bool = False) -> None:
+    def save(
+        self, step: int, state: Any, data_state: dict, config: ml_collections.ConfigDict, force: bool = False
+    ) -> None:
         """Starts an (async) save of step `step`; `wait()` blocks until it is on disk."""
         self.manager.save(
             step,
@@ -58,7 +61,9 @@ class Checkpointer:
 
     def config(self, step: int) -> ml_collections.ConfigDict:
         """The config a checkpoint was written with."""
-        return ml_collections.ConfigDict(self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"])
+        return ml_collections.ConfigDict(
+            self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+        )
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -88,7 +93,6 @@ def abstract_like(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-
 def load_params(path: str, devices: list | None = None) -> tuple[ml_collections.ConfigDict, Any, Any]:
     """(config, system, params) from a `--checkpoint` path, params replicated on `devices`.
 
@@ -104,7 +108,9 @@ def load_params(path: str, devices: list | None = None) -> tuple[ml_collections.
     config = ckpt.config(step)
     system = models.build(config)
     devices = list(jax.devices() if devices is None else devices)
-    replicated = jax.sharding.NamedSharding(jax.sharding.Mesh(np.asarray(devices), ("d",)), jax.sharding.PartitionSpec())
+    replicated = jax.sharding.NamedSharding(
+        jax.sharding.Mesh(np.asarray(devices), ("d",)), jax.sharding.PartitionSpec()
+    )
     boxed = jax.eval_shape(system.init, jax.random.key(0), system.dummy_batch(1))
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), nn.unbox(boxed))
     restored = ckpt.manager.restore(

@@ -1,4 +1,5 @@
 """Training metrics: TensorBoard event files, a progress bar or log lines, and the FLOP/s peak for MFU."""
+
 from __future__ import annotations
 
 import os
@@ -60,6 +61,45 @@ def peak_flops(devices: list, peak_tflops_per_device: float = 0.0, dtype=jnp.flo
         if kind.startswith(name):
             return tflops * 1e12 * n, f"spec sheet ({kind})"
     return measure_matmul_flops(devices, dtype), f"measured matmul peak ({kind})"
+
+
+class ThroughputWindow:
+    """Step metrics and throughput since the last log, kept on device until `summary` fetches them once."""
+
+    def __init__(self, examples_per_step: int, flops_per_step: float, peak_flops: float):
+        self.examples_per_step = examples_per_step
+        self.flops_per_step = flops_per_step
+        self.peak_flops = peak_flops
+        self.reset()
+
+    def reset(self) -> None:
+        self.start = time.perf_counter()
+        self.pending: list = []
+        self.tokens = 0
+        self.excluded_s = 0.0
+
+    def add(self, step_metrics: dict, tokens: int) -> None:
+        """Records one step's (device) metrics and its non-padding token count."""
+        self.pending.append(step_metrics)
+        self.tokens += tokens
+
+    def exclude(self, seconds: float) -> None:
+        """Time spent on something other than training (evaluation) in this window."""
+        self.excluded_s += seconds
+
+    def summary(self) -> dict[str, float]:
+        """Window means of the step metrics plus examples/s, tokens/s and MFU; starts a new window."""
+        fetched = jax.device_get(self.pending)
+        seconds = time.perf_counter() - self.start - self.excluded_s
+        steps_per_s = len(fetched) / seconds
+        result = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+        result.update(
+            examples_per_s=steps_per_s * self.examples_per_step,
+            tokens_per_s=self.tokens / seconds,
+            mfu=self.flops_per_step * steps_per_s / self.peak_flops,
+        )
+        self.reset()
+        return result
 
 
 class Reporter:

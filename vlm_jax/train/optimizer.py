@@ -19,6 +19,7 @@
 Paths are '/'-joined parameter names such as `layers/attn/query/kernel`,
 matched with `re.fullmatch`.
 """
+
 from __future__ import annotations
 
 import re
@@ -86,7 +87,9 @@ def lr_multipliers(params: Any, optim: ml_collections.ConfigDict) -> Any:
     return traverse_util.unflatten_dict({k: _first_match(rules, path_str(k), 1.0) for k in flat})
 
 
-def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int, param_names: Any) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(
+    optim: ml_collections.ConfigDict, total_steps: int, param_names: Any
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """Builds the optax transformation for the *trainable* params named by `param_names`.
 
     `param_names` is a tree (same structure as the trainable params) of

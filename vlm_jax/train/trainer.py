@@ -10,6 +10,7 @@ differentiation: they get no gradient and no optimizer state. Gradient
 accumulation scans over micro-batches and normalises by the total loss weight
 once, so it gives the same update as one large batch.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,7 +34,7 @@ import data_pipelines
 from vlm_jax import config_lib, models, sharding
 from vlm_jax.train import optimizer as optim_lib
 from vlm_jax.train.checkpoint import Checkpointer, abstract_like
-from vlm_jax.train.metrics import Reporter, peak_flops
+from vlm_jax.train.metrics import Reporter, ThroughputWindow, peak_flops
 
 
 @flax.struct.dataclass
@@ -80,9 +81,10 @@ class Trainer:
             opt_state=_opt_state_shardings(abstract.opt_state, param_shardings, replicated),
         )
         self.abstract_state = abstract_like(abstract, self.state_shardings)
-        self.batch_shardings = {
-            k: sharding.batch_sharding(self.mesh, self.rules, v.ndim)
-            for k, v in self.system.dummy_batch(config.batch_size).items()
+        dummy = self.system.dummy_batch(config.batch_size)
+        self.batch_shardings = {k: sharding.batch_sharding(self.mesh, self.rules, v.ndim) for k, v in dummy.items()}
+        self.abstract_batch = {
+            k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self.batch_shardings[k]) for k, v in dummy.items()
         }
         self.init = jax.jit(init_state, out_shardings=self.state_shardings)
         self.train_step = jax.jit(
@@ -118,7 +120,9 @@ class Trainer:
             return jax.tree.map(jnp.add, carry, (grads, loss_sum, weight, extra)), None
 
         micro = jax.tree.map(split, batch)
-        (loss_s, (weight_s, extra_s)), grads_s = jax.eval_shape(value_and_grad, trainable, jax.tree.map(lambda x: x[0], micro))
+        (loss_s, (weight_s, extra_s)), grads_s = jax.eval_shape(
+            value_and_grad, trainable, jax.tree.map(lambda x: x[0], micro)
+        )
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (grads_s, loss_s, weight_s, extra_s))
         (grads, loss_sum, weight, extra), _ = jax.lax.scan(body, zeros, micro)
         return grads, loss_sum, weight, extra
@@ -237,15 +241,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
         f"{_count(state.params):,} parameters on mesh {dict(trainer.mesh.shape)} in {workdir}"
     )
     start = time.perf_counter()
-    compiled = trainer.train_step.lower(trainer.abstract_state, _abstract(trainer.batch_shardings, system, config)).compile()
+    compiled = trainer.train_step.lower(trainer.abstract_state, trainer.abstract_batch).compile()
     reporter.message(f"Compiled the train step in {time.perf_counter() - start:.1f}s.")
     peak, peak_source = peak_flops(jax.devices(), float(config.get("peak_tflops", 0.0)))
-    flops_per_step = system.flops_per_example() * config.batch_size
+    window = ThroughputWindow(config.batch_size, system.flops_per_example() * config.batch_size, peak)
 
     metrics: dict[str, float] = {}
     eval_metrics: dict[str, float] = {}
-    pending: list = []
-    window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
     saved_step = latest
     with _StopOnSignal() as stop:
         while step < config.total_steps and stop.signum is None:
@@ -254,30 +256,20 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
             with jax.transfer_guard("disallow"):
                 state, step_metrics = compiled(state, batch)
             step += 1
-            pending.append(step_metrics)
-            window_steps += 1
-            window_tokens += system.tokens_in(host_batch) * jax.process_count()
+            window.add(step_metrics, system.tokens_in(host_batch) * jax.process_count())
             reporter.step_done(step)
 
             if config.log_every and (step % config.log_every == 0 or step == config.total_steps):
-                fetched = jax.device_get(pending)
-                seconds = time.perf_counter() - window_start
-                metrics = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-                steps_per_s = window_steps / seconds
-                metrics.update(
-                    examples_per_s=steps_per_s * config.batch_size,
-                    tokens_per_s=window_tokens / seconds,
-                    mfu=flops_per_step * steps_per_s / peak,
-                )
+                metrics = window.summary()
                 reporter.write(step, metrics)
-                pending, window_start, window_steps, window_tokens = [], time.perf_counter(), 0, 0
             if config.checkpoint_every and step % config.checkpoint_every == 0:
                 ckpt.save(step, state, data.get_state(), config)
                 saved_step = step
             if config.eval_every and (step % config.eval_every == 0 or step == config.total_steps):
+                eval_start = time.perf_counter()
                 eval_metrics = evaluate(trainer, state.params)
                 reporter.write(step, eval_metrics, prefix="eval")
-                window_start = time.perf_counter()  # evaluation time is not training throughput
+                window.exclude(time.perf_counter() - eval_start)
         if saved_step != step:
             ckpt.save(step, state, data.get_state(), config, force=True)
         ckpt.close()
@@ -292,13 +284,5 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     return TrainResult(step=step, metrics=metrics, eval_metrics=eval_metrics, stopped_by_signal=stop.signum)
 
 
-def _abstract(batch_shardings, system, config):
-    return {
-        k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_shardings[k])
-        for k, v in system.dummy_batch(config.batch_size).items()
-    }
-
-
 def _count(params: Any) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-
