@@ -4,6 +4,7 @@ import os
 import re
 import shutil
 import signal
+import struct
 
 import jax
 import numpy as np
@@ -126,14 +127,35 @@ def test_frozen_params_are_bit_identical_and_hold_no_optimizer_state():
     assert any(p.startswith("layers/attn/") for p in opt_paths)
 
 
+def read_tensorboard_scalars(logdir):
+    """{tag: {step: value}} from the TFRecord-framed event files (8-byte length, CRCs, Event proto)."""
+    from tensorboardX.proto import event_pb2
+
+    scalars = {}
+    for name in os.listdir(logdir):
+        data = open(os.path.join(logdir, name), "rb").read()
+        i = 0
+        while i < len(data):
+            (n,) = struct.unpack("<Q", data[i : i + 8])
+            event = event_pb2.Event.FromString(data[i + 12 : i + 12 + n])
+            i += 12 + n + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+    return scalars
+
+
 def test_training_lowers_the_loss_and_writes_logs(trained_lm):
     workdir, result = trained_lm
     assert result.step == 8
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4", "8"]
-    assert os.listdir(os.path.join(workdir, "tensorboard"))
     assert {"loss", "accuracy", "grad_norm", "learning_rate", "examples_per_s", "tokens_per_s", "mfu"} <= set(
         result.metrics
     )
+    scalars = read_tensorboard_scalars(os.path.join(workdir, "tensorboard"))
+    assert set(scalars["train/loss"]) == {4, 8}
+    assert scalars["train/loss"][8] == pytest.approx(result.metrics["loss"], rel=1e-6)
+    assert scalars["train/loss"][8] < scalars["train/loss"][4]
+    assert 0 < scalars["train/mfu"][8] < 1
 
 
 def test_sigterm_saves_and_resume_is_bit_identical(trained_lm, tmp_path, monkeypatch):
