@@ -3,6 +3,7 @@
 Lower bounds are the versions the test suite was run with; there are no upper
 pins (none has been forced by a real incompatibility yet).
 """
+
 from setuptools import find_packages, setup
 
 INSTALL_REQUIRES = [

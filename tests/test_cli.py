@@ -63,99 +63,38 @@ def test_bad_train_arguments_are_one_sentence(args, message, capsys, monkeypatch
     assert message in err and err.count("\n") == 0 and "Traceback" not in err
 
 
+def forward(checkpoint, inputs, out):
+    """`vlm-jax forward` in-process; returns the exit status."""
+    return cli.main(["forward", "--checkpoint", str(checkpoint), "--inputs", str(inputs), "--out", str(out)])
+
+
 def test_forward_writes_the_logits_of_the_checkpoint(trained_lm, tmp_path):
     workdir = trained_lm[0]
     ids = np.array([[5, 6, 7, 8, 9, 10], [3, 5, 7, 0, 0, 0]], np.int32)
     mask = np.array([[1] * 6, [1, 1, 1, 0, 0, 0]], np.int32)
     np.savez(tmp_path / "in.npz", input_ids=ids, attention_mask=mask)
-    assert (
-        cli.main(
-            [
-                "forward",
-                "--checkpoint",
-                workdir,
-                "--inputs",
-                str(tmp_path / "in.npz"),
-                "--out",
-                str(tmp_path / "out.npz"),
-            ]
-        )
-        == 0
-    )
+    assert forward(workdir, tmp_path / "in.npz", tmp_path / "out.npz") == 0
     logits = np.load(tmp_path / "out.npz")["logits"]
     assert logits.shape == (2, 6, 256)
     _, system, params = load_params(workdir)
-    alone = np.asarray(
-        system.logits(
-            params, {"tokens": ids[1:, :3], "segment_ids": np.ones((1, 3), np.int32), "positions": np.arange(3)[None]}
-        )
-    )
-    np.testing.assert_allclose(logits[1, :3], alone[0], atol=1e-5)  # padding changes nothing before it
+    row = {"tokens": ids[1:, :3], "segment_ids": np.ones((1, 3), np.int32), "positions": np.arange(3)[None]}
+    np.testing.assert_allclose(
+        logits[1, :3], np.asarray(system.logits(params, row))[0], atol=1e-5
+    )  # padding changes nothing before it
     # A step directory works as --checkpoint too.
-    assert (
-        cli.main(
-            [
-                "forward",
-                "--checkpoint",
-                os.path.join(workdir, "checkpoints", "4"),
-                "--inputs",
-                str(tmp_path / "in.npz"),
-                "--out",
-                str(tmp_path / "out4.npz"),
-            ]
-        )
-        == 0
-    )
+    assert forward(os.path.join(workdir, "checkpoints", "4"), tmp_path / "in.npz", tmp_path / "out4.npz") == 0
     assert not np.allclose(np.load(tmp_path / "out4.npz")["logits"], logits)
 
 
 def test_forward_bad_inputs_are_one_sentence(trained_lm, tmp_path, capsys):
+    workdir = trained_lm[0]
     np.savez(tmp_path / "bad.npz", ids=np.zeros((1, 3), np.int32))
-    assert (
-        cli.main(
-            [
-                "forward",
-                "--checkpoint",
-                trained_lm[0],
-                "--inputs",
-                str(tmp_path / "bad.npz"),
-                "--out",
-                str(tmp_path / "o.npz"),
-            ]
-        )
-        == 2
-    )
+    assert forward(workdir, tmp_path / "bad.npz", tmp_path / "o.npz") == 2
     assert "the inputs have no 'input_ids' (found: ids)." in capsys.readouterr().err
     np.savez(tmp_path / "big.npz", input_ids=np.full((1, 3), 999, np.int32))
-    assert (
-        cli.main(
-            [
-                "forward",
-                "--checkpoint",
-                trained_lm[0],
-                "--inputs",
-                str(tmp_path / "big.npz"),
-                "--out",
-                str(tmp_path / "o.npz"),
-            ]
-        )
-        == 2
-    )
+    assert forward(workdir, tmp_path / "big.npz", tmp_path / "o.npz") == 2
     assert "input_ids must lie in [0, 256)" in capsys.readouterr().err
-    assert (
-        cli.main(
-            [
-                "forward",
-                "--checkpoint",
-                str(tmp_path),
-                "--inputs",
-                str(tmp_path / "big.npz"),
-                "--out",
-                str(tmp_path / "o.npz"),
-            ]
-        )
-        == 2
-    )
+    assert forward(tmp_path, tmp_path / "big.npz", tmp_path / "o.npz") == 2
     assert "is neither a workdir with checkpoints nor a step directory" in capsys.readouterr().err
 
 

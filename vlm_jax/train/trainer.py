@@ -78,7 +78,7 @@ class Trainer:
         self.state_shardings = TrainState(
             step=replicated,
             params=param_shardings,
-            opt_state=_opt_state_shardings(abstract.opt_state, param_shardings, replicated),
+            opt_state=_opt_state_shardings(abstract.opt_state, abstract.params, param_shardings, replicated),
         )
         self.abstract_state = abstract_like(abstract, self.state_shardings)
         dummy = self.system.dummy_batch(config.batch_size)
@@ -150,20 +150,19 @@ class Trainer:
             return {"loss": loss_sum, "weight": weight, **extra}
 
 
-def _opt_state_shardings(opt_state: Any, param_shardings: Any, default: NamedSharding) -> Any:
+def _opt_state_shardings(opt_state: Any, params: Any, param_shardings: Any, default: NamedSharding) -> Any:
     """Optimizer-state leaves shaped like a parameter take its sharding; the rest are replicated.
 
     An optimizer-state leaf belongs to the parameter whose dict path it ends
-    with (optax nests per-parameter statistics like the params themselves).
+    with (optax nests per-parameter statistics like the params themselves) if
+    it also has that parameter's shape (factored statistics do not).
     """
+    shapes = {k: v.shape for k, v in traverse_util.flatten_dict(params).items()}
     by_path = traverse_util.flatten_dict(param_shardings)
 
     def leaf_sharding(path, leaf):
         keys = tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
-        s = by_path.get(keys)
-        if s is not None and len(s.spec) <= leaf.ndim:
-            return s
-        return default
+        return by_path[keys] if shapes.get(keys) == leaf.shape else default
 
     return jax.tree_util.tree_map_with_path(leaf_sharding, opt_state)
 
