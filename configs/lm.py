@@ -4,6 +4,10 @@ Variants (`--config configs/lm.py:variant=NAME`):
   tiny  ~0.1M params, seconds per run on a laptop CPU (the test and quick-start config)
   50m   ~50M params (benchmarks)
   1b    ~1.1B params, LLaMA-style shapes, for pods
+
+`data=DIR,tokenizer=FILE.model[,template=NAME]` trains the same LM on the text
+side of a `vlm-jax data build` folder through the Grain pipeline (packed rows;
+the images are decoded and packed but the LM does not use them).
 """
 
 from vlm_jax import sharding
@@ -18,7 +22,7 @@ VARIANTS = {
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, variant="tiny")
+    arg = parse_arg(arg, variant="tiny", data="synthetic", tokenizer="", template="flamingo")
     if arg.variant not in VARIANTS:
         raise ConfigError(f"variant {arg.variant!r} is not one of {sorted(VARIANTS)}.")
     vocab, embed, layers, heads, kv_heads, mlp, seq_len, batch, steps = VARIANTS[arg.variant]
@@ -55,6 +59,12 @@ def get_config(arg=None):
         )
     )
     c.data = ConfigDict(dict(name="synthetic_lm", seq_len=seq_len, min_doc_len=8))
+    if arg.data != "synthetic":
+        from data_pipelines.tokenizer import Tokenizer
+
+        c.data = grain_data(arg, seq_len)
+        c.model.vocab_size = Tokenizer(arg.tokenizer).vocab_size
+        c.model.image_tokens = 1
     c.optim = ConfigDict(
         dict(
             name="adamw",
@@ -77,3 +87,26 @@ def get_config(arg=None):
         )
     )
     return c
+
+
+def grain_data(arg, seq_len):
+    """The Grain pipeline over a `data build` folder (train and validation read the same folder)."""
+    if not arg.tokenizer:
+        raise ConfigError("data=DIR needs tokenizer=FILE.model (see `vlm-jax data train-tokenizer`).")
+    return ConfigDict(
+        dict(
+            name="grain",
+            source="array_record",
+            train_path=arg.data,
+            validation_path=arg.data,
+            tokenizer=arg.tokenizer,
+            template=arg.template,
+            seq_len=seq_len,
+            max_images=8,
+            packing_bins=32,
+            shuffle=True,
+            worker_count=0,
+            interleaved=dict(max_tokens=seq_len, max_images=5),
+            image=dict(mode="fixed", size=32, method="bicubic", normalization="clip", max_aspect_ratio=20.0),
+        )
+    )

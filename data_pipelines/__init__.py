@@ -26,17 +26,26 @@ class BatchIterator(Protocol):
 
     def set_state(self, state: dict[str, Any]) -> None: ...
 
+    # Optional: `stats() -> dict[str, int]`, counts of kept / skipped / repaired records (logged as data/*).
+
+
+# data.name -> "module:class"; imported on use (the Grain pipeline pulls in PIL and sentencepiece).
+PIPELINES = {
+    "synthetic_lm": "data_pipelines.synthetic:SyntheticTokens",
+    "grain": "data_pipelines.pipeline:GrainPipeline",
+}
+
 
 def build(
     config: ml_collections.ConfigDict, split: str, process_index: int = 0, process_count: int = 1
 ) -> BatchIterator:
     """The pipeline named by `config.data.name` for `split` ("train" or "validation")."""
-    from data_pipelines import synthetic
+    import importlib
 
-    pipelines = {"synthetic_lm": synthetic.SyntheticTokens}
     name = config.data.name
-    if name not in pipelines:
-        raise ConfigError(f"data.name {name!r} is not a known pipeline; known: {', '.join(sorted(pipelines))}.")
+    if name not in PIPELINES:
+        raise ConfigError(f"data.name {name!r} is not a known pipeline; known: {', '.join(sorted(PIPELINES))}.")
     if config.batch_size % process_count:
         raise ConfigError(f"batch_size={config.batch_size} is not divisible by the {process_count} processes.")
-    return pipelines[name](config, split, process_index, process_count)
+    module, cls = PIPELINES[name].split(":")
+    return getattr(importlib.import_module(module), cls)(config, split, process_index, process_count)

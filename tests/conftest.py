@@ -5,6 +5,8 @@ import os
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import random  # noqa: E402
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
@@ -42,3 +44,48 @@ def trained_lm(tmp_path_factory):
 
     workdir = str(tmp_path_factory.mktemp("trained_lm"))
     return workdir, trainer.train(tiny_lm(), workdir)
+
+
+WORDS = (
+    "the a an of to in on at with and or but is are was were be has have had this that these those it its "
+    "cat dog ball mat red blue green yellow white black small large man woman child people street car bus "
+    "tree house table chair window photo picture image describe question answer what where who how many "
+    "color sitting standing running looking holding playing next near under over left right top bottom "
+    "user assistant system human chat short detail briefly please shows there one two three four five"
+).split()
+
+
+def write_corpus(path, lines=3000, seed=0):
+    """Deterministic English-like text: sentences and a few chat-shaped lines."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(lines):
+        n = rng.randint(4, 14)
+        sentence = " ".join(rng.choice(WORDS) for _ in range(n))
+        sentence = sentence[0].upper() + sentence[1:] + rng.choice([".", ".", "?", "!", ","])
+        if i % 7 == 0:
+            sentence = f"USER: {sentence} ASSISTANT: {rng.choice(WORDS).capitalize()} {rng.randint(0, 999)}."
+        out.append(sentence)
+    path.write_text("\n".join(out) + "\n", encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """A text file of English-like sentences (the tokenizer tests' training data)."""
+    return write_corpus(tmp_path_factory.mktemp("corpus") / "text.txt")
+
+
+@pytest.fixture(scope="session")
+def spm_model_path(corpus, tmp_path_factory):
+    """A 400-piece SentencePiece model with the special tokens, trained once per session."""
+    from data_pipelines.tokenizer import train_tokenizer
+
+    return train_tokenizer([corpus], str(tmp_path_factory.mktemp("spm") / "tiny"), 400)
+
+
+@pytest.fixture(scope="session")
+def spm_tokenizer(spm_model_path):
+    from data_pipelines.tokenizer import Tokenizer
+
+    return Tokenizer(spm_model_path)

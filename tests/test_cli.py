@@ -8,8 +8,8 @@ import time
 
 import numpy as np
 import pytest
-from conftest import REPO
 
+from conftest import REPO
 from vlm_jax import cli
 from vlm_jax.train.checkpoint import load_params
 

@@ -1,9 +1,9 @@
 """The synthetic token stream: determinism, per-process shards, resumable state, packing invariants."""
 
 import numpy as np
-from conftest import tiny_lm
 
 import data_pipelines
+from conftest import tiny_lm
 
 
 def take(it, n):

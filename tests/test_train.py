@@ -9,11 +9,11 @@ import struct
 import jax
 import numpy as np
 import pytest
-from conftest import tiny_lm
 from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 
 import data_pipelines
+from conftest import tiny_lm
 from vlm_jax import sharding
 from vlm_jax.config_lib import ConfigError
 from vlm_jax.train import trainer as trainer_lib
@@ -224,6 +224,7 @@ def test_checkpoint_with_another_model_is_refused(trained_lm):
         (lambda c: setattr(c.optim, "name", "lion"), "optim.name 'lion' is not one of adamw, sgd, adafactor"),
         (lambda c: setattr(c.optim, "schedule", "cubic"), "optim.schedule 'cubic' is not one of"),
         (lambda c: setattr(c.data, "name", "c4"), "data.name 'c4' is not a known pipeline"),
+        (lambda c: setattr(c.model, "colour", "red"), "model.colour is not a setting of the lm system"),
     ],
 )
 def test_config_errors_are_one_clear_sentence(change, message, tmp_path):

@@ -2,6 +2,9 @@
 
     vlm-jax train   --config configs/X.py[:arg] --workdir DIR [--config.key=value ...]
     vlm-jax forward --checkpoint DIR --inputs IN.npz --out OUT.npz
+    vlm-jax data    build --format pairs|llava|interleaved --input FILE --out DIR
+    vlm-jax data    stats --config CONFIG [--data DIR]
+    vlm-jax data    train-tokenizer --input FILE [FILE ...] --out PREFIX --vocab_size N
 
 `--config` and its overrides are ml_collections config flags. A user error
 (`vlm_jax.errors.UserError`: bad config, arguments or inputs; a missing file)
@@ -19,6 +22,7 @@ USAGE = """usage: vlm-jax COMMAND [flags]
 commands:
   train     train a config in a workdir (resumes from its latest checkpoint)
   forward   run a checkpoint on inputs from an .npz file and write the outputs to another
+  data      build (user JSONL -> ArrayRecord), stats (run the pipeline), train-tokenizer
 
 `vlm-jax COMMAND --help` lists a command's flags."""
 
@@ -98,7 +102,69 @@ def cmd_forward(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "forward": cmd_forward}
+def cmd_data(argv: list[str]) -> int:
+    """`vlm-jax data build|stats|train-tokenizer`."""
+    usage = "usage: vlm-jax data build|stats|train-tokenizer [flags]   (vlm-jax data SUBCOMMAND --help)"
+    if not argv or argv[0] not in ("build", "stats", "train-tokenizer"):
+        print(usage, file=sys.stderr)
+        return 2
+    sub, rest = argv[0], argv[1:]
+    if sub == "build":
+        parser = argparse.ArgumentParser(prog="vlm-jax data build", description="User JSONL -> ArrayRecord shards.")
+        parser.add_argument("--format", required=True, choices=["pairs", "llava", "interleaved"])
+        parser.add_argument("--input", required=True, help="JSONL file (llava: also a JSON array file)")
+        parser.add_argument("--out", required=True, help="output folder")
+        parser.add_argument("--records_per_shard", type=int, default=10_000)
+        args = parser.parse_args(rest)
+        from data_pipelines import convert
+
+        summary = convert.build(args.format, args.input, args.out, args.records_per_shard, progress=sys.stderr.isatty())
+        print(convert.summary_text(summary, args.out))
+        return 0
+    if sub == "stats":
+        if "--help" in rest or "-h" in rest:
+            print(
+                "usage: vlm-jax data stats --config CONFIG [--data DIR] [--split train] [--max_rows N] [--config.x=y]"
+            )
+            return 0
+        fv = _parse_config_flags(
+            rest,
+            {
+                "data": "a `data build` folder (overrides the config's)",
+                "split": "train or validation",
+                "max_rows": "stop after N rows",
+            },
+        )
+        import json
+
+        from data_pipelines.pipeline import data_stats
+
+        config = fv.config
+        split = fv.split or "train"
+        if fv.data:
+            with config.unlocked():
+                config.data.source = "array_record"
+                config.data[f"{split}_path"] = fv.data
+        stats = data_stats(config, split, int(fv.max_rows) if fv.max_rows else None)
+        print(
+            f"{stats['rows']} rows from {stats['records']} records; skipped: {stats['skipped'] or 'none'}; repaired: {stats['repaired'] or 'none'}"
+        )
+        print(json.dumps(stats))
+        return 0
+    parser = argparse.ArgumentParser(prog="vlm-jax data train-tokenizer", description="Trains a SentencePiece model.")
+    parser.add_argument("--input", required=True, nargs="+", help="text files, one sentence or document per line")
+    parser.add_argument("--out", required=True, help="output prefix: writes PREFIX.model and PREFIX.vocab")
+    parser.add_argument("--vocab_size", type=int, default=8000)
+    parser.add_argument("--model_type", default="unigram", choices=["unigram", "bpe"])
+    args = parser.parse_args(rest)
+    from data_pipelines.tokenizer import train_tokenizer
+
+    path = train_tokenizer(args.input, args.out, args.vocab_size, model_type=args.model_type)
+    print(f"Wrote {path}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "forward": cmd_forward, "data": cmd_data}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -9,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from vlm_jax.config_lib import ConfigError
 from vlm_jax.errors import UserError
 from vlm_jax.lm.decoder import DecoderLM
 from vlm_jax.models import register
@@ -17,12 +19,21 @@ from vlm_jax.models.base import System
 
 @register("lm")
 class LanguageModel(System):
-    """Next-token prediction on packed token rows (batch keys: tokens, targets, loss_mask, segment_ids, positions)."""
+    """Next-token prediction on packed token rows (batch keys: tokens, targets, loss_mask, segment_ids, positions).
+
+    `model.image_tokens` (placeholder tokens per media slot) is read by the data
+    pipeline; the LM itself treats placeholders as ordinary tokens.
+    """
 
     def __init__(self, config):
         super().__init__(config)
-        kwargs = {k: v for k, v in config.model.items() if k != "name"}
-        self.module = DecoderLM(**kwargs)
+        fields = {f.name for f in dataclasses.fields(DecoderLM)} - {"parent", "name"}
+        unknown = set(config.model) - fields - {"name", "image_tokens"}
+        if unknown:
+            raise ConfigError(
+                f"model.{sorted(unknown)[0]} is not a setting of the lm system (it takes {', '.join(sorted(fields))})."
+            )
+        self.module = DecoderLM(**{k: v for k, v in config.model.items() if k in fields})
         self.seq_len = int(config.data.seq_len)
 
     def dummy_batch(self, batch_size: int) -> dict[str, np.ndarray]:

@@ -98,8 +98,18 @@ class Trainer:
         )
 
     def put_batch(self, host_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        """This process's rows -> global arrays sharded over the data-parallel axes."""
-        return {k: jax.make_array_from_process_local_data(self.batch_shardings[k], v) for k, v in host_batch.items()}
+        """This process's rows -> global arrays sharded over the data-parallel axes.
+
+        Only the keys the system uses are sent to the devices (an LM trained on
+        image-text rows ignores the images).
+        """
+        missing = [k for k in self.batch_shardings if k not in host_batch]
+        if missing:
+            raise config_lib.ConfigError(
+                f"the data pipeline {self.config.data.name!r} yields no {', '.join(missing)}, "
+                f"which model {self.config.model.name!r} needs."
+            )
+        return {k: jax.make_array_from_process_local_data(s, host_batch[k]) for k, s in self.batch_shardings.items()}
 
     def _loss_and_grads(self, trainable, frozen, batch):
         def loss_fn(trainable, micro):
@@ -261,6 +271,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
             if config.log_every and (step % config.log_every == 0 or step == config.total_steps):
                 metrics = window.summary()
                 reporter.write(step, metrics)
+                if hasattr(data, "stats"):
+                    reporter.write(step, data.stats(), prefix="data")
             if config.checkpoint_every and step % config.checkpoint_every == 0:
                 ckpt.save(step, state, data.get_state(), config)
                 saved_step = step

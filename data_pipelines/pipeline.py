@@ -1,0 +1,307 @@
+"""The Grain input pipeline for vision-language data (`data.name = "grain"`).
+
+    source (ArrayRecord / TFDS / list) -> MapDataset -> global shuffle (seed) -> this host's
+    shard -> repeat -> process each record (decode, tile, render the template, fit the
+    row budgets) -> drop and count bad records -> first-fit pack into rows -> batch
+
+Everything before packing is a deterministic function of (seed, record index),
+so the same seed gives the same batches; the iterator state (a few integers
+and the skip counts) rides in the trainer's checkpoint and a resumed run sees
+exactly the batches it would have seen. Each host reads only its own records
+(`process_index::process_count` of the shuffled order); the union over hosts
+is the global batch.
+
+`data` config keys are documented in docs/data.md.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grain
+import ml_collections
+import numpy as np
+
+from data_pipelines import fitting, image_ops, templates
+from data_pipelines.packing import REPAIRS, SKIP, CountSkips, CountSkipsIterator, pack
+from data_pipelines.sources import ArrayRecordSource, ListSource, TfdsSource
+from data_pipelines.tokenizer import Tokenizer
+from vlm_jax.errors import UserError
+
+
+def make_source(data: ml_collections.ConfigDict, split: str):
+    """The record source of `split` named by the data config."""
+    kind = data.source
+    if kind == "array_record":
+        path = data.get(f"{split}_path")
+        if not path:
+            raise UserError(f"data.{split}_path is not set (the folder written by `vlm-jax data build`).")
+        return ArrayRecordSource(path)
+    if kind == "tfds":
+        t = data.tfds
+        return TfdsSource(t.name, t.get(f"{split}_split", split), t.get("data_dir"), dict(t.get("fields", {})))
+    if kind == "memory":
+        return ListSource(data.records[split], data.format)
+    raise UserError(f"data.source {kind!r} is not one of array_record, tfds, memory.")
+
+
+def _repair_text(text: Any, repairs: list[str]) -> str:
+    """Valid UTF-8 text: bytes or undecodable characters become U+FFFD (counted as `invalid_utf8`)."""
+    if isinstance(text, bytes):
+        fixed = text.decode("utf-8", errors="replace")
+    else:
+        fixed = str(text).encode("utf-8", errors="surrogateescape").decode("utf-8", errors="replace")
+    if fixed != text:
+        repairs.append("invalid_utf8")
+    return fixed
+
+
+class Preprocessor:
+    """record -> example (tokens/targets/loss_mask, images [slots, H, W, 3]) or `{SKIP: reason}`."""
+
+    def __init__(self, config: ml_collections.ConfigDict, tokenizer: Tokenizer, format: str, training: bool):
+        data = config.data
+        self.format = format
+        self.training = training
+        self.tokenizer = tokenizer
+        self.template = data.template
+        self.template_options = dict(data.get("template_options", {}))
+        self.seq_len = int(data.seq_len)
+        self.max_images = int(data.max_images)
+        self.tokens_per_slot = int(config.model.get("image_tokens", 1))
+        self.image = data.image
+        window = data.get("interleaved", {})
+        self.window_tokens = int(window.get("max_tokens", self.seq_len))
+        self.window_images = int(window.get("max_images", self.max_images))
+        self.with_prefix_mask = templates.uses_prefix_mask(self.template)
+        placeholder, wrappers = templates.image_placeholder(self.template)
+        self.placeholder_id = tokenizer.token_id(placeholder)
+        self.wrapper_ids = tuple(tokenizer.token_id(w) for w in wrappers)
+
+    def __call__(self, record: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        repairs: list[str] = []
+        try:
+            record = self._clean(record, repairs)
+            slots_per_image, pixels = self._images(record, repairs, rng)
+            if self.format != "interleaved" and sum(slots_per_image) > self.max_images:
+                return {SKIP: "too_many_images"}
+            rendered = templates.render(
+                self.template,
+                self.tokenizer,
+                record,
+                [self.tokens_per_slot * k for k in slots_per_image],
+                **self.template_options,
+            )
+        except image_ops.BadImage as e:
+            return {SKIP: e.reason}
+        except UserError as e:
+            return {SKIP: getattr(e, "reason", "unrenderable")}
+        return self._fit(rendered, slots_per_image, pixels, repairs, rng)
+
+    def _clean(self, record: dict[str, Any], repairs: list[str]) -> dict[str, Any]:
+        record = dict(record)
+        if self.format == "pairs":
+            record["caption"] = _repair_text(record.get("caption", ""), repairs)
+        elif self.format == "llava":
+            record["conversations"] = [
+                {**t, "value": _repair_text(t.get("value", ""), repairs)} for t in record.get("conversations", [])
+            ]
+        else:
+            record["texts"] = [None if t is None else _repair_text(t, repairs) for t in record.get("texts", [])]
+        return record
+
+    def _images(self, record: dict[str, Any], repairs: list[str], rng) -> tuple[list[int], list[np.ndarray]]:
+        """Decodes and tiles every image; interleaved documents drop a bad image, other formats skip."""
+        slots_per_image, pixels, bad = [], [], []
+        for position, data in enumerate(record.get("images", [])):
+            if data is None:
+                continue
+            try:
+                tiles = self._tiles(image_ops.decode(data, max_aspect_ratio=float(self.image.max_aspect_ratio)), rng)
+            except image_ops.BadImage as e:
+                if self.format != "interleaved":
+                    raise
+                repairs.append(f"dropped_image/{e.reason}")
+                bad.append(position)
+                continue
+            slots_per_image.append(len(tiles))
+            pixels.extend(tiles)
+        if bad:  # the document goes on without the bad images
+            keep = [i for i in range(len(record["images"])) if i not in bad]
+            record["texts"] = [record["texts"][i] for i in keep]
+            record["images"] = [record["images"][i] for i in keep]
+        return slots_per_image, pixels
+
+    def _tiles(self, image: np.ndarray, rng) -> list[np.ndarray]:
+        mode, size = self.image.mode, int(self.image.size)
+        if mode == "fixed":
+            tiles = [image_ops.fixed_resolution(image, size, self.image.get("method", "bicubic"))]
+        elif mode == "internvl":
+            tiles = image_ops.internvl_tiles(
+                image, size, int(self.image.min_tiles), int(self.image.max_tiles), bool(self.image.use_thumbnail)
+            )
+        elif mode == "anyres":
+            tiles = image_ops.anyres_tiles(image, [tuple(p) for p in self.image.grid_pinpoints], size)
+        else:
+            raise UserError(f"data.image.mode {mode!r} is not one of fixed, internvl, anyres.")
+        return [image_ops.normalize(t, self.image.normalization) for t in tiles]
+
+    def _fit(self, rendered, slots_per_image, pixels, repairs, rng) -> dict[str, Any]:
+        ids, predict = np.asarray(rendered.ids), np.asarray(rendered.predict)
+        spans = fitting.image_spans(
+            ids, self.placeholder_id, [self.tokens_per_slot * k for k in slots_per_image], self.wrapper_ids
+        )
+        interleaved = self.format == "interleaved"
+        fitted = fitting.fit(
+            ids,
+            predict,
+            rendered.prefix_mask,
+            spans,
+            slots_per_image,
+            max_tokens=min(self.seq_len, self.window_tokens if interleaved else self.seq_len) + 1,
+            max_slots=min(self.max_images, self.window_images if interleaved else self.max_images),
+            rng=rng if interleaved else None,
+        )
+        if len(fitted.ids) < 2 or not fitted.predict[1:].any():
+            return {SKIP: "nothing_to_predict"}
+        if fitted.truncated and not interleaved:
+            repairs.append("truncated")
+        first_slot = np.cumsum([0] + slots_per_image)
+        kept_pixels = [pixels[s] for i in fitted.kept_images for s in range(first_slot[i], first_slot[i + 1])]
+        size = int(self.image.size)
+        example = {
+            "tokens": fitted.ids[:-1].astype(np.int32),
+            "targets": fitted.ids[1:].astype(np.int32),
+            "loss_mask": fitted.predict[1:].astype(np.float32),
+            "images": np.stack(kept_pixels) if kept_pixels else np.zeros((0, size, size, 3), np.float32),
+            REPAIRS: repairs,
+        }
+        if self.with_prefix_mask:
+            example["prefix_mask"] = fitted.prefix_mask[:-1]
+        return example
+
+
+def records_dataset(config: ml_collections.ConfigDict, source, process_index: int, process_count: int, repeat: bool):
+    """The shuffled, host-sharded (and repeated) MapDataset of records."""
+    ds = grain.MapDataset.source(source)
+    if config.data.get("shuffle", True):
+        ds = ds.shuffle(seed=int(config.seed))
+    ds = ds[process_index::process_count]
+    if repeat:
+        ds = ds.repeat(None)
+    return ds
+
+
+class GrainPipeline:
+    """Iterator of this host's batches (dicts of numpy arrays in the batch format); checkpointable."""
+
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        split: str,
+        process_index: int = 0,
+        process_count: int = 1,
+        repeat: bool | None = None,
+    ):
+        """`repeat` defaults to True for "train" (endless epochs) and False otherwise (one pass)."""
+        data = config.data
+        self.source = make_source(data, split)
+        self.tokenizer = Tokenizer(data.tokenizer)
+        training = split == "train"
+        preprocessor = Preprocessor(config, self.tokenizer, self.source.format, training)
+        ds = records_dataset(
+            config, self.source, process_index, process_count, repeat=training if repeat is None else repeat
+        )
+        ds = ds.random_map(preprocessor, seed=int(config.seed))
+        examples = CountSkips(ds.to_iter_dataset())
+        self.rows = pack(
+            examples,
+            int(data.seq_len),
+            int(data.max_images),
+            num_bins=int(data.get("packing_bins", 32)),
+            seed=int(config.seed),
+            with_prefix_mask=preprocessor.with_prefix_mask,
+        )
+        batches = self.rows.batch(config.batch_size // process_count, drop_remainder=True)
+        workers = int(data.get("worker_count", 0))
+        if workers:
+            batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+        self._iterator = iter(batches)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return next(self._iterator)
+
+    def get_state(self) -> dict[str, Any]:
+        return self._iterator.get_state()
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._iterator.set_state(state)
+
+    def stats(self) -> dict[str, int]:
+        """Records kept, skipped and repaired (per reason) so far on this host."""
+        return counts_of(self._iterator)
+
+
+def counts_of(iterator: grain.DatasetIterator) -> dict[str, int]:
+    """The CountSkips counters of a pipeline iterator.
+
+    Read live from the counting stage when it runs in this process; with Grain
+    worker processes, from the iterator state (summed over workers), which lags
+    by the examples the packer holds.
+    """
+    stack = [iterator]
+    while stack:
+        it = stack.pop()
+        if isinstance(it, CountSkipsIterator):
+            return dict(it.counts)
+        stack.extend(getattr(it, "_parents", ()))
+    totals: dict[str, int] = {}
+    for counts in _find_counts(iterator.get_state()):
+        for k, v in counts.items():
+            totals[k] = totals.get(k, 0) + int(v)
+    return totals
+
+
+def _find_counts(state: Any) -> list[dict[str, int]]:
+    """Every CountSkips counter dict inside an iterator state (one per worker process)."""
+    if isinstance(state, dict):
+        if "counts" in state and isinstance(state["counts"], dict):
+            return [state["counts"]]
+        return [c for v in state.values() for c in _find_counts(v)]
+    if isinstance(state, (list, tuple)):
+        return [c for v in state for c in _find_counts(v)]
+    return []
+
+
+def data_stats(config: ml_collections.ConfigDict, split: str = "train", max_rows: int | None = None) -> dict[str, Any]:
+    """One pass of the configured pipeline over `split`: counts, fill rates and speed (`vlm-jax data stats`)."""
+    import time
+
+    pipeline = GrainPipeline(config, split, repeat=False)
+    iterator = iter(pipeline.rows)
+    rows = tokens = slots = examples = 0
+    start = time.perf_counter()
+    for row in iterator:
+        rows += 1
+        tokens += int(np.count_nonzero(row["segment_ids"]))
+        slots += int(np.count_nonzero(row["image_segment_ids"]))
+        examples += int(row["segment_ids"].max())
+        if max_rows and rows >= max_rows:
+            break
+    seconds = time.perf_counter() - start
+    counts = counts_of(iterator)
+    seq_len, max_images = int(config.data.seq_len), int(config.data.max_images)
+    return {
+        "records": counts.get("records", 0) + sum(v for k, v in counts.items() if k.startswith("skipped/")),
+        "kept": counts.get("records", 0),
+        "skipped": {k.split("/", 1)[1]: v for k, v in counts.items() if k.startswith("skipped/")},
+        "repaired": {k.split("/", 1)[1]: v for k, v in counts.items() if k.startswith("repaired/")},
+        "rows": rows,
+        "token_fill": tokens / max(rows * seq_len, 1),
+        "image_slot_fill": slots / max(rows * max_images, 1),
+        "examples_per_row": examples / max(rows, 1),
+        "rows_per_s": rows / max(seconds, 1e-9),
+    }
