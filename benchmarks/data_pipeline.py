@@ -29,22 +29,30 @@ import numpy as np
 from PIL import Image
 
 from data_pipelines.pipeline import GrainPipeline
-from data_pipelines.tokenizer import train_tokenizer
+from data_pipelines.templates import render
+from data_pipelines.tokenizer import Tokenizer, train_tokenizer
 from vlm_jax.config_lib import ConfigDict, load_config
 
-WORDS = [f"w{i}" for i in range(300)]
+# Letter-only words, so that each is one SentencePiece token (digits would be split).
+WORDS = ["".join(chr(97 + (i // 26**k) % 26) for k in range(3)) for i in range(300)]
 
 
-def make_records(n: int, image_size: int, seed: int = 0) -> list[dict]:
+def make_records(n: int, image_size: int, tokenizer: Tokenizer, seed: int = 0) -> list[dict]:
+    """Captions whose rendered example (flamingo template, shifted) is 5..120 tokens long, uniformly."""
     rng = np.random.default_rng(seed)
     records = []
-    for i in range(n):
+    for _ in range(n):
         buffer = io.BytesIO()
         pixels = rng.integers(0, 255, (image_size, image_size, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(buffer, format="PNG")
-        # Flamingo template adds <image> and <|endofchunk|> (+ eos): 5..120 tokens in all.
-        words = rng.choice(WORDS, size=int(rng.integers(2, 118)))
-        records.append({"images": [buffer.getvalue()], "caption": " ".join(words)})
+        record = {"images": [buffer.getvalue()], "caption": ""}
+        target, words = int(rng.integers(5, 121)), []
+        while len(words) < 200:
+            words.append(str(rng.choice(WORDS)))
+            record["caption"] = " ".join(words)
+            if len(render("flamingo", tokenizer, record, 1).ids) - 1 >= target:
+                break
+        records.append(record)
     return records
 
 
@@ -80,11 +88,12 @@ def main(argv: list[str]) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         text = os.path.join(tmp, "words.txt")
+        rng = np.random.default_rng(0)
         with open(text, "w") as f:
-            for _ in range(200):
-                f.write(" ".join(np.random.default_rng(0).permutation(WORDS)) + "\n")
-        tokenizer = train_tokenizer([text], os.path.join(tmp, "spm"), vocab_size=600)
-        records = make_records(args.records, args.image_size)
+            for _ in range(2000):
+                f.write(" ".join(rng.choice(WORDS, size=12)) + "\n")
+        tokenizer = train_tokenizer([text], os.path.join(tmp, "spm"), vocab_size=400)
+        records = make_records(args.records, args.image_size, Tokenizer(tokenizer))
         config = pipeline_config(tokenizer, records, args.seq_len, args.batch_size)
 
         pipeline = GrainPipeline(config, "train")

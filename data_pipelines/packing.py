@@ -94,14 +94,14 @@ def pack(
 
 def _to_batch_format(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     out = {
-        "tokens": row["tokens"].astype(np.int32),
-        "targets": row["targets"].astype(np.int32),
-        "loss_mask": row["loss_mask"].astype(np.float32),
-        "segment_ids": row["tokens_segment_ids"].astype(np.int32),
-        "positions": row["tokens_positions"].astype(np.int32),
-        "images": row["images"].astype(np.float32),
-        "image_segment_ids": row["images_segment_ids"].astype(np.int32),
+        "tokens": np.asarray(row["tokens"], np.int32),
+        "targets": np.asarray(row["targets"], np.int32),
+        "loss_mask": np.asarray(row["loss_mask"], np.float32),
+        "segment_ids": np.asarray(row["tokens_segment_ids"], np.int32),
+        "positions": np.asarray(row["tokens_positions"], np.int32),
+        "images": np.asarray(row["images"], np.float32),
+        "image_segment_ids": np.asarray(row["images_segment_ids"], np.int32),
     }
     if "prefix_mask" in row:
-        out["prefix_mask"] = row["prefix_mask"].astype(bool)
+        out["prefix_mask"] = np.asarray(row["prefix_mask"], bool)
     return out

@@ -213,7 +213,10 @@ class GrainPipeline:
             config, self.source, process_index, process_count, repeat=training if repeat is None else repeat
         )
         ds = ds.random_map(preprocessor, seed=int(config.seed))
-        examples = CountSkips(ds.to_iter_dataset())
+        read = grain.ReadOptions(
+            num_threads=int(data.get("read_threads", 2)), prefetch_buffer_size=int(data.get("read_buffer", 64))
+        )
+        examples = CountSkips(ds.to_iter_dataset(read))
         self.rows = pack(
             examples,
             int(data.seq_len),

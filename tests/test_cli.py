@@ -157,3 +157,14 @@ def test_local_launcher_runs_a_config_on_emulated_devices(tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert "mesh {'data': 2}" in out.stderr and "step 2/2" in out.stderr
+
+
+def test_train_tokenizer_command_writes_a_loadable_model(corpus, tmp_path, capsys):
+    from data_pipelines.tokenizer import Tokenizer
+
+    prefix = str(tmp_path / "spm")
+    assert cli.main(["data", "train-tokenizer", "--input", corpus, "--out", prefix, "--vocab_size", "300"]) == 0
+    assert f"Wrote {prefix}.model" in capsys.readouterr().out
+    tokenizer = Tokenizer(prefix + ".model")
+    assert tokenizer.vocab_size == 300 and tokenizer.encode("<image>") == [tokenizer.token_id("<image>")]
+    assert cli.main(["data", "train-tokenizer", "--input", str(tmp_path / "none.txt"), "--out", prefix]) == 2
