@@ -163,8 +163,8 @@ def test_train_tokenizer_command_writes_a_loadable_model(corpus, tmp_path, capsy
     from data_pipelines.tokenizer import Tokenizer
 
     prefix = str(tmp_path / "spm")
-    assert cli.main(["data", "train-tokenizer", "--input", corpus, "--out", prefix, "--vocab_size", "300"]) == 0
+    assert cli.main(["data", "train-tokenizer", "--input", corpus, "--out", prefix, "--vocab_size", "420"]) == 0
     assert f"Wrote {prefix}.model" in capsys.readouterr().out
     tokenizer = Tokenizer(prefix + ".model")
-    assert tokenizer.vocab_size == 300 and tokenizer.encode("<image>") == [tokenizer.token_id("<image>")]
+    assert tokenizer.vocab_size == 420 and tokenizer.encode("<image>") == [tokenizer.token_id("<image>")]
     assert cli.main(["data", "train-tokenizer", "--input", str(tmp_path / "none.txt"), "--out", prefix]) == 2
