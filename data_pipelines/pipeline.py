@@ -117,7 +117,11 @@ class Preprocessor:
             if data is None:
                 continue
             try:
-                tiles = self._tiles(image_ops.decode(data, max_aspect_ratio=float(self.image.max_aspect_ratio)), rng)
+                if isinstance(data, (list, tuple)):  # a video: encoded frames
+                    tiles = self._frames(data, rng)
+                else:
+                    image = image_ops.decode(data, max_aspect_ratio=float(self.image.max_aspect_ratio))
+                    tiles = self._tiles(image, rng)
             except image_ops.BadImage as e:
                 if self.format != "interleaved":
                     raise
@@ -131,6 +135,21 @@ class Preprocessor:
             record["texts"] = [record["texts"][i] for i in keep]
             record["images"] = [record["images"][i] for i in keep]
         return slots_per_image, pixels
+
+    def _frames(self, frames: list[bytes], rng) -> list[np.ndarray]:
+        """`data.video_frames` frames by uniform segment sampling (random within segments when training)."""
+        indices = image_ops.sample_frame_indices(
+            len(frames), int(self.image.get("video_frames", 8)), rng if self.training else None
+        )
+        size, method = int(self.image.size), self.image.get("method", "bicubic")
+        max_ratio = float(self.image.max_aspect_ratio)
+        return [
+            image_ops.normalize(
+                image_ops.fixed_resolution(image_ops.decode(frames[i], max_aspect_ratio=max_ratio), size, method),
+                self.image.normalization,
+            )
+            for i in indices
+        ]
 
     def _tiles(self, image: np.ndarray, rng) -> list[np.ndarray]:
         mode, size = self.image.mode, int(self.image.size)

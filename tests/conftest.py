@@ -6,6 +6,7 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_p
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import random  # noqa: E402
+import struct  # noqa: E402
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -89,3 +90,20 @@ def spm_tokenizer(spm_model_path):
     from data_pipelines.tokenizer import Tokenizer
 
     return Tokenizer(spm_model_path)
+
+
+def read_tensorboard_scalars(logdir):
+    """{tag: {step: value}} from the TFRecord-framed event files (8-byte length, CRCs, Event proto)."""
+    from tensorboardX.proto import event_pb2
+
+    scalars = {}
+    for name in os.listdir(logdir):
+        data = open(os.path.join(logdir, name), "rb").read()
+        i = 0
+        while i < len(data):
+            (n,) = struct.unpack("<Q", data[i : i + 8])
+            event = event_pb2.Event.FromString(data[i + 12 : i + 12 + n])
+            i += 12 + n + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+    return scalars

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, tiny_lm
+from conftest import REPO, read_tensorboard_scalars, tiny_lm
 from data_pipelines import convert, image_ops
 from data_pipelines.pipeline import GrainPipeline, data_stats, records_dataset
 from data_pipelines.sources import ListSource
@@ -278,6 +278,8 @@ def test_lm_trains_on_grain_batches_and_the_checkpoint_carries_the_iterator(spm_
     )
     result = trainer.train(config, str(tmp_path / "run"))
     assert result.step == 4 and np.isfinite(result.metrics["loss"])
+    scalars = read_tensorboard_scalars(str(tmp_path / "run" / "tensorboard"))
+    assert scalars["data/records"][4] >= 8  # the pipeline's counts reach the training metrics
 
     fresh = GrainPipeline(config, "train")
     want = [next(fresh) for _ in range(4)][2:]
@@ -289,3 +291,33 @@ def test_lm_trains_on_grain_batches_and_the_checkpoint_carries_the_iterator(spm_
         got = next(resumed)
         for k in expected:
             np.testing.assert_array_equal(got[k], expected[k])
+
+
+def test_anyres_and_video_become_one_slot_per_patch_or_frame(spm_model_path, spm_tokenizer):
+    tall = {"images": [png(90, size=(16, 32))], "caption": "a tall picture"}
+    config = config_for([tall] * 3, spm_model_path, seq_len=128, max_images=8)
+    config.data.image = ConfigDict(
+        dict(
+            mode="anyres",
+            size=SIZE,
+            grid_pinpoints=[[16, 8], [8, 16], [16, 16]],
+            normalization="clip",
+            max_aspect_ratio=20.0,
+        )
+    )
+    row = next(iter(GrainPipeline(config, "train").rows))
+    placeholder = spm_tokenizer.token_id("<image>")
+    # Best fit for 32x16 (h x w) among the pinpoints is 16x8: base image + 2x1 patches.
+    assert image_ops.select_best_resolution((32, 16), [(16, 8), (8, 16), (16, 16)]) == (16, 8)
+    for s in range(1, int(row["segment_ids"].max()) + 1):
+        assert (row["image_segment_ids"] == s).sum() == 3
+        assert (row["tokens"][row["segment_ids"] == s] == placeholder).sum() == 2 * 3
+
+    video = {"images": [[png(10 * f) for f in range(10)]], "caption": "a short video"}
+    config = config_for([video] * 3, spm_model_path, seq_len=128, max_images=8)
+    config.data.image.video_frames = 4
+    row = next(iter(GrainPipeline(config, "validation").rows))
+    frames = row["images"][row["image_segment_ids"] == 1]
+    # Evaluation takes the middle frame of each of 4 segments of 10 frames: 1, 3, 6, 8.
+    assert [red_value(f) for f in frames] == [10 * i for i in image_ops.sample_frame_indices(10, 4)]
+    assert (row["tokens"][row["segment_ids"] == 1] == placeholder).sum() == 2 * 4

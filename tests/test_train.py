@@ -4,7 +4,6 @@ import os
 import re
 import shutil
 import signal
-import struct
 
 import jax
 import numpy as np
@@ -13,7 +12,7 @@ from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 
 import data_pipelines
-from conftest import tiny_lm
+from conftest import read_tensorboard_scalars, tiny_lm
 from vlm_jax import sharding
 from vlm_jax.config_lib import ConfigError
 from vlm_jax.train import trainer as trainer_lib
@@ -125,23 +124,6 @@ def test_frozen_params_are_bit_identical_and_hold_no_optimizer_state():
     }
     assert not any(p.startswith("embed/") or p.startswith("layers/mlp/") for p in opt_paths)
     assert any(p.startswith("layers/attn/") for p in opt_paths)
-
-
-def read_tensorboard_scalars(logdir):
-    """{tag: {step: value}} from the TFRecord-framed event files (8-byte length, CRCs, Event proto)."""
-    from tensorboardX.proto import event_pb2
-
-    scalars = {}
-    for name in os.listdir(logdir):
-        data = open(os.path.join(logdir, name), "rb").read()
-        i = 0
-        while i < len(data):
-            (n,) = struct.unpack("<Q", data[i : i + 8])
-            event = event_pb2.Event.FromString(data[i + 12 : i + 12 + n])
-            i += 12 + n + 4
-            for value in event.summary.value:
-                scalars.setdefault(value.tag, {})[event.step] = value.simple_value
-    return scalars
 
 
 def test_training_lowers_the_loss_and_writes_logs(trained_lm):
