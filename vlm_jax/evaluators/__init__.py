@@ -1,0 +1,1 @@
+"""Evaluation metrics and evaluators, shared by `vlm-jax eval` and periodic evaluation in training."""

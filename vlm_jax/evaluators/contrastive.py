@@ -1,0 +1,45 @@
+"""Zero-shot classification and image<->text retrieval from (L2-normalised) embeddings."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def retrieval_recall(
+    image_embeds: np.ndarray, text_embeds: np.ndarray, text_to_image: np.ndarray, ks: tuple[int, ...] = (1, 5, 10)
+) -> dict[str, float]:
+    """Recall@k in both directions; text i describes image `text_to_image[i]` (several texts per image allowed).
+
+    image->text: an image counts as found at k if any of its texts is among its
+    k most similar texts; text->image: if its image is among the k most
+    similar images.
+    """
+    sims = np.asarray(image_embeds, np.float64) @ np.asarray(text_embeds, np.float64).T  # [images, texts]
+    text_to_image = np.asarray(text_to_image)
+    metrics = {}
+    # Rank of the best matching text for each image.
+    order = np.argsort(-sims, axis=1, kind="stable")
+    matches = text_to_image[order] == np.arange(sims.shape[0])[:, None]
+    first_hit = matches.argmax(axis=1)
+    # Rank of the right image for each text.
+    image_order = np.argsort(-sims.T, axis=1, kind="stable")
+    image_rank = (image_order == text_to_image[:, None]).argmax(axis=1)
+    for k in ks:
+        metrics[f"i2t_recall@{k}"] = float(np.mean(first_hit < k))
+        metrics[f"t2i_recall@{k}"] = float(np.mean(image_rank < k))
+    return metrics
+
+
+def class_embeddings(prompt_embeds: np.ndarray) -> np.ndarray:
+    """[classes, prompts, dim] -> [classes, dim]: CLIP's prompt ensemble (mean of normalised embeddings, renormalised)."""
+    e = np.asarray(prompt_embeds, np.float64)
+    e = e / np.linalg.norm(e, axis=-1, keepdims=True)
+    mean = e.mean(axis=1)
+    return mean / np.linalg.norm(mean, axis=-1, keepdims=True)
+
+
+def zero_shot_accuracy(image_embeds: np.ndarray, class_embeds: np.ndarray, labels: np.ndarray, ks=(1, 5)) -> dict:
+    """Top-k accuracy of classifying each image as its most similar class embedding."""
+    sims = np.asarray(image_embeds, np.float64) @ np.asarray(class_embeds, np.float64).T
+    order = np.argsort(-sims, axis=1, kind="stable")
+    hits = order == np.asarray(labels)[:, None]
+    return {f"top{k}": float(hits[:, :k].any(axis=1).mean()) for k in ks if k <= sims.shape[1]}
