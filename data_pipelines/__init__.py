@@ -33,6 +33,7 @@ class BatchIterator(Protocol):
 PIPELINES = {
     "synthetic_lm": "data_pipelines.synthetic:SyntheticTokens",
     "grain": "data_pipelines.pipeline:GrainPipeline",
+    "pairs": "data_pipelines.pairs:PairsPipeline",
 }
 
 

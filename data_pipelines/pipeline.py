@@ -45,7 +45,7 @@ def make_source(data: ml_collections.ConfigDict, split: str):
     raise UserError(f"data.source {kind!r} is not one of array_record, tfds, memory.")
 
 
-def _repair_text(text: Any, repairs: list[str]) -> str:
+def repair_text(text: Any, repairs: list[str]) -> str:
     """Valid UTF-8 text: bytes or undecodable characters become U+FFFD (counted as `invalid_utf8`)."""
     if isinstance(text, bytes):
         fixed = text.decode("utf-8", errors="replace")
@@ -101,13 +101,13 @@ class Preprocessor:
     def _clean(self, record: dict[str, Any], repairs: list[str]) -> dict[str, Any]:
         record = dict(record)
         if self.format == "pairs":
-            record["caption"] = _repair_text(record.get("caption", ""), repairs)
+            record["caption"] = repair_text(record.get("caption", ""), repairs)
         elif self.format == "llava":
             record["conversations"] = [
-                {**t, "value": _repair_text(t.get("value", ""), repairs)} for t in record.get("conversations", [])
+                {**t, "value": repair_text(t.get("value", ""), repairs)} for t in record.get("conversations", [])
             ]
         else:
-            record["texts"] = [None if t is None else _repair_text(t, repairs) for t in record.get("texts", [])]
+            record["texts"] = [None if t is None else repair_text(t, repairs) for t in record.get("texts", [])]
         return record
 
     def _images(self, record: dict[str, Any], repairs: list[str], rng) -> tuple[list[int], list[np.ndarray]]:

@@ -1,4 +1,5 @@
 """Retrieval recall and zero-shot accuracy on hand-made embeddings with known answers."""
+
 import numpy as np
 import pytest
 

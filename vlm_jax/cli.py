@@ -1,7 +1,9 @@
 """The `vlm-jax` command.
 
     vlm-jax train   --config configs/X.py[:arg] --workdir DIR [--config.key=value ...]
+    vlm-jax eval    --config configs/X.py[:arg] --workdir DIR [--checkpoint STEP]
     vlm-jax forward --checkpoint DIR --inputs IN.npz --out OUT.npz
+    vlm-jax convert-hf --hf_dir DIR --out DIR
     vlm-jax data    build --format pairs|llava|interleaved --input FILE --out DIR
     vlm-jax data    stats --config CONFIG [--data DIR]
     vlm-jax data    train-tokenizer --input FILE [FILE ...] --out PREFIX --vocab_size N
@@ -21,7 +23,9 @@ USAGE = """usage: vlm-jax COMMAND [flags]
 
 commands:
   train     train a config in a workdir (resumes from its latest checkpoint)
+  eval      run a config's evaluators on a checkpoint of its workdir
   forward   run a checkpoint on inputs from an .npz file and write the outputs to another
+  convert-hf  import a transformers (CLIP, SigLIP) or timm (NFNet) directory as a vlm_jax checkpoint
   data      build (user JSONL -> ArrayRecord), stats (run the pipeline), train-tokenizer
 
 `vlm-jax COMMAND --help` lists a command's flags."""
@@ -75,6 +79,37 @@ def cmd_train(argv: list[str]) -> int:
     if result.stopped_by_signal is not None:
         return 128 + result.stopped_by_signal
     print(f"Outputs (checkpoints, config.json, TensorBoard logs) are in {os.path.abspath(fv.workdir)}")
+    return 0
+
+
+def cmd_eval(argv: list[str]) -> int:
+    """`vlm-jax eval`: the evaluators of a config on a checkpoint of its workdir."""
+    if "--help" in argv or "-h" in argv:
+        print(
+            "usage: vlm-jax eval --config configs/X.py[:arg] --workdir DIR [--checkpoint STEP] [--config.key=value ...]"
+        )
+        return 0
+    fv = _parse_config_flags(
+        argv, {"workdir": "the training workdir", "checkpoint": "step to evaluate (default: latest)"}
+    )
+    if not fv.workdir:
+        raise SystemExit("vlm-jax eval: --workdir is required.")
+    import json
+
+    from vlm_jax.train import trainer
+    from vlm_jax.train.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(fv.workdir, async_save=False)
+    step = int(fv.checkpoint) if fv.checkpoint else ckpt.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"{fv.workdir} holds no complete checkpoint.")
+    run = trainer.Trainer(fv.config)
+    state, _ = ckpt.restore(step, run.abstract_state)
+    ckpt.close()
+    metrics = trainer.evaluate(run, state.params)
+    for k, v in metrics.items():
+        print(f"{k}: {v:.4f}")
+    print(json.dumps({"step": step, **metrics}))
     return 0
 
 
@@ -164,7 +199,26 @@ def cmd_data(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "forward": cmd_forward, "data": cmd_data}
+def cmd_convert_hf(argv: list[str]) -> int:
+    """`vlm-jax convert-hf`: transformers / timm directory -> vlm_jax checkpoint."""
+    parser = argparse.ArgumentParser(prog="vlm-jax convert-hf", description="Imports a public checkpoint directory.")
+    parser.add_argument("--hf_dir", required=True, help="config.json + *.safetensors (transformers or timm format)")
+    parser.add_argument("--out", required=True, help="output directory (readable by --checkpoint)")
+    args = parser.parse_args(argv)
+    from vlm_jax.interop.convert import convert
+
+    config = convert(args.hf_dir, args.out)
+    print(f"Converted {args.hf_dir} ({config.model.name}) to {os.path.abspath(args.out)}")
+    return 0
+
+
+COMMANDS = {
+    "train": cmd_train,
+    "eval": cmd_eval,
+    "forward": cmd_forward,
+    "convert-hf": cmd_convert_hf,
+    "data": cmd_data,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -179,8 +179,7 @@ def logical_names(tree: Any) -> Any:
 
 def data_parallel_size(mesh: Mesh, rules: Rules) -> int:
     """How many ways the global batch is split: the mesh axes that 'batch' maps to."""
-    spec = resolve(("batch",), rules, mesh)
-    return math.prod(mesh.shape[a] for a in _as_axes(spec[0]))
+    return math.prod(mesh.shape[a] for a in batch_axes(mesh, rules))
 
 
 def batch_sharding(mesh: Mesh, rules: Rules, ndim: int) -> NamedSharding:
@@ -199,6 +198,16 @@ def use_rules(mesh: Mesh, rules: Rules):
         yield
     finally:
         _ACTIVE.reset(token)
+
+
+def active() -> tuple[Mesh, Rules] | None:
+    """The (mesh, rules) of the enclosing `use_rules`, or None outside one."""
+    return _ACTIVE.get()
+
+
+def batch_axes(mesh: Mesh, rules: Rules) -> tuple[str, ...]:
+    """The mesh axes the batch dimension is split over."""
+    return _as_axes(resolve(("batch",), rules, mesh)[0])
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:

@@ -1,4 +1,5 @@
 """Zero-shot classification and image<->text retrieval from (L2-normalised) embeddings."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -47,3 +47,6 @@ class System:
     def forward(self, params: Any, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """`vlm-jax forward`: transformers-style inputs -> named outputs (e.g. logits)."""
         raise NotImplementedError
+
+    # Optional: `evaluate(trainer, params) -> dict[str, float]`, the system's own evaluators
+    # (retrieval, zero-shot, ...), run by `vlm-jax eval` and every `eval_every` steps.

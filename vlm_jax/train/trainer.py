@@ -211,7 +211,7 @@ class _StopOnSignal:
 
 
 def evaluate(trainer: Trainer, params: Any) -> dict[str, float]:
-    """Loss and metrics over `config.eval_steps` batches of the validation split (same batches every time)."""
+    """Loss and metrics over `config.eval_steps` validation batches (the same every time), plus the system's own evaluators."""
     config = trainer.config
     data = data_pipelines.build(config, "validation", jax.process_index(), jax.process_count())
     totals: dict[str, float] = {}
@@ -220,7 +220,10 @@ def evaluate(trainer: Trainer, params: Any) -> dict[str, float]:
         for k, v in sums.items():
             totals[k] = totals.get(k, 0.0) + float(v)
     weight = max(totals.pop("weight"), 1e-9)
-    return {k: v / weight for k, v in totals.items()}
+    metrics = {k: v / weight for k, v in totals.items()}
+    if hasattr(trainer.system, "evaluate"):
+        metrics.update(trainer.system.evaluate(trainer, params))
+    return metrics
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:

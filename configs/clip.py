@@ -1,0 +1,96 @@
+"""CLIP: a ViT image tower and a causal text transformer trained with the softmax contrastive loss.
+
+Variants (`--config configs/clip.py:variant=NAME`):
+  tiny   a few hundred thousand params on the procedural shapes dataset; trains in a minute on a CPU
+  B/16   CLIP ViT-B/16 (Radford et al. 2021): image ViT-B/16 at 224, text 12 x 512, embed 512
+  L/14   CLIP ViT-L/14: image ViT-L/14 at 224, text 12 x 768, embed 768
+"""
+
+import math
+
+from vlm_jax import sharding
+from vlm_jax.config_lib import ConfigDict, ConfigError, parse_arg
+
+# (vision variant, image size, text width, text depth, text heads, embed dim)
+PAPER = {"B/16": ("B/16", 224, 512, 12, 8, 512), "L/14": ("L/14", 224, 768, 12, 12, 768)}
+
+
+def get_config(arg=None):
+    arg = parse_arg(arg, variant="tiny")
+    c = ConfigDict()
+    c.seed = 0
+    c.mesh = "data=-1,fsdp=1,tensor=1"
+    c.logical_axis_rules = sharding.DEFAULT_RULES
+    c.grad_accum_steps = 1
+    c.log_every = 20
+    c.checkpoint_every = 200
+    c.keep_checkpoints = 2
+    c.eval_every = 100
+    c.eval_steps = 2
+    c.eval_examples = 256
+    c.peak_tflops = 0.0
+    if arg.variant == "tiny":
+        c.total_steps, c.batch_size = 300, 64
+        vision = dict(width=48, depth=2, num_heads=3, mlp_dim=96, patch_size=8, image_size=32)
+        text = dict(vocab_size=384, width=48, depth=2, num_heads=3, mlp_dim=96, max_len=16, eos_token_id=3)
+        embed_dim = 32
+    elif arg.variant in PAPER:
+        variant, size, width, depth, heads, embed_dim = PAPER[arg.variant]
+        c.total_steps, c.batch_size = 100_000, 32_768
+        vision = dict(variant=variant, image_size=size)
+        text = dict(
+            vocab_size=49408,
+            width=width,
+            depth=depth,
+            num_heads=heads,
+            mlp_dim=4 * width,
+            max_len=77,
+            eos_token_id=49407,
+        )
+    else:
+        raise ConfigError(f"variant {arg.variant!r} is not one of tiny, {', '.join(PAPER)}.")
+    c.model = ConfigDict(
+        dict(
+            name="dual_encoder",
+            loss="softmax",
+            projection="clip",
+            embed_dim=embed_dim,
+            logit_scale_init=math.log(1 / 0.07),
+            logit_bias_init=None,
+            vision=dict(vision, pool="cls", pre_norm=True, mlp_act="quick_gelu", norm_eps=1e-5, posemb="learn"),
+            text=dict(text, causal=True, pool="eos", mlp_act="quick_gelu", norm_eps=1e-5),
+        )
+    )
+    c.data = ConfigDict(
+        dict(
+            name="pairs",
+            source="shapes",
+            train_size=8192,
+            validation_size=512,
+            dataset_seed=0,
+            raw_size=32,
+            image_size=vision["image_size"],
+            text_len=text["max_len"],
+            normalization="clip",
+            tokenizer="",  # "" = the shapes dataset's own SentencePiece model
+        )
+    )
+    c.optim = ConfigDict(
+        dict(
+            name="adamw",
+            lr=2e-3 if arg.variant == "tiny" else 5e-4,
+            schedule="cosine",
+            warmup_steps=20,
+            min_lr_ratio=0.0,
+            b1=0.9,
+            b2=0.98,
+            eps=1e-6,
+            weight_decay=0.1,
+            wd_exclude=(),
+            clip_norm=1.0,
+            agc_clip=0.0,
+            freeze=(),
+            lr_mults=(),
+        )
+    )
+    return c

@@ -1,0 +1,92 @@
+"""SigLIP: a ViT image tower with a MAP head and a text transformer, trained with the sigmoid loss.
+
+The loss starts at t = exp(log 10), b = -10 (Zhai et al. 2023) and, with
+`model.chunked_loss`, runs as a ring over the data-parallel devices so the
+global B x B logits never exist.
+
+Variants (`--config configs/siglip.py:variant=NAME`):
+  tiny       a few hundred thousand params on the procedural shapes dataset
+  B/16       SigLIP B/16 at 224: text 12 x 768, embed 768
+  So400m/14  SigLIP So400m/14 at 384: text 27 x 1152 (MLP 4304), embed 1152
+"""
+
+import math
+
+from vlm_jax import sharding
+from vlm_jax.config_lib import ConfigDict, ConfigError, parse_arg
+
+# (vision variant, image size, text width, text depth, text heads, text mlp)
+PAPER = {"B/16": ("B/16", 224, 768, 12, 12, 3072), "So400m/14": ("So400m/14", 384, 1152, 27, 16, 4304)}
+
+
+def get_config(arg=None):
+    arg = parse_arg(arg, variant="tiny")
+    c = ConfigDict()
+    c.seed = 0
+    c.mesh = "data=-1,fsdp=1,tensor=1"
+    c.logical_axis_rules = sharding.DEFAULT_RULES
+    c.grad_accum_steps = 1
+    c.log_every = 20
+    c.checkpoint_every = 200
+    c.keep_checkpoints = 2
+    c.eval_every = 100
+    c.eval_steps = 2
+    c.eval_examples = 256
+    c.peak_tflops = 0.0
+    if arg.variant == "tiny":
+        c.total_steps, c.batch_size = 300, 64
+        vision = dict(width=48, depth=2, num_heads=3, mlp_dim=96, patch_size=8, image_size=32)
+        text = dict(vocab_size=384, width=48, depth=2, num_heads=3, mlp_dim=96, max_len=16)
+    elif arg.variant in PAPER:
+        variant, size, width, depth, heads, mlp = PAPER[arg.variant]
+        c.total_steps, c.batch_size = 100_000, 32_768
+        vision = dict(variant=variant, image_size=size)
+        text = dict(vocab_size=32000, width=width, depth=depth, num_heads=heads, mlp_dim=mlp, max_len=64)
+    else:
+        raise ConfigError(f"variant {arg.variant!r} is not one of tiny, {', '.join(PAPER)}.")
+    c.model = ConfigDict(
+        dict(
+            name="dual_encoder",
+            loss="sigmoid",
+            chunked_loss=True,
+            projection="siglip",
+            embed_dim=text["width"],
+            logit_scale_init=math.log(10.0),
+            logit_bias_init=-10.0,
+            vision=dict(vision, pool="map", pre_norm=False, mlp_act="gelu_tanh", norm_eps=1e-6, posemb="learn"),
+            text=dict(text, causal=False, pool="last", head=text["width"], mlp_act="gelu_tanh", norm_eps=1e-6),
+        )
+    )
+    c.data = ConfigDict(
+        dict(
+            name="pairs",
+            source="shapes",
+            train_size=8192,
+            validation_size=512,
+            dataset_seed=0,
+            raw_size=32,
+            image_size=vision["image_size"],
+            text_len=text["max_len"],
+            normalization="siglip",
+            tokenizer="",  # "" = the shapes dataset's own SentencePiece model
+        )
+    )
+    c.optim = ConfigDict(
+        dict(
+            name="adamw",
+            lr=2e-3 if arg.variant == "tiny" else 1e-3,
+            schedule="cosine",
+            warmup_steps=20,
+            min_lr_ratio=0.0,
+            b1=0.9,
+            b2=0.95,
+            eps=1e-8,
+            weight_decay=1e-4,
+            wd_exclude=(),
+            clip_norm=1.0,
+            agc_clip=0.0,
+            freeze=(),
+            lr_mults=(),
+        )
+    )
+    return c

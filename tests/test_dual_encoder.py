@@ -1,0 +1,46 @@
+"""Tiny CLIP and SigLIP train through the trainer on the 8-device mesh: loss falls, held-out retrieval improves."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import REPO
+from data_pipelines.pairs import PairsPipeline
+from vlm_jax.config_lib import load_config
+from vlm_jax.train import trainer as trainer_lib
+
+
+@pytest.mark.parametrize("name", ["clip", "siglip"])
+def test_tiny_dual_encoder_learns_and_retrieval_improves(name, tmp_path):
+    config = load_config(os.path.join(REPO, f"configs/{name}.py:variant=tiny"))
+    config.mesh = "data=8"
+    config.total_steps, config.log_every, config.eval_every, config.checkpoint_every = 120, 40, 0, 0
+    config.eval_examples, config.peak_tflops = 256, 1.0
+    run = trainer_lib.Trainer(config)
+    before = trainer_lib.evaluate(run, run.init(jax.random.key(config.seed)).params)
+    result = trainer_lib.train(config, str(tmp_path))
+    _, state = result.step, None
+    from vlm_jax.train.checkpoint import Checkpointer
+
+    state, _ = Checkpointer(str(tmp_path)).restore(result.step, run.abstract_state)
+    after = trainer_lib.evaluate(run, state.params)
+    assert after["loss"] < 0.8 * before["loss"], (before, after)
+    # Held-out pairs (the validation split is drawn from other seeds): recall@5 well above chance (5/256).
+    assert after["i2t_recall@5"] > max(3 * before["i2t_recall@5"], 0.1), (before, after)
+    assert after["t2i_recall@5"] > max(3 * before["t2i_recall@5"], 0.1), (before, after)
+
+
+def test_pairs_pipeline_batches_and_resume():
+    config = load_config(os.path.join(REPO, "configs/siglip.py:variant=tiny"))
+    config.batch_size = 8
+    a = PairsPipeline(config, "train")
+    batches = [next(a) for _ in range(3)]
+    assert batches[0]["images"].shape == (8, 32, 32, 3) and batches[0]["texts"].shape == (8, 16)
+    assert batches[0]["images"].min() >= -1 and batches[0]["images"].max() <= 1  # siglip normalisation
+    b = PairsPipeline(config, "train")
+    next(b)
+    c = PairsPipeline(config, "train")
+    c.set_state(b.get_state())
+    np.testing.assert_array_equal(next(c)["texts"], batches[1]["texts"])

@@ -1,0 +1,1 @@
+"""Vision and text encoders (ViT family, text transformers, two-tower dual encoders)."""

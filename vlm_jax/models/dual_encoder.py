@@ -1,0 +1,140 @@
+"""CLIP and SigLIP image-text dual encoders as a trainable system (`model.name = "dual_encoder"`).
+
+Batch: `images` [B, H, W, 3] and `texts` [B, Lt] (see data_pipelines/pairs.py).
+`model.loss` is "softmax" (CLIP: symmetric cross-entropy, learned
+temperature) or "sigmoid" (SigLIP: t = exp(t'), t' = log 10, b = -10 at
+init). With `model.chunked_loss` the sigmoid loss runs as a ring over the
+data-parallel mesh axes and never builds the global B x B logits.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vlm_jax import losses, sharding
+from vlm_jax.config_lib import ConfigError
+from vlm_jax.encoders.two_tower import TwoTower
+from vlm_jax.encoders.vit import ViT
+from vlm_jax.errors import UserError
+from vlm_jax.models import register
+from vlm_jax.models.base import System
+
+LOSSES = ("softmax", "sigmoid")
+
+
+@register("dual_encoder")
+class DualEncoder(System):
+    """Image and text towers trained so that matching pairs score highest."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        m = config.model
+        if m.loss not in LOSSES:
+            raise ConfigError(f"model.loss {m.loss!r} is not one of {', '.join(LOSSES)}.")
+        self.module = TwoTower(
+            vision=m.vision.to_dict(),
+            text=m.text.to_dict(),
+            embed_dim=int(m.embed_dim),
+            projection=m.projection,
+            logit_scale_init=float(m.logit_scale_init),
+            logit_bias_init=None if m.get("logit_bias_init") is None else float(m.logit_bias_init),
+        )
+        self.image_size = int(m.vision.image_size)
+        self.text_len = int(m.text.max_len)
+
+    def dummy_batch(self, batch_size: int) -> dict[str, np.ndarray]:
+        return {
+            "images": np.zeros((batch_size, self.image_size, self.image_size, 3), np.float32),
+            "texts": np.ones((batch_size, self.text_len), np.int32),
+        }
+
+    def init(self, rng, batch):
+        return self.module.init(rng, batch["images"], batch["texts"])["params"]
+
+    def embed(self, params, batch) -> dict[str, jax.Array]:
+        """image_embeds, text_embeds (L2-normalised), logit_scale, logit_bias."""
+        return self.module.apply({"params": params}, batch["images"], batch["texts"])
+
+    def loss(self, params, batch):
+        out = self.embed(params, batch)
+        img, txt, scale = out["image_embeds"], out["text_embeds"], out["logit_scale"]
+        if self.config.model.loss == "softmax":
+            loss = losses.softmax_contrastive(img, txt, scale)
+        else:
+            active = sharding.active()
+            if self.config.model.get("chunked_loss", True) and active is not None:
+                mesh, rules = active
+                axes = sharding.batch_axes(mesh, rules)
+                loss = losses.chunked_sigmoid_loss(img, txt, scale, out["logit_bias"], mesh, axes)
+            else:
+                loss = losses.sigmoid_loss(img, txt, scale, out["logit_bias"])
+        # In-batch image->text top-1 accuracy; O(B * dim) memory via the argmax of each row.
+        best = jnp.argmax(img @ txt.T, axis=1)
+        accuracy = jnp.mean((best == jnp.arange(img.shape[0])).astype(jnp.float32))
+        metrics = {"accuracy": accuracy, "temperature": scale}
+        if out["logit_bias"] is not None:
+            metrics["bias"] = out["logit_bias"]
+        return loss, jnp.ones((), jnp.float32), metrics
+
+    def flops_per_example(self) -> float:
+        """3x forward: 2 x (matmul weights x tokens through them) + attention scores, for both towers."""
+        v = ViT(**self.config.model.vision.to_dict()).shape()
+        t = self.config.model.text
+        patches = (self.image_size // v["patch_size"]) ** 2 + 1
+        vision = patches * (
+            v["depth"] * (4 * v["width"] ** 2 + 2 * v["width"] * v["mlp_dim"] + 2 * patches * v["width"])
+            + 3 * v["patch_size"] ** 2 * v["width"]
+        )
+        text = self.text_len * t.depth * (4 * t.width**2 + 2 * t.width * t.mlp_dim + 2 * self.text_len * t.width)
+        return 3.0 * 2.0 * (vision + text)
+
+    def tokens_in(self, batch):
+        return int(np.count_nonzero(batch["texts"]))
+
+    def forward(self, params, inputs):
+        """transformers-style inputs (pixel_values NCHW, input_ids[, attention_mask]) -> embeddings and logits."""
+        missing = [k for k in ("pixel_values", "input_ids") if k not in inputs]
+        if missing:
+            raise UserError(
+                f"the inputs have no {', '.join(missing)} (found: {', '.join(sorted(inputs)) or 'nothing'})."
+            )
+        pixels = np.asarray(inputs["pixel_values"], np.float32)
+        if pixels.ndim != 4 or pixels.shape[1] != 3:
+            raise UserError(f"pixel_values must be [batch, 3, height, width]; got shape {pixels.shape}.")
+        ids = np.asarray(inputs["input_ids"], np.int32)
+        mask = inputs.get("attention_mask")
+
+        def run(params, images, ids, mask):
+            return self.module.apply({"params": params}, images, ids, mask)
+
+        out = jax.jit(run)(params, pixels.transpose(0, 2, 3, 1), ids, None if mask is None else np.asarray(mask))
+        logits = out["logit_scale"] * out["image_embeds"] @ out["text_embeds"].T
+        if out["logit_bias"] is not None:
+            logits = logits + out["logit_bias"]
+        return {
+            "image_embeds": np.asarray(out["image_embeds"]),
+            "text_embeds": np.asarray(out["text_embeds"]),
+            "logits_per_image": np.asarray(logits),
+            "logits_per_text": np.asarray(logits).T,
+        }
+
+    def evaluate(self, trainer, params) -> dict[str, float]:
+        """Retrieval recall@1/5/10 on `config.eval_examples` validation pairs."""
+        from data_pipelines import build as build_data
+        from vlm_jax.evaluators.contrastive import retrieval_recall
+
+        config = trainer.config
+        data = build_data(config, "validation", jax.process_index(), jax.process_count())
+        steps = max(1, math.ceil(int(config.get("eval_examples", 256)) / config.batch_size))
+        embed = jax.jit(lambda p, b: self.embed(p, b))
+        images, texts = [], []
+        for _ in range(steps):
+            out = jax.device_get(embed(params, trainer.put_batch(next(data))))
+            images.append(out["image_embeds"])
+            texts.append(out["text_embeds"])
+        images, texts = np.concatenate(images), np.concatenate(texts)
+        return retrieval_recall(images, texts, np.arange(len(texts)))
