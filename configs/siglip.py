@@ -44,6 +44,19 @@ def get_config(arg=None):
         text = dict(vocab_size=32000, width=width, depth=depth, num_heads=heads, mlp_dim=mlp, max_len=64)
     else:
         raise ConfigError(f"variant {arg.variant!r} is not one of tiny, {', '.join(PAPER)}.")
+    # Zero-shot classification of the validation images by the shape's colour (labels from the shapes
+    # dataset), with a prompt ensemble in the captions' own style, as CLIP's ImageNet templates follow web captions.
+    c.zero_shot = ConfigDict(
+        dict(
+            classes=["red", "green", "blue", "yellow", "purple", "orange", "white", "black"],
+            prompts=[
+                f"a {size} {{}} {shape} on {bg}"
+                for size in ("small", "large")
+                for shape in ("circle", "square", "triangle", "cross")
+                for bg in ("black", "white")
+            ],
+        )
+    )
     c.model = ConfigDict(
         dict(
             name="dual_encoder",

@@ -1,5 +1,8 @@
 """Image-text pair batches for dual encoders (`data.name = "pairs"`): images [B, H, W, 3] and texts [B, Lt].
 
+Batches also carry `labels` [B] (a record's class index, -1 if it has none),
+which only zero-shot evaluation reads.
+
     source -> shuffle(seed) -> this host's shard -> repeat -> decode, resize, normalise,
     tokenize (bos + caption + eos, cut / padded to text_len) -> drop and count bad records -> batch
 
@@ -19,7 +22,7 @@ import numpy as np
 
 from data_pipelines import image_ops, shapes
 from data_pipelines.packing import REPAIRS, SKIP, CountSkips
-from data_pipelines.pipeline import counts_of, make_source, records_dataset, repair_text
+from data_pipelines.pipeline import BatchIteratorBase, make_source, records_dataset, repair_text
 from data_pipelines.tokenizer import Tokenizer
 
 
@@ -32,7 +35,7 @@ def pairs_source(config: ml_collections.ConfigDict, split: str):
     return make_source(data, split)
 
 
-class PairsPipeline:
+class PairsPipeline(BatchIteratorBase):
     """Iterator of this host's contrastive batches; checkpointable (`get_state` / `set_state`)."""
 
     def __init__(self, config, split: str, process_index: int = 0, process_count: int = 1, repeat: bool | None = None):
@@ -61,24 +64,15 @@ class PairsPipeline:
         if image is None:
             return {SKIP: "missing_image"}
         pixels = image_ops.normalize(image_ops.fixed_resolution(image, self.size), self.normalization)
-        ids = [self.tokenizer.bos_id, *self.tokenizer.encode(caption)][: self.text_len - 1] + [self.tokenizer.eos_id]
-        texts = np.full(self.text_len, self.tokenizer.pad_id, np.int32)
-        texts[: len(ids)] = ids
-        if len(ids) == self.text_len and len(self.tokenizer.encode(caption)) + 2 > self.text_len:
+        if len(self.tokenizer.encode(caption)) + 2 > self.text_len:
             repairs.append("truncated")
-        return {"images": pixels, "texts": texts, REPAIRS: repairs}
+        texts = self.encode_text(caption)
+        label = np.int32(record.get("label", -1))  # class index for zero-shot evaluation; -1 = none
+        return {"images": pixels, "texts": texts, "labels": label, REPAIRS: repairs}
 
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        return next(self._iterator)
-
-    def get_state(self) -> dict[str, Any]:
-        return self._iterator.get_state()
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        self._iterator.set_state(state)
-
-    def stats(self) -> dict[str, int]:
-        return counts_of(self._iterator)
+    def encode_text(self, text: str) -> np.ndarray:
+        """bos + text + eos, cut and padded to `text_len` (what the text tower sees)."""
+        ids = [self.tokenizer.bos_id, *self.tokenizer.encode(text)][: self.text_len - 1] + [self.tokenizer.eos_id]
+        out = np.full(self.text_len, self.tokenizer.pad_id, np.int32)
+        out[: len(ids)] = ids
+        return out

@@ -211,7 +211,29 @@ def records_dataset(config: ml_collections.ConfigDict, source, process_index: in
     return ds
 
 
-class GrainPipeline:
+class BatchIteratorBase:
+    """The trainer-facing side of a Grain iterator (`self._iterator`): next, state, skip counts."""
+
+    _iterator: grain.DatasetIterator
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return next(self._iterator)
+
+    def get_state(self) -> dict[str, Any]:
+        return self._iterator.get_state()
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._iterator.set_state(state)
+
+    def stats(self) -> dict[str, int]:
+        """Records kept, skipped and repaired (per reason) so far on this host."""
+        return counts_of(self._iterator)
+
+
+class GrainPipeline(BatchIteratorBase):
     """Iterator of this host's batches (dicts of numpy arrays in the batch format); checkpointable."""
 
     def __init__(
@@ -249,22 +271,6 @@ class GrainPipeline:
         if workers:
             batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
         self._iterator = iter(batches)
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        return next(self._iterator)
-
-    def get_state(self) -> dict[str, Any]:
-        return self._iterator.get_state()
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        self._iterator.set_state(state)
-
-    def stats(self) -> dict[str, int]:
-        """Records kept, skipped and repaired (per reason) so far on this host."""
-        return counts_of(self._iterator)
 
 
 def counts_of(iterator: grain.DatasetIterator) -> dict[str, int]:

@@ -3,7 +3,8 @@
 Record i of a split is drawn from a generator seeded by (seed, split, i): a
 shape (circle, square, triangle, cross) of a colour (8 colours) and size on a
 background of another colour, at a random position, saved as PNG bytes, with
-the caption "a {size} {colour} {shape} on {background}". It is a
+the caption "a {size} {colour} {shape} on {background}" and the colour's
+index in `COLOURS` as `label` (for zero-shot classification). It is a
 random-access record source in the `pairs` shape of `sources.py`, so every
 pipeline can read it; nothing is downloaded. The built-in dataset of the main
 job (a later issue) is richer; this one is just enough for a dual encoder to
@@ -72,7 +73,7 @@ class ShapesSource:
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
         caption = f"a {size} {names[colour]} {shape} on {names[background]}"
-        return {"images": [buffer.getvalue()], "caption": caption}
+        return {"images": [buffer.getvalue()], "caption": caption, "label": int(colour)}
 
 
 def tokenizer_path(cache_dir: str | None = None) -> str:

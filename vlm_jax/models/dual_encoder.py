@@ -123,18 +123,34 @@ class DualEncoder(System):
         }
 
     def evaluate(self, trainer, params) -> dict[str, float]:
-        """Retrieval recall@1/5/10 on `config.eval_examples` validation pairs."""
+        """Retrieval recall@1/5/10 on `config.eval_examples` validation pairs; zero-shot accuracy if configured.
+
+        `config.zero_shot = dict(classes=[...], prompts=["a photo of a {}.", ...])`
+        classifies the same images by their `labels` with CLIP's prompt ensemble.
+        """
         from data_pipelines import build as build_data
-        from vlm_jax.evaluators.contrastive import retrieval_recall
+        from vlm_jax.evaluators.contrastive import class_embeddings, retrieval_recall, zero_shot_accuracy
 
         config = trainer.config
         data = build_data(config, "validation", jax.process_index(), jax.process_count())
         steps = max(1, math.ceil(int(config.get("eval_examples", 256)) / config.batch_size))
         embed = jax.jit(lambda p, b: self.embed(p, b))
-        images, texts = [], []
+        images, texts, labels = [], [], []
         for _ in range(steps):
-            out = jax.device_get(embed(params, trainer.put_batch(next(data))))
+            host = next(data)
+            out = jax.device_get(embed(params, trainer.put_batch(host)))
             images.append(out["image_embeds"])
             texts.append(out["text_embeds"])
-        images, texts = np.concatenate(images), np.concatenate(texts)
-        return retrieval_recall(images, texts, np.arange(len(texts)))
+            labels.append(host.get("labels", np.full(len(host["texts"]), -1)))
+        images, texts, labels = np.concatenate(images), np.concatenate(texts), np.concatenate(labels)
+        metrics = retrieval_recall(images, texts, np.arange(len(texts)))
+        zero_shot = config.get("zero_shot")
+        if zero_shot and (labels >= 0).any():
+            prompts = [[p.format(c) for p in zero_shot.prompts] for c in zero_shot.classes]
+            ids = np.stack([data.encode_text(p) for row in prompts for p in row])
+            embed_texts = jax.jit(lambda p, t: self.module.apply({"params": p}, t, method=TwoTower.embed_texts))
+            prompt_embeds = np.asarray(embed_texts(params, ids)).reshape(len(prompts), len(prompts[0]), -1)
+            keep = labels >= 0
+            accuracy = zero_shot_accuracy(images[keep], class_embeddings(prompt_embeds), labels[keep], ks=(1,))
+            metrics["zero_shot_top1"] = accuracy["top1"]
+        return metrics
