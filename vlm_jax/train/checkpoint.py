@@ -40,7 +40,7 @@ class Checkpointer:
     def save(
         self, step: int, state: Any, data_state: dict, config: ml_collections.ConfigDict, force: bool = False
     ) -> None:
-        """Starts an (async) save of step `step`; `wait()` blocks until it is on disk."""
+        """Starts an (async) save of step `step`; `close()` waits until it is on disk."""
         self.manager.save(
             step,
             args=ocp.args.Composite(
@@ -64,9 +64,6 @@ class Checkpointer:
         return ml_collections.ConfigDict(
             self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
         )
-
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
 
     def close(self) -> None:
         self.manager.wait_until_finished()
