@@ -27,9 +27,10 @@ INSTALL_REQUIRES = [
 EXTRAS = {
     "test": ["pytest>=9.0"],
     # PyTorch references, only for parity tests and checkpoint import.
-    # Install torch first with `pip install torch==2.13.0` to get the CPU build, and timm
-    # separately with `pip install --no-deps timm==1.0.31` (its torchvision dependency would
-    # pull a CUDA build; the NFNet tests need none of torchvision).
+    # Install torch first with `pip install torch==2.13.0` to get the CPU build, and timm and
+    # open_flamingo separately with `pip install --no-deps timm==1.0.31 open-flamingo==2.0.1
+    # einops-exts==0.0.4` (their dependencies would pull a CUDA torchvision and open_clip,
+    # which the parity tests do not need).
     "interop": ["torch>=2.13.0", "transformers>=5.23.0", "safetensors>=0.4"],
 }
 

@@ -1,0 +1,1 @@
+"""Connectors between a vision encoder and a language model (resamplers, projectors)."""
