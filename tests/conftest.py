@@ -107,3 +107,15 @@ def read_tensorboard_scalars(logdir):
             for value in event.summary.value:
                 scalars.setdefault(value.tag, {})[event.step] = value.simple_value
     return scalars
+
+
+def open_flamingo_helpers():
+    """open_flamingo's package __init__ imports open_clip; load src/helpers.py by path instead."""
+    import importlib.util
+
+    package_dir = importlib.util.find_spec("open_flamingo").submodule_search_locations[0]  # does not run __init__
+    path = os.path.join(package_dir, "src", "helpers.py")
+    spec = importlib.util.spec_from_file_location("open_flamingo_helpers", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,24 +1,12 @@
 """The Perceiver resampler against open_flamingo's PyTorch `PerceiverResampler` on the same random weights."""
 
-import importlib.util
-import os
-
 import jax
 import numpy as np
 import torch
 
+from conftest import open_flamingo_helpers
 from vlm_jax.connectors.perceiver import PerceiverResampler
 from vlm_jax.interop.open_flamingo import perceiver_params
-
-
-def open_flamingo_helpers():
-    """open_flamingo's package __init__ imports open_clip; load src/helpers.py by path instead."""
-    package_dir = importlib.util.find_spec("open_flamingo").submodule_search_locations[0]  # does not run __init__
-    path = os.path.join(package_dir, "src", "helpers.py")
-    spec = importlib.util.spec_from_file_location("open_flamingo_helpers", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_perceiver_matches_open_flamingo():

@@ -63,3 +63,23 @@ def perceiver_params(state: dict, num_heads: int, prefix: str = "") -> dict:
     if prefix + "media_time_embs" in state:
         params["media_time_embs"] = _get(state, prefix + "media_time_embs")[:, 0, :]
     return params
+
+
+def gated_xattn_params(state: dict, num_heads: int, prefix: str = "") -> dict:
+    """`GatedCrossAttentionBlock` weights -> params of `vlm_jax.lm.gated_xattn.GatedCrossAttention`."""
+    q = _get(state, prefix + "attn.to_q.weight")
+    kv = _get(state, prefix + "attn.to_kv.weight")
+    out = _get(state, prefix + "attn.to_out.weight")
+    inner, width, visual = q.shape[0], q.shape[1], kv.shape[1]
+    return {
+        "attn_gate": _get(state, prefix + "attn_gate").reshape(()),
+        "ff_gate": _get(state, prefix + "ff_gate").reshape(()),
+        "norm": {"scale": _get(state, prefix + "attn.norm.weight"), "bias": _get(state, prefix + "attn.norm.bias")},
+        "query": {"kernel": q.T.reshape(width, num_heads, -1)},
+        "key": {"kernel": kv[:inner].T.reshape(visual, num_heads, -1)},
+        "value": {"kernel": kv[inner:].T.reshape(visual, num_heads, -1)},
+        "out": {"kernel": out.T.reshape(num_heads, -1, width)},
+        "ff_norm": {"scale": _get(state, prefix + "ff.0.weight"), "bias": _get(state, prefix + "ff.0.bias")},
+        "ff_in": {"kernel": _get(state, prefix + "ff.1.weight").T},
+        "ff_out": {"kernel": _get(state, prefix + "ff.3.weight").T},
+    }

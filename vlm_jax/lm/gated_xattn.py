@@ -1,0 +1,88 @@
+"""Flamingo's GATED XATTN-DENSE block, with media masks computed per packed segment.
+
+x <- x + tanh(attn_gate) * cross_attn(norm(x), media)
+x <- x + tanh(ff_gate) * ff(x)                     (ff = LayerNorm, Linear, GELU, Linear; no biases)
+
+Both gates start at 0, so at initialisation the block is the identity and a
+Flamingo model's logits equal its frozen LM's. Media masking follows the
+Flamingo paper and open_flamingo: a text token's "time" is the number of
+media placeholders at or before it; with `only_attend_immediate_media` it
+sees only the latest media (time equal), otherwise every earlier one (time
+greater or equal). Here times count within the token's own packed segment and
+a token only ever sees media slots of its segment (`image_segment_ids`), so no
+example reaches another example's images. A token with no visible media (text
+before the first image) gets exactly zero cross-attention output.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vlm_jax.encoders.vit import Norm
+from vlm_jax.nn.layers import DenseGeneral
+
+
+def media_mask(
+    media_locations: jax.Array,
+    segment_ids: jax.Array,
+    image_segment_ids: jax.Array,
+    only_attend_immediate_media: bool = True,
+) -> jax.Array:
+    """[B, L, M] boolean: may text token i attend to media slot j.
+
+    media_locations [B, L] bool (True at each media placeholder token),
+    segment_ids [B, L], image_segment_ids [B, M] (0 = empty slot).
+    """
+    is_media = media_locations.astype(jnp.int32)
+    count = jnp.cumsum(is_media, axis=1)
+    starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], 1)
+    # Placeholders before this segment began; nondecreasing, so a running max carries it along the segment.
+    before = jax.lax.cummax(jnp.where(starts, count - is_media, 0), axis=1)
+    text_time = count - before  # [B, L]
+    same = image_segment_ids[:, :, None] == image_segment_ids[:, None, :]  # [B, M, M]
+    media_time = jnp.sum(same & jnp.tril(jnp.ones(same.shape[1:], bool)), axis=-1)  # 1-based index in its segment
+    op = jnp.equal if only_attend_immediate_media else jnp.greater_equal
+    return (
+        (segment_ids[:, :, None] == image_segment_ids[:, None, :])
+        & (image_segment_ids[:, None, :] > 0)
+        & op(text_time[:, :, None], media_time[:, None, :])
+    )
+
+
+class GatedCrossAttention(nn.Module):
+    """Tanh-gated cross-attention from text to media latents plus a tanh-gated feed-forward block."""
+
+    num_heads: int = 8
+    head_dim: int = 64
+    ff_mult: int = 4
+    norm_eps: float = 1e-5
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, media: jax.Array, mask: jax.Array) -> jax.Array:
+        """x [B, L, D], media [B, M, n, Dv] latents, mask [B, L, M] from `media_mask`."""
+        b, m, n, _ = media.shape
+        width = x.shape[-1]
+        gate = lambda name: self.param(name, nn.with_logical_partitioning(nn.initializers.zeros, ()), ())  # noqa: E731
+        attn_gate, ff_gate = gate("attn_gate"), gate("ff_gate")
+        h = Norm("layernorm", self.norm_eps, dtype=self.dtype, name="norm")(x)
+        kv = media.reshape(b, m * n, media.shape[-1]).astype(self.dtype)
+        proj = dict(kernel_axes=("embed", "heads", "head_dim"), dtype=self.dtype)
+        q = DenseGeneral((self.num_heads, self.head_dim), name="query", **proj)(h)
+        k = DenseGeneral((self.num_heads, self.head_dim), name="key", **proj)(kv)
+        v = DenseGeneral((self.num_heads, self.head_dim), name="value", **proj)(kv)
+        scores = jnp.einsum("blhd,bkhd->bhlk", q, k).astype(jnp.float32) * self.head_dim**-0.5
+        allowed = jnp.repeat(mask, n, axis=-1)[:, None]  # [B, 1, L, M*n]
+        weights = jax.nn.softmax(jnp.where(allowed, scores, -1e30), axis=-1)
+        weights = jnp.where(allowed.any(-1, keepdims=True), weights, 0.0).astype(self.dtype)  # no media: zero
+        out = jnp.einsum("bhlk,bkhd->blhd", weights, v)
+        out = DenseGeneral(width, ("heads", "head_dim", "embed"), in_dims=2, dtype=self.dtype, name="out")(out)
+        x = x + jnp.tanh(attn_gate).astype(self.dtype) * out
+        h = Norm("layernorm", self.norm_eps, dtype=self.dtype, name="ff_norm")(x)
+        h = DenseGeneral(width * self.ff_mult, ("embed", "mlp"), dtype=self.dtype, name="ff_in")(h)
+        h = DenseGeneral(width, ("mlp", "embed"), dtype=self.dtype, name="ff_out")(jax.nn.gelu(h, approximate=False))
+        return x + jnp.tanh(ff_gate).astype(self.dtype) * h
