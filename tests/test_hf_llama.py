@@ -1,0 +1,52 @@
+"""LlamaForCausalLM -> `vlm-jax convert-hf` -> `vlm-jax forward`: logits equal transformers' (random weights)."""
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from vlm_jax import cli
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_llama_logits_match_through_the_command_line(tmp_path, tied):
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=101,
+        hidden_size=40,
+        intermediate_size=72,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,  # grouped-query attention
+        head_dim=12,  # not hidden_size / heads
+        max_position_embeddings=64,
+        rope_theta=500.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=tied,
+    )
+    model = transformers.LlamaForCausalLM(config).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    model.save_pretrained(str(tmp_path / "hf"), safe_serialization=True)
+
+    ids = np.array([[3, 17, 42, 99, 5, 8, 13], [7, 7, 21, 64, 0, 0, 0]], np.int64)
+    mask = np.array([[1] * 7, [1, 1, 1, 1, 0, 0, 0]], np.int64)  # right padding in row 2
+    with torch.no_grad():
+        want = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
+    assert cli.main(["convert-hf", "--hf_dir", str(tmp_path / "hf"), "--out", str(tmp_path / "vj")]) == 0
+    np.savez(tmp_path / "in.npz", input_ids=ids, attention_mask=mask)
+    args = [
+        "forward",
+        "--checkpoint",
+        str(tmp_path / "vj"),
+        "--inputs",
+        str(tmp_path / "in.npz"),
+        "--out",
+        str(tmp_path / "o.npz"),
+    ]
+    assert cli.main(args) == 0
+    got = np.load(tmp_path / "o.npz")["logits"]
+    keep = mask.astype(bool)
+    assert np.max(np.abs(got[keep] - want[keep])) <= 1e-4
