@@ -5,7 +5,7 @@ Recognised inputs (no torch needed):
 * transformers `CLIPModel`, `SiglipModel` -> system `dual_encoder`;
 * transformers `CLIPVisionModel(WithProjection)`, `SiglipVisionModel` -> system `vision_encoder` (ViT);
 * timm `dm_nfnet_f*` directories (config.json with `architecture`) -> system `vision_encoder` (NFNet);
-* transformers `LlamaForCausalLM` -> system `lm` (the decoder LM).
+* transformers `LlamaForCausalLM`, `Qwen2ForCausalLM`, `GemmaForCausalLM` -> system `lm` (the decoder LM).
 
 The output directory is laid out like a training workdir (`checkpoints/0/`
 with the params and the config), so `vlm-jax forward --checkpoint OUT` and
@@ -37,10 +37,10 @@ def _config_json(path: str) -> dict:
 def to_system_config(path: str) -> tuple[ml_collections.ConfigDict, dict]:
     """(vlm_jax config, params) of a transformers or timm directory."""
     raw = _config_json(path)
-    if "LlamaForCausalLM" in raw.get("architectures", []):
-        from vlm_jax.interop.hf_llama import load_llama_dir
+    if set(raw.get("architectures", [])) & {"LlamaForCausalLM", "Qwen2ForCausalLM", "GemmaForCausalLM"}:
+        from vlm_jax.interop.hf_decoder import load_decoder_dir
 
-        kwargs, params = load_llama_dir(path)
+        kwargs, params = load_decoder_dir(path)
         config = ml_collections.ConfigDict(
             {"model": dict(name="lm", **kwargs), "data": {"seq_len": 8}, "converted_from": os.path.abspath(path)}
         )

@@ -1,4 +1,4 @@
-"""A decoder-only language model: RoPE, RMSNorm, SwiGLU, grouped-query attention.
+"""A decoder-only language model: RoPE, RMSNorm, SwiGLU / GeGLU, grouped-query attention (LLaMA, Qwen2, Gemma).
 
 The layer stack is one `nn.scan` (parameters stacked on a leading 'layers'
 axis), optionally rematerialised, so compile time does not grow with depth.
@@ -36,16 +36,18 @@ class DecoderBlock(nn.Module):
     rope_theta: float
     norm_eps: float
     dtype: Any
+    qkv_bias: bool = False
+    mlp_act: str = "silu"
 
     @nn.compact
     def __call__(self, x, positions, mask):
         h = RMSNorm(self.norm_eps, self.dtype, name="attn_norm")(x)
-        h = SelfAttention(self.num_heads, self.num_kv_heads, self.head_dim, self.rope_theta, self.dtype, name="attn")(
-            h, positions, mask
-        )
+        h = SelfAttention(
+            self.num_heads, self.num_kv_heads, self.head_dim, self.rope_theta, self.dtype, self.qkv_bias, name="attn"
+        )(h, positions, mask)
         x = sharding.constrain(x + h, ("batch", "length", "embed"))
         h = RMSNorm(self.norm_eps, self.dtype, name="mlp_norm")(x)
-        h = SwiGLU(self.mlp_dim, self.dtype, name="mlp")(h)
+        h = SwiGLU(self.mlp_dim, self.dtype, self.mlp_act, name="mlp")(h)
         x = sharding.constrain(x + h, ("batch", "length", "embed"))
         return x, None
 
@@ -68,6 +70,9 @@ class DecoderLM(nn.Module):
     tie_embeddings: bool = False
     dtype: str = "float32"
     remat: str = "none"
+    qkv_bias: bool = False  # Qwen2
+    mlp_act: str = "silu"  # "silu" (LLaMA, Qwen2) or "gelu_tanh" (Gemma's GeGLU)
+    embed_scale: bool = False  # Gemma multiplies embeddings by sqrt(embed_dim)
 
     @property
     def resolved_head_dim(self) -> int:
@@ -84,7 +89,10 @@ class DecoderLM(nn.Module):
             embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
             name="embed",
         )
-        x = sharding.constrain(embed(tokens), ("batch", "length", "embed"))
+        x = embed(tokens)
+        if self.embed_scale:
+            x = x * jnp.asarray(self.embed_dim**0.5, dtype)
+        x = sharding.constrain(x, ("batch", "length", "embed"))
         mask = causal_segment_mask(segment_ids)
 
         block = DecoderBlock
@@ -106,6 +114,8 @@ class DecoderLM(nn.Module):
             self.rope_theta,
             self.norm_eps,
             dtype,
+            self.qkv_bias,
+            self.mlp_act,
             name="layers",
         )(x, positions, mask)
         x = RMSNorm(self.norm_eps, dtype, name="final_norm")(x)

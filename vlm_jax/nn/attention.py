@@ -35,19 +35,15 @@ class SelfAttention(nn.Module):
     head_dim: int
     rope_theta: float = 10000.0
     dtype: Any = jnp.float32
+    qkv_bias: bool = False  # Qwen2 has biases on the query, key and value projections
 
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
         embed_dim = x.shape[-1]
-        q = DenseGeneral(
-            (self.num_heads, self.head_dim), ("embed", "heads", "head_dim"), dtype=self.dtype, name="query"
-        )(x)
-        k = DenseGeneral(
-            (self.num_kv_heads, self.head_dim), ("embed", "kv_heads", "head_dim"), dtype=self.dtype, name="key"
-        )(x)
-        v = DenseGeneral(
-            (self.num_kv_heads, self.head_dim), ("embed", "kv_heads", "head_dim"), dtype=self.dtype, name="value"
-        )(x)
+        kw = dict(dtype=self.dtype, use_bias=self.qkv_bias)
+        q = DenseGeneral((self.num_heads, self.head_dim), ("embed", "heads", "head_dim"), name="query", **kw)(x)
+        k = DenseGeneral((self.num_kv_heads, self.head_dim), ("embed", "kv_heads", "head_dim"), name="key", **kw)(x)
+        v = DenseGeneral((self.num_kv_heads, self.head_dim), ("embed", "kv_heads", "head_dim"), name="value", **kw)(x)
         q = sharding.constrain(apply_rope(q, positions, self.rope_theta), ("batch", "length", "heads", "head_dim"))
         k = sharding.constrain(apply_rope(k, positions, self.rope_theta), ("batch", "length", "kv_heads", "head_dim"))
         v = sharding.constrain(v, ("batch", "length", "kv_heads", "head_dim"))

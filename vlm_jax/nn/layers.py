@@ -69,16 +69,20 @@ class RMSNorm(nn.Module):
         return (normed * scale).astype(self.dtype)
 
 
+GATED_ACTIVATIONS = {"silu": nn.silu, "gelu_tanh": lambda x: nn.gelu(x, approximate=True)}
+
+
 class SwiGLU(nn.Module):
-    """Gated MLP: `down(silu(gate(x)) * up(x))`, as in LLaMA."""
+    """Gated MLP: `down(act(gate(x)) * up(x))`; act "silu" is LLaMA's SwiGLU, "gelu_tanh" Gemma's GeGLU."""
 
     hidden_dim: int
     dtype: Dtype = jnp.float32
+    act: str = "silu"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         embed_dim = x.shape[-1]
         gate = DenseGeneral(self.hidden_dim, ("embed", "mlp"), dtype=self.dtype, name="gate")(x)
         up = DenseGeneral(self.hidden_dim, ("embed", "mlp"), dtype=self.dtype, name="up")(x)
-        h = sharding.constrain(nn.silu(gate) * up, ("batch", "length", "mlp"))
+        h = sharding.constrain(GATED_ACTIVATIONS[self.act](gate) * up, ("batch", "length", "mlp"))
         return DenseGeneral(embed_dim, ("mlp", "embed"), dtype=self.dtype, name="down")(h)

@@ -1,8 +1,8 @@
-"""Import transformers `LlamaForCausalLM` directories (config.json + *.safetensors, no torch) into the decoder LM.
+"""Import transformers decoder LMs (config.json + *.safetensors, no torch) into `vlm_jax/lm/decoder.py`.
 
-The decoder of `vlm_jax/lm/decoder.py` is LLaMA's architecture (RoPE in the
-rotate-half layout, RMSNorm, SwiGLU, grouped-query attention), so this is a
-renaming and reshaping of weights: projections [out, in] become kernels
+`LlamaForCausalLM`, `Qwen2ForCausalLM` (biases on q/k/v) and `GemmaForCausalLM`
+(GeGLU, RMSNorm weights stored as `w` for a scale of `1 + w`, embeddings
+scaled by sqrt(width), tied head). Projections [out, in] become kernels
 [in, heads, head_dim], per-layer weights are stacked for the scanned stack,
 and a tied `lm_head` (not saved by transformers 5) is re-tied. RoPE settings
 are read from `rope_parameters` (transformers 5) or `rope_theta` (older).
@@ -16,10 +16,16 @@ import numpy as np
 from vlm_jax.errors import UserError
 from vlm_jax.interop.hf_clip import _read_config, _read_tensors, _Tensors
 
+ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "GemmaForCausalLM")
 
-def load_llama_dir(path: str) -> tuple[dict, dict]:
-    """(DecoderLM kwargs, params) of a LlamaForCausalLM directory."""
+
+def load_decoder_dir(path: str) -> tuple[dict, dict]:
+    """(DecoderLM kwargs, params) of a LLaMA, Qwen2 or Gemma causal-LM directory."""
     cfg = _read_config(path)
+    arch = next((a for a in cfg.get("architectures", []) if a in ARCHITECTURES), None)
+    if arch is None:
+        raise UserError(f"{path}: architectures {cfg.get('architectures')} are not one of {', '.join(ARCHITECTURES)}.")
+    gemma, qwen = arch == "GemmaForCausalLM", arch == "Qwen2ForCausalLM"
     scaling = (cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}).get("rope_type", "default")
     if scaling not in ("default", None):
         raise UserError(f"{path}: RoPE scaling {scaling!r} is not supported yet (only plain RoPE).")
@@ -28,7 +34,7 @@ def load_llama_dir(path: str) -> tuple[dict, dict]:
     width = int(cfg["hidden_size"])
     head_dim = int(cfg.get("head_dim") or width // heads)
     theta = (cfg.get("rope_parameters") or {}).get("rope_theta", cfg.get("rope_theta", 10000.0))
-    tied = bool(cfg.get("tie_word_embeddings", False))
+    tied = bool(cfg.get("tie_word_embeddings", gemma))  # Gemma ties by default
     kwargs = dict(
         vocab_size=int(cfg["vocab_size"]),
         embed_dim=width,
@@ -40,20 +46,34 @@ def load_llama_dir(path: str) -> tuple[dict, dict]:
         rope_theta=float(theta),
         norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
         tie_embeddings=tied,
+        qkv_bias=qwen,
+        mlp_act="gelu_tanh" if gemma else "silu",
+        embed_scale=gemma,
     )
-    if cfg.get("attention_bias") or cfg.get("mlp_bias"):
+    if gemma and cfg.get("hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
+        raise UserError(f"{path}: Gemma activation {cfg.get('hidden_activation')!r} is not supported.")
+    if not qwen and (cfg.get("attention_bias") or cfg.get("mlp_bias")):
         raise UserError(f"{path}: attention or MLP biases are not supported by the decoder yet.")
     t = _Tensors(_read_tensors(path), "model.", path)
+
+    def norm(name):  # Gemma stores w for a scale of (1 + w)
+        return {"scale": t(name) + 1.0 if gemma else t(name)}
+
+    def projection(name, n):
+        p = {"kernel": t(name + ".weight").T.reshape(width, n, head_dim)}
+        if qwen:
+            p["bias"] = t(name + ".bias").reshape(n, head_dim)
+        return p
 
     def layer(i):
         p = f"layers.{i}."
         return {
-            "attn_norm": {"scale": t(p + "input_layernorm.weight")},
-            "mlp_norm": {"scale": t(p + "post_attention_layernorm.weight")},
+            "attn_norm": norm(p + "input_layernorm.weight"),
+            "mlp_norm": norm(p + "post_attention_layernorm.weight"),
             "attn": {
-                "query": {"kernel": t(p + "self_attn.q_proj.weight").T.reshape(width, heads, head_dim)},
-                "key": {"kernel": t(p + "self_attn.k_proj.weight").T.reshape(width, kv_heads, head_dim)},
-                "value": {"kernel": t(p + "self_attn.v_proj.weight").T.reshape(width, kv_heads, head_dim)},
+                "query": projection(p + "self_attn.q_proj", heads),
+                "key": projection(p + "self_attn.k_proj", kv_heads),
+                "value": projection(p + "self_attn.v_proj", kv_heads),
                 "out": {"kernel": t(p + "self_attn.o_proj.weight").T.reshape(heads, head_dim, width)},
             },
             "mlp": {
@@ -67,7 +87,7 @@ def load_llama_dir(path: str) -> tuple[dict, dict]:
     params = {
         "embed": {"embedding": t("embed_tokens.weight")},
         "layers": jax.tree.map(lambda *leaves: np.stack(leaves), *layers),
-        "final_norm": {"scale": t("norm.weight")},
+        "final_norm": norm("norm.weight"),
     }
     if not tied:
         params["lm_head"] = {"kernel": _Tensors(t.tensors, "", path)("lm_head.weight").T}

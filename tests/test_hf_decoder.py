@@ -1,4 +1,4 @@
-"""LlamaForCausalLM -> `vlm-jax convert-hf` -> `vlm-jax forward`: logits equal transformers' (random weights)."""
+"""LLaMA / Qwen2 / Gemma -> `vlm-jax convert-hf` -> `vlm-jax forward`: logits equal transformers' (random weights)."""
 
 import numpy as np
 import pytest
@@ -7,11 +7,18 @@ import transformers
 
 from vlm_jax import cli
 
+FAMILIES = {
+    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM),
+}
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_llama_logits_match_through_the_command_line(tmp_path, tied):
+
+@pytest.mark.parametrize("family, tied", [("llama", False), ("llama", True), ("qwen2", False), ("gemma", True)])
+def test_decoder_logits_match_through_the_command_line(tmp_path, family, tied):
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(
+    config_cls, model_cls = FAMILIES[family]
+    config = config_cls(
         vocab_size=101,
         hidden_size=40,
         intermediate_size=72,
@@ -24,7 +31,7 @@ def test_llama_logits_match_through_the_command_line(tmp_path, tied):
         rms_norm_eps=1e-5,
         tie_word_embeddings=tied,
     )
-    model = transformers.LlamaForCausalLM(config).eval()
+    model = model_cls(config).eval()
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in model.parameters():
