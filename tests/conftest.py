@@ -119,3 +119,29 @@ def open_flamingo_helpers():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def perturb(model, seed: int, scale: float = 0.1):
+    """Adds noise to every weight of a PyTorch reference (norm scales and biases too), so no parameter is a no-op."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def convert_and_forward(hf_dir, work, **inputs) -> dict:
+    """`vlm-jax convert-hf` on `hf_dir`, then `vlm-jax forward` on `inputs`; returns the outputs (a user's parity check)."""
+    import numpy as np
+
+    from vlm_jax import cli
+
+    work = str(work)
+    assert cli.main(["convert-hf", "--hf_dir", str(hf_dir), "--out", os.path.join(work, "converted")]) == 0
+    np.savez(os.path.join(work, "inputs.npz"), **inputs)
+    args = ["--checkpoint", os.path.join(work, "converted"), "--inputs", os.path.join(work, "inputs.npz")]
+    assert cli.main(["forward", *args, "--out", os.path.join(work, "outputs.npz")]) == 0
+    with np.load(os.path.join(work, "outputs.npz")) as f:
+        return {k: f[k] for k in f.files}

@@ -17,21 +17,13 @@ import torch
 import transformers
 from safetensors.numpy import load_file, save_file
 
+from conftest import perturb
 from vlm_jax.encoders.two_tower import TwoTower, logits_per_image
 from vlm_jax.encoders.vit import ViT
 from vlm_jax.errors import UserError
 from vlm_jax.interop.hf_clip import load_hf_dir
 
 TOL = 1e-4
-
-
-def _perturb(model, seed):
-    """Random weights everywhere (norm scales and biases too), so no parameter is a no-op."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=g))
-    return model.eval()
 
 
 def _save(model, path):
@@ -72,7 +64,7 @@ def test_clip_model_parity(tmp_path, eos_token_id):
         ),
         projection_dim=24,
     )
-    model = _perturb(transformers.CLIPModel(cfg), 1)
+    model = perturb(transformers.CLIPModel(cfg), 1)
     path = _save(model, tmp_path / "clip")
 
     # eos=5: pooled at the first 5 (pad after it); eos=2 (legacy): pooled at the argmax of the ids.
@@ -128,7 +120,7 @@ def test_siglip_model_parity(tmp_path):
             patch_size=8,
         ),
     )
-    model = _perturb(transformers.SiglipModel(cfg), 2)
+    model = perturb(transformers.SiglipModel(cfg), 2)
     path = _save(model, tmp_path / "siglip")
 
     ids = np.array([[4, 10, 20, 5, 1, 1, 1], [4, 30, 40, 50, 60, 70, 5]], np.int64)
@@ -169,7 +161,7 @@ def test_clip_vision_parity_and_taps(tmp_path, cls_name):
         patch_size=8,
         projection_dim=24,
     )
-    model = _perturb(getattr(transformers, cls_name)(cfg), 3)
+    model = perturb(getattr(transformers, cls_name)(cfg), 3)
     path = _save(model, tmp_path / "vision")
     keys = load_file(os.path.join(path, "model.safetensors"))
     # The two classes save different key layouts (with / without the inner vision_model. prefix).

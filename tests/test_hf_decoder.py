@@ -5,7 +5,7 @@ import pytest
 import torch
 import transformers
 
-from vlm_jax import cli
+from conftest import convert_and_forward, perturb
 
 FAMILIES = {
     "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
@@ -31,29 +31,13 @@ def test_decoder_logits_match_through_the_command_line(tmp_path, family, tied):
         rms_norm_eps=1e-5,
         tie_word_embeddings=tied,
     )
-    model = model_cls(config).eval()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    model = perturb(model_cls(config), 1)
     model.save_pretrained(str(tmp_path / "hf"), safe_serialization=True)
 
     ids = np.array([[3, 17, 42, 99, 5, 8, 13], [7, 7, 21, 64, 0, 0, 0]], np.int64)
     mask = np.array([[1] * 7, [1, 1, 1, 1, 0, 0, 0]], np.int64)  # right padding in row 2
     with torch.no_grad():
         want = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
-    assert cli.main(["convert-hf", "--hf_dir", str(tmp_path / "hf"), "--out", str(tmp_path / "vj")]) == 0
-    np.savez(tmp_path / "in.npz", input_ids=ids, attention_mask=mask)
-    args = [
-        "forward",
-        "--checkpoint",
-        str(tmp_path / "vj"),
-        "--inputs",
-        str(tmp_path / "in.npz"),
-        "--out",
-        str(tmp_path / "o.npz"),
-    ]
-    assert cli.main(args) == 0
-    got = np.load(tmp_path / "o.npz")["logits"]
+    got = convert_and_forward(tmp_path / "hf", tmp_path, input_ids=ids, attention_mask=mask)["logits"]
     keep = mask.astype(bool)
     assert np.max(np.abs(got[keep] - want[keep])) <= 1e-4

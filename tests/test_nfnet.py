@@ -344,21 +344,9 @@ def test_bfloat16_compute_keeps_float32_params_and_pooled():
 
 def test_convert_hf_and_forward_commands(converted, timm_tiny, tmp_path):
     """The command-line path: `vlm-jax convert-hf` on the timm directory, then `vlm-jax forward`."""
-    from vlm_jax import cli
+    from conftest import convert_and_forward
 
     _, _, images, ref = converted
-    assert cli.main(["convert-hf", "--hf_dir", timm_tiny[1], "--out", str(tmp_path / "vj")]) == 0
-    np.savez(tmp_path / "in.npz", pixel_values=images.transpose(0, 3, 1, 2))
-    args = [
-        "forward",
-        "--checkpoint",
-        str(tmp_path / "vj"),
-        "--inputs",
-        str(tmp_path / "in.npz"),
-        "--out",
-        str(tmp_path / "o.npz"),
-    ]
-    assert cli.main(args) == 0
-    out = np.load(tmp_path / "o.npz")
+    out = convert_and_forward(timm_tiny[1], tmp_path, pixel_values=images.transpose(0, 3, 1, 2))
     assert _max_diff(out["pooled"], ref["pooled"]) <= 1e-4
     assert _max_diff(out["logits"], ref["logits"]) <= 1e-4
