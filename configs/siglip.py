@@ -12,6 +12,7 @@ Variants (`--config configs/siglip.py:variant=NAME`):
 
 import math
 
+from data_pipelines import shapes
 from vlm_jax import sharding
 from vlm_jax.config_lib import ConfigDict, ConfigError, parse_arg
 
@@ -44,19 +45,7 @@ def get_config(arg=None):
         text = dict(vocab_size=32000, width=width, depth=depth, num_heads=heads, mlp_dim=mlp, max_len=64)
     else:
         raise ConfigError(f"variant {arg.variant!r} is not one of tiny, {', '.join(PAPER)}.")
-    # Zero-shot classification of the validation images by the shape's colour (labels from the shapes
-    # dataset), with a prompt ensemble in the captions' own style, as CLIP's ImageNet templates follow web captions.
-    c.zero_shot = ConfigDict(
-        dict(
-            classes=["red", "green", "blue", "yellow", "purple", "orange", "white", "black"],
-            prompts=[
-                f"a {size} {{}} {shape} on {bg}"
-                for size in ("small", "large")
-                for shape in ("circle", "square", "triangle", "cross")
-                for bg in ("black", "white")
-            ],
-        )
-    )
+    c.zero_shot = ConfigDict(shapes.zero_shot_config())
     c.model = ConfigDict(
         dict(
             name="dual_encoder",
@@ -70,20 +59,7 @@ def get_config(arg=None):
             text=dict(text, causal=False, pool="last", head=text["width"], mlp_act="gelu_tanh", norm_eps=1e-6),
         )
     )
-    c.data = ConfigDict(
-        dict(
-            name="pairs",
-            source="shapes",
-            train_size=8192,
-            validation_size=512,
-            dataset_seed=0,
-            raw_size=32,
-            image_size=vision["image_size"],
-            text_len=text["max_len"],
-            normalization="siglip",
-            tokenizer="",  # "" = the shapes dataset's own SentencePiece model
-        )
-    )
+    c.data = ConfigDict(shapes.pairs_data_config(vision["image_size"], text["max_len"], "siglip"))
     c.optim = ConfigDict(
         dict(
             name="adamw",

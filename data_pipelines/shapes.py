@@ -95,3 +95,28 @@ def tokenizer_path(cache_dir: str | None = None) -> str:
         for leftover in (tmp + ".txt", tmp + ".vocab"):
             os.remove(leftover)
     return prefix + ".model"
+
+
+def pairs_data_config(image_size: int, text_len: int, normalization: str) -> dict:
+    """The `data` section of a dual-encoder config that trains on this dataset (data_pipelines/pairs.py)."""
+    return dict(
+        name="pairs",
+        source="shapes",
+        train_size=8192,
+        validation_size=512,
+        dataset_seed=0,
+        raw_size=32,
+        image_size=image_size,
+        text_len=text_len,
+        normalization=normalization,
+        tokenizer="",  # "" = this dataset's own SentencePiece model (`tokenizer_path`)
+    )
+
+
+def zero_shot_config() -> dict:
+    """Zero-shot classification by the shape's colour (the records' `label`), with a prompt ensemble in the
+    captions' own style, as CLIP's ImageNet templates follow web captions."""
+    return dict(
+        classes=list(COLOURS),
+        prompts=[f"a {size} {{}} {shape} on {bg}" for size in SIZES for shape in SHAPES for bg in ("black", "white")],
+    )
