@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from vlm_jax import sharding
 from vlm_jax.encoders.vit import Norm
+from vlm_jax.lm.gated_xattn import FF_ACTIVATIONS
 from vlm_jax.nn.layers import DenseGeneral
 
 
@@ -28,6 +29,7 @@ class PerceiverLayer(nn.Module):
     num_heads: int
     head_dim: int
     ff_mult: int = 4
+    ff_act: str = "gelu"
     norm_eps: float = 1e-5
     dtype: Any = jnp.float32
 
@@ -49,7 +51,7 @@ class PerceiverLayer(nn.Module):
         )(out)
         h = Norm("layernorm", self.norm_eps, dtype=self.dtype, name="ff_norm")(latents)
         h = DenseGeneral(width * self.ff_mult, ("embed", "mlp"), dtype=self.dtype, name="ff_in")(h)
-        h = DenseGeneral(width, ("mlp", "embed"), dtype=self.dtype, name="ff_out")(jax.nn.gelu(h, approximate=False))
+        h = DenseGeneral(width, ("mlp", "embed"), dtype=self.dtype, name="ff_out")(FF_ACTIVATIONS[self.ff_act](h))
         return sharding.constrain(latents + h, ("batch", None, "latents", "embed")), None
 
 
@@ -63,6 +65,7 @@ class PerceiverResampler(nn.Module):
     max_num_media: int | None = None
     max_num_frames: int | None = None
     ff_mult: int = 4
+    ff_act: str = "gelu"  # exact GELU (open_flamingo) or "sqrelu" (the Flamingo paper's squared ReLU)
     norm_eps: float = 1e-5
     dtype: str = "float32"
 
@@ -92,7 +95,7 @@ class PerceiverResampler(nn.Module):
             length=self.depth,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
-        latents, _ = stack(self.num_heads, self.head_dim, self.ff_mult, self.norm_eps, dtype, name="layers")(
-            latents, media.astype(dtype)
-        )
+        latents, _ = stack(
+            self.num_heads, self.head_dim, self.ff_mult, self.ff_act, self.norm_eps, dtype, name="layers"
+        )(latents, media.astype(dtype))
         return Norm("layernorm", self.norm_eps, dtype=dtype, name="norm")(latents)

@@ -4,6 +4,13 @@ The layer stack is one `nn.scan` (parameters stacked on a leading 'layers'
 axis), optionally rematerialised, so compile time does not grow with depth.
 Attention is causal within each packed segment (`segment_ids`), and RoPE uses
 each token's position within its segment (`positions`).
+
+With `cross_attn_every = n > 0` the model is a Flamingo LM: a GATED
+XATTN-DENSE block (`vlm_jax/lm/gated_xattn.py`) runs before layers 0, n, 2n,
+... (the IDEFICS placement). The stack is then a scan over `num_layers / n`
+groups, each a cross-attention block followed by a scan over n decoder layers,
+so decoder parameters are stacked [groups, n, ...] under `layer_groups/layers`
+(`flamingo_layout` converts a plain LM's [num_layers, ...] stack).
 """
 
 from __future__ import annotations
@@ -15,6 +22,8 @@ import jax
 import jax.numpy as jnp
 
 from vlm_jax import sharding
+from vlm_jax.errors import UserError
+from vlm_jax.lm.gated_xattn import GatedCrossAttention
 from vlm_jax.nn.attention import SelfAttention, causal_segment_mask
 from vlm_jax.nn.layers import DenseGeneral, RMSNorm, SwiGLU
 
@@ -52,6 +61,38 @@ class DecoderBlock(nn.Module):
         return x, None
 
 
+def _scan_layers(block, length: int, num_broadcast: int):
+    """`block` scanned `length` times; parameters stacked on a leading 'layers' axis."""
+    return nn.scan(
+        block,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=(nn.broadcast,) * num_broadcast,
+        length=length,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )
+
+
+class CrossAttentionGroup(nn.Module):
+    """One GATED XATTN-DENSE block, then `every` scanned decoder layers."""
+
+    every: int
+    block: Any  # the (possibly rematerialised) DecoderBlock class
+    block_args: tuple
+    xattn_args: dict
+
+    @nn.compact
+    def __call__(self, x, positions, mask, media, media_mask):
+        x = GatedCrossAttention(**self.xattn_args, name="xattn")(x, media, media_mask)
+        x, _ = _scan_layers(self.block, self.every, 2)(*self.block_args, name="layers")(x, positions, mask)
+        return x, None
+
+
+def flamingo_layout(layers: Any, every: int) -> Any:
+    """A plain LM's decoder stack [num_layers, ...] -> the Flamingo LM's [num_layers / every, every, ...]."""
+    return jax.tree.map(lambda a: a.reshape((a.shape[0] // every, every) + a.shape[1:]), layers)
+
+
 class DecoderLM(nn.Module):
     """Token ids -> next-token logits [batch, length, vocab] (float32).
 
@@ -73,13 +114,28 @@ class DecoderLM(nn.Module):
     qkv_bias: bool = False  # Qwen2
     mlp_act: str = "silu"  # "silu" (LLaMA, Qwen2) or "gelu_tanh" (Gemma's GeGLU)
     embed_scale: bool = False  # Gemma multiplies embeddings by sqrt(embed_dim)
+    # Flamingo: a gated cross-attention block before every `cross_attn_every`-th layer (0 = plain LM).
+    cross_attn_every: int = 0
+    cross_attn_heads: int = 8
+    cross_attn_head_dim: int = 64
+    cross_attn_ff_mult: int = 4
+    cross_attn_ff_act: str = "gelu"
 
     @property
     def resolved_head_dim(self) -> int:
         return self.head_dim or self.embed_dim // self.num_heads
 
     @nn.compact
-    def __call__(self, tokens: jax.Array, segment_ids: jax.Array, positions: jax.Array) -> jax.Array:
+    def __call__(
+        self,
+        tokens: jax.Array,
+        segment_ids: jax.Array,
+        positions: jax.Array,
+        media: jax.Array | None = None,
+        media_mask: jax.Array | None = None,
+    ) -> jax.Array:
+        """tokens, segment_ids, positions [B, L]; for a Flamingo LM also media latents [B, M, n, Dv] and
+        media_mask [B, L, M] (`gated_xattn.media_mask`)."""
         dtype = jnp.dtype(self.dtype)
         embed = nn.Embed(
             self.vocab_size,
@@ -98,15 +154,7 @@ class DecoderLM(nn.Module):
         block = DecoderBlock
         if REMAT_POLICIES[self.remat] is not None:
             block = nn.remat(block, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
-        stack = nn.scan(
-            block,
-            variable_axes={"params": 0},
-            split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast),
-            length=self.num_layers,
-            metadata_params={nn.PARTITION_NAME: "layers"},
-        )
-        x, _ = stack(
+        block_args = (
             self.num_heads,
             self.num_kv_heads,
             self.resolved_head_dim,
@@ -116,8 +164,27 @@ class DecoderLM(nn.Module):
             dtype,
             self.qkv_bias,
             self.mlp_act,
-            name="layers",
-        )(x, positions, mask)
+        )
+        if not self.cross_attn_every:
+            x, _ = _scan_layers(block, self.num_layers, 2)(*block_args, name="layers")(x, positions, mask)
+        else:
+            if self.num_layers % self.cross_attn_every:
+                raise UserError(
+                    f"cross_attn_every={self.cross_attn_every} does not divide num_layers={self.num_layers}."
+                )
+            if media is None or media_mask is None:
+                raise UserError("a Flamingo LM (cross_attn_every > 0) needs media latents and a media mask.")
+            xattn_args = dict(
+                num_heads=self.cross_attn_heads,
+                head_dim=self.cross_attn_head_dim,
+                ff_mult=self.cross_attn_ff_mult,
+                ff_act=self.cross_attn_ff_act,
+                dtype=dtype,
+            )
+            groups = _scan_layers(CrossAttentionGroup, self.num_layers // self.cross_attn_every, 4)
+            x, _ = groups(self.cross_attn_every, block, block_args, xattn_args, name="layer_groups")(
+                x, positions, mask, media, media_mask
+            )
         x = RMSNorm(self.norm_eps, dtype, name="final_norm")(x)
         if self.tie_embeddings:
             logits = embed.attend(x)

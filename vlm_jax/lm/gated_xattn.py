@@ -1,7 +1,10 @@
 """Flamingo's GATED XATTN-DENSE block, with media masks computed per packed segment.
 
 x <- x + tanh(attn_gate) * cross_attn(norm(x), media)
-x <- x + tanh(ff_gate) * ff(x)                     (ff = LayerNorm, Linear, GELU, Linear; no biases)
+x <- x + tanh(ff_gate) * ff(x)                     (ff = LayerNorm, Linear, act, Linear; no biases)
+
+The feed-forward activation is exact GELU as in open_flamingo, or squared
+ReLU as in the Flamingo paper (`ff_act="sqrelu"`).
 
 Both gates start at 0, so at initialisation the block is the identity and a
 Flamingo model's logits equal its frozen LM's. Media masking follows the
@@ -24,6 +27,8 @@ import jax.numpy as jnp
 
 from vlm_jax.encoders.vit import Norm
 from vlm_jax.nn.layers import DenseGeneral
+
+FF_ACTIVATIONS = {"gelu": lambda x: jax.nn.gelu(x, approximate=False), "sqrelu": lambda x: jnp.square(jax.nn.relu(x))}
 
 
 def media_mask(
@@ -59,6 +64,7 @@ class GatedCrossAttention(nn.Module):
     num_heads: int = 8
     head_dim: int = 64
     ff_mult: int = 4
+    ff_act: str = "gelu"
     norm_eps: float = 1e-5
     dtype: Any = jnp.float32
 
@@ -84,5 +90,5 @@ class GatedCrossAttention(nn.Module):
         x = x + jnp.tanh(attn_gate).astype(self.dtype) * out
         h = Norm("layernorm", self.norm_eps, dtype=self.dtype, name="ff_norm")(x)
         h = DenseGeneral(width * self.ff_mult, ("embed", "mlp"), dtype=self.dtype, name="ff_in")(h)
-        h = DenseGeneral(width, ("mlp", "embed"), dtype=self.dtype, name="ff_out")(jax.nn.gelu(h, approximate=False))
+        h = DenseGeneral(width, ("mlp", "embed"), dtype=self.dtype, name="ff_out")(FF_ACTIVATIONS[self.ff_act](h))
         return x + jnp.tanh(ff_gate).astype(self.dtype) * h

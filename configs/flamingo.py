@@ -1,0 +1,135 @@
+"""Flamingo (Alayrac et al. 2022): frozen vision encoder and LM, trained Perceiver resampler and GATED XATTN-DENSE.
+
+Variants (`--config configs/flamingo.py:variant=NAME[,data=DIR,tokenizer=FILE.model]`):
+  tiny  a small CLIP-style ViT, a 4-layer LM with cross-attention every 2 layers: CPU tests and the quick start
+  3B    NFNet-F6 + the 1.4B Chinchilla-family LM (24 layers, width 2048), cross-attention every layer
+  9B    NFNet-F6 + the 7.1B LM (32 layers, width 4096), cross-attention every 4th layer
+  80B   NFNet-F6 + Chinchilla 70B (80 layers, width 8192), cross-attention every 7th layer
+
+Sizes follow the Flamingo paper's appendix (model hyper-parameters and the
+per-component parameter table); tests/test_param_counts.py checks each
+component against that table. Frozen: the vision encoder and every LM weight
+(`optim.freeze`); trained: the resampler (`perceiver/`) and the cross-attention
+blocks (`decoder/layer_groups/xattn/`). Batches come from the Grain pipeline
+over a `vlm-jax data build` folder, rendered with the "flamingo" template
+(one `<image>` token per image, `<|endofchunk|>` after each text chunk).
+"""
+
+from vlm_jax import sharding
+from vlm_jax.config_lib import ConfigDict, ConfigError, parse_arg
+
+# Flamingo paper: all models share NFNet-F6 (435M) and a 6-layer resampler (width 1536 = F6 features,
+# 16 heads of 128, 64 latents, squared ReLU); the LMs and cross-attention frequencies differ.
+LMS = {
+    #      vocab, width, layers, heads, mlp, xattn_every
+    "3B": (32000, 2048, 24, 16, 8192, 1),
+    "9B": (32000, 4096, 32, 32, 16384, 4),
+    "80B": (32000, 8192, 80, 64, 32768, 7),
+}
+FROZEN = (
+    "vision/.*",
+    "decoder/embed/.*",
+    "decoder/layer_groups/layers/.*",
+    "decoder/final_norm/.*",
+    "decoder/lm_head/.*",
+)
+
+
+def get_config(arg=None):
+    arg = parse_arg(arg, variant="tiny", data="", tokenizer="", vocab=256)
+    if arg.variant != "tiny" and arg.variant not in LMS:
+        raise ConfigError(f"variant {arg.variant!r} is not one of tiny, {', '.join(LMS)}.")
+    c = ConfigDict()
+    c.seed = 0
+    c.total_steps = 60 if arg.variant == "tiny" else 250_000
+    c.batch_size = 8 if arg.variant == "tiny" else 256
+    c.grad_accum_steps = 1
+    c.mesh = "data=-1,fsdp=1,tensor=1" if arg.variant == "tiny" else "data=-1,fsdp=16,tensor=1"
+    c.logical_axis_rules = sharding.DEFAULT_RULES
+    c.log_every = 10
+    c.checkpoint_every = 1000
+    c.keep_checkpoints = 3
+    c.eval_every = 0
+    c.eval_steps = 2
+    c.peak_tflops = 0.0
+
+    vocab = int(arg.vocab)
+    if arg.tokenizer:
+        from data_pipelines.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer(arg.tokenizer)
+        vocab, media_token_id = tokenizer.vocab_size, tokenizer.token_id("<image>")
+    else:
+        media_token_id = 3  # placeholder id for configs built without a tokenizer (parameter counts, tests)
+
+    if arg.variant == "tiny":
+        image_size, seq_len = 32, 64
+        encoder = "vit"
+        encoder_kwargs = dict(
+            variant="", width=32, depth=1, mlp_dim=64, num_heads=2, patch_size=8, image_size=image_size,
+            pre_norm=True, norm_eps=1e-5, mlp_act="quick_gelu",
+        )  # fmt: skip
+        resampler = dict(depth=1, num_heads=2, head_dim=16, num_latents=4)
+        lm = dict(
+            vocab_size=vocab, embed_dim=64, num_layers=4, num_heads=4, num_kv_heads=2, mlp_dim=128,
+            cross_attn_every=2, cross_attn_heads=2, cross_attn_head_dim=16,
+        )  # fmt: skip
+    else:
+        vocab_size, width, layers, heads, mlp, every = LMS[arg.variant]
+        image_size, seq_len = 320, 2048  # Flamingo pretrains NFNet-F6 at 288/320 px
+        encoder = "nfnet"
+        encoder_kwargs = dict(variant="F6", num_classes=0)
+        resampler = dict(depth=6, num_heads=16, head_dim=128, num_latents=64, ff_act="sqrelu")
+        lm = dict(
+            vocab_size=vocab_size, embed_dim=width, num_layers=layers, num_heads=heads, num_kv_heads=heads,
+            mlp_dim=mlp, cross_attn_every=every, cross_attn_heads=heads, cross_attn_head_dim=128,
+            cross_attn_ff_act="sqrelu",
+        )  # fmt: skip
+    c.model = ConfigDict(
+        dict(
+            name="flamingo",
+            encoder=encoder,
+            encoder_kwargs=encoder_kwargs,
+            image_size=image_size,
+            resampler=resampler,
+            lm=lm,
+            media_token_id=media_token_id,
+            only_attend_immediate_media=True,
+            image_tokens=1,
+        )
+    )
+    c.data = ConfigDict(
+        dict(
+            name="grain",
+            source="array_record",
+            train_path=arg.data,
+            validation_path=arg.data,
+            tokenizer=arg.tokenizer,
+            template="flamingo",
+            seq_len=seq_len,
+            max_images=4 if arg.variant == "tiny" else 5,
+            packing_bins=32,
+            shuffle=True,
+            worker_count=0,
+            interleaved=dict(max_tokens=seq_len, max_images=4 if arg.variant == "tiny" else 5),
+            image=dict(mode="fixed", size=image_size, method="bicubic", normalization="clip", max_aspect_ratio=20.0),
+        )
+    )
+    c.optim = ConfigDict(
+        dict(
+            name="adamw",
+            lr=1e-3 if arg.variant == "tiny" else 1e-4,
+            schedule="linear",
+            warmup_steps=5 if arg.variant == "tiny" else 5000,
+            min_lr_ratio=0.0,
+            b1=0.9,
+            b2=0.999,
+            eps=1e-8,
+            weight_decay=0.1,
+            wd_exclude=(".*latents",),  # matrices decay, vectors and scalars (gates, norms) never
+            clip_norm=1.0,
+            freeze=FROZEN,
+            lr_mults=(),
+        )
+    )
+    return c

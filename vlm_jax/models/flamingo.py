@@ -1,0 +1,192 @@
+"""Flamingo as a trainable system (`model.name = "flamingo"`): frozen vision encoder and LM, trained resampler and
+gated cross-attention.
+
+Per packed row: images [B, M, H, W, 3] (M media slots, `image_segment_ids`
+[B, M] naming each slot's example, 0 = empty) -> vision encoder features
+[B*M, V, Dv] -> Perceiver resampler -> latents [B, M, n, Dv] -> the decoder LM
+with GATED XATTN-DENSE blocks (`vlm_jax/lm/decoder.py`, `cross_attn_every`).
+A text token attends to the media of its own example only: the latest
+`<image>` at or before it (`only_attend_immediate_media`) or every earlier
+one; `media_token_id` marks the placeholders in `tokens`.
+
+`model.encoder` is "vit" or "nfnet", `model.encoder_kwargs` its fields;
+`model.resampler` holds `PerceiverResampler` fields and `model.lm` the
+`DecoderLM` fields. Freezing is the optimizer's business (`optim.freeze`,
+see configs/flamingo.py); to train only new token rows, give the LM
+`extra_vocab_size` and leave `lm/extra_embed` (and `lm/extra_head`) unfrozen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from vlm_jax.config_lib import ConfigError
+from vlm_jax.connectors.perceiver import PerceiverResampler
+from vlm_jax.errors import UserError
+from vlm_jax.lm.decoder import DecoderLM
+from vlm_jax.lm.gated_xattn import media_mask
+from vlm_jax.models import register
+from vlm_jax.models.base import System
+
+ENCODERS = ("vit", "nfnet")
+_KEY = jax.random.PRNGKey(0)
+
+
+def _forward_flops(module: nn.Module, *args) -> float:
+    """FLOPs of `module.apply` on abstract inputs, from XLA's cost analysis of the lowered (uncompiled) forward."""
+    params = jax.eval_shape(module.init, _KEY, *args)
+    return float(jax.jit(module.apply).lower(params, *args).cost_analysis()["flops"])
+
+
+def vision_encoder(encoder: str, kwargs: dict) -> nn.Module:
+    """The ViT or NFNet named by `model.encoder`."""
+    if encoder == "vit":
+        from vlm_jax.encoders.vit import ViT
+
+        return ViT(**kwargs)
+    if encoder == "nfnet":
+        from vlm_jax.encoders.nfnet import NFNet
+
+        return NFNet(**kwargs)
+    raise ConfigError(f"model.encoder {encoder!r} is not one of {', '.join(ENCODERS)}.")
+
+
+class FlamingoModel(nn.Module):
+    """(tokens, segment_ids, positions, images, image_segment_ids[, mask]) -> logits [B, L, vocab]."""
+
+    vision: nn.Module
+    perceiver: PerceiverResampler
+    decoder: DecoderLM
+    media_token_id: int
+    only_attend_immediate_media: bool = True
+
+    def encode_media(self, images: jax.Array) -> jax.Array:
+        """images [B, M, H, W, 3] -> resampled latents [B, M, num_latents, Dv] (vision features computed once)."""
+        b, m = images.shape[:2]
+        out = self.vision(images.reshape((b * m,) + images.shape[2:]))
+        features = out["tokens"] if "tokens" in out else out["features"]
+        features = features.reshape(b, m, 1, -1, features.shape[-1])  # one frame per media slot
+        return self.perceiver(features)
+
+    def media_mask(self, tokens, segment_ids, image_segment_ids) -> jax.Array:
+        """[B, L, M]: which media slots each token may attend to."""
+        return media_mask(
+            tokens == self.media_token_id, segment_ids, image_segment_ids, self.only_attend_immediate_media
+        )
+
+    def __call__(self, tokens, segment_ids, positions, images, image_segment_ids, mask=None):
+        latents = self.encode_media(images)
+        if mask is None:
+            mask = self.media_mask(tokens, segment_ids, image_segment_ids)
+        return self.decoder(tokens, segment_ids, positions, latents, mask)
+
+    def decode_with_latents(self, tokens, segment_ids, positions, latents, mask):
+        """The LM on precomputed media latents (generation encodes images once)."""
+        return self.decoder(tokens, segment_ids, positions, latents, mask)
+
+
+@register("flamingo")
+class Flamingo(System):
+    """Next-token prediction on packed interleaved rows (batch: tokens, targets, loss_mask, segment_ids, positions,
+    images, image_segment_ids)."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        m = config.model
+        fields = {f.name for f in dataclasses.fields(DecoderLM)} - {"parent", "name"}
+        unknown = set(m.lm) - fields
+        if unknown:
+            raise ConfigError(
+                f"model.lm.{sorted(unknown)[0]} is not a DecoderLM setting ({', '.join(sorted(fields))})."
+            )
+        if not m.lm.get("cross_attn_every"):
+            raise ConfigError("model.lm.cross_attn_every must be > 0 for a Flamingo model.")
+        if int(m.image_tokens) != 1:
+            raise ConfigError(
+                f"model.image_tokens must be 1 for Flamingo (one <image> marker per image); got {m.image_tokens}."
+            )
+        self.module = FlamingoModel(
+            vision=vision_encoder(m.encoder, m.encoder_kwargs.to_dict()),
+            perceiver=PerceiverResampler(**m.resampler.to_dict()),
+            decoder=DecoderLM(**m.lm.to_dict()),
+            media_token_id=int(m.media_token_id),
+            only_attend_immediate_media=bool(m.get("only_attend_immediate_media", True)),
+        )
+        self.image_size = int(m.image_size)
+        self.seq_len = int(config.data.seq_len)
+        self.max_images = int(config.data.get("max_images", 1))
+
+    def dummy_batch(self, batch_size: int) -> dict[str, np.ndarray]:
+        shape = (batch_size, self.seq_len)
+        tokens = np.zeros(shape, np.int32)
+        tokens[:, 1] = self.config.model.media_token_id
+        return {
+            "tokens": tokens,
+            "targets": np.zeros(shape, np.int32),
+            "loss_mask": np.zeros(shape, np.float32),
+            "segment_ids": np.ones(shape, np.int32),
+            "positions": np.broadcast_to(np.arange(self.seq_len, dtype=np.int32), shape).copy(),
+            "images": np.zeros((batch_size, self.max_images, self.image_size, self.image_size, 3), np.float32),
+            "image_segment_ids": np.ones((batch_size, self.max_images), np.int32),
+        }
+
+    def _inputs(self, batch):
+        return (
+            batch["tokens"],
+            batch["segment_ids"],
+            batch["positions"],
+            batch["images"],
+            batch["image_segment_ids"],
+        )
+
+    def init(self, rng, batch):
+        return self.module.init(rng, *self._inputs(batch))["params"]
+
+    def logits(self, params: Any, batch: dict[str, jax.Array]) -> jax.Array:
+        return self.module.apply({"params": params}, *self._inputs(batch))
+
+    def loss(self, params, batch):
+        logits = self.logits(params, batch)
+        mask = batch["loss_mask"].astype(jnp.float32)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+        correct = (jnp.argmax(logits, axis=-1) == batch["targets"]).astype(jnp.float32)
+        metrics = {"accuracy": jnp.sum(correct * mask)}
+        weight = jnp.sum(mask)
+        # Mean |tanh(gate)| of the cross-attention blocks, scaled by the weight because the trainer divides by it.
+        gates = params["decoder"]["layer_groups"]["xattn"]
+        for name in ("attn_gate", "ff_gate"):
+            metrics[f"gates/{name}"] = jnp.mean(jnp.abs(jnp.tanh(gates[name]))) * weight
+        return jnp.sum(ce * mask), weight, metrics
+
+    def flops_per_example(self) -> float:
+        """Training FLOPs per row from XLA's cost analysis of each part's forward (lowered, never compiled):
+        vision 1x (frozen, no gradient), resampler and cross-attention 3x, the frozen LM 2x (activation
+        gradients only)."""
+        m = self.module
+        images = jax.ShapeDtypeStruct((1, self.max_images, self.image_size, self.image_size, 3), jnp.float32)
+        row = jax.ShapeDtypeStruct((1, self.seq_len), jnp.int32)
+        flat = jax.ShapeDtypeStruct((self.max_images,) + images.shape[2:], jnp.float32)
+        vision = _forward_flops(m.vision, flat)
+        features = jax.eval_shape(lambda x: m.vision.apply(*x), (jax.eval_shape(m.vision.init, _KEY, flat), flat))
+        features = features["tokens"] if "tokens" in features else features["features"]
+        media = jax.ShapeDtypeStruct(
+            (1, self.max_images, 1, int(np.prod(features.shape[1:-1])), features.shape[-1]), jnp.float32
+        )
+        resampler = _forward_flops(m.perceiver, media)
+        latents = jax.eval_shape(
+            lambda x: m.perceiver.apply(*x), (jax.eval_shape(m.perceiver.init, _KEY, media), media)
+        )
+        mask = jax.ShapeDtypeStruct((1, self.seq_len, self.max_images), jnp.bool_)
+        full = _forward_flops(m.decoder, row, row, row, latents, mask)
+        plain = _forward_flops(m.decoder.clone(cross_attn_every=0), row, row, row)
+        return vision + 3.0 * resampler + 3.0 * (full - plain) + 2.0 * plain
+
+    def tokens_in(self, batch):
+        return int(np.count_nonzero(batch["segment_ids"]))
