@@ -29,7 +29,6 @@ import optax
 
 from vlm_jax.config_lib import ConfigError
 from vlm_jax.connectors.perceiver import PerceiverResampler
-from vlm_jax.errors import UserError
 from vlm_jax.lm.decoder import DecoderLM
 from vlm_jax.lm.gated_xattn import media_mask
 from vlm_jax.models import register
