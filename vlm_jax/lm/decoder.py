@@ -1,4 +1,10 @@
-"""A decoder-only language model: RoPE, RMSNorm, SwiGLU / GeGLU, grouped-query attention (LLaMA, Qwen2, Gemma).
+"""A decoder-only language model: by default LLaMA's (RoPE, RMSNorm, SwiGLU, grouped-query attention).
+
+Options by field cover Qwen2 and Gemma (q/k/v biases, GeGLU, embedding
+scale, Gemma 2 logit soft-capping), MPT / GPT style models (ALiBi or learned
+absolute positions, LayerNorm, plain GELU MLP, biases) and the Transformer-XL
+relative positions of Gopher / Chinchilla, the LM inside Flamingo.
+`decode=True` runs with a KV cache for generation.
 
 The layer stack is one `nn.scan` (parameters stacked on a leading 'layers'
 axis), optionally rematerialised, so compile time does not grow with depth.
@@ -24,8 +30,8 @@ import jax.numpy as jnp
 from vlm_jax import sharding
 from vlm_jax.errors import UserError
 from vlm_jax.lm.gated_xattn import GatedCrossAttention
-from vlm_jax.nn.attention import SelfAttention, causal_segment_mask
-from vlm_jax.nn.layers import DenseGeneral, RMSNorm, SwiGLU
+from vlm_jax.nn.attention import SelfAttention
+from vlm_jax.nn.layers import ACTIVATIONS, MLP, DenseGeneral, LayerNorm, RMSNorm, SwiGLU
 
 REMAT_POLICIES = {
     "none": None,
@@ -36,36 +42,45 @@ REMAT_POLICIES = {
 
 
 class DecoderBlock(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)).
 
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
+    `attn` holds the `SelfAttention` settings; norm and MLP follow the DecoderLM fields of the same names.
+    """
+
+    attn: dict
     mlp_dim: int
-    rope_theta: float
     norm_eps: float
     dtype: Any
-    qkv_bias: bool = False
+    norm: str = "rmsnorm"
+    norm_bias: bool = True
+    mlp: str = "gated"
     mlp_act: str = "silu"
+    mlp_bias: bool = False
 
     @nn.compact
-    def __call__(self, x, positions, mask):
-        h = RMSNorm(self.norm_eps, self.dtype, name="attn_norm")(x)
-        h = SelfAttention(
-            self.num_heads, self.num_kv_heads, self.head_dim, self.rope_theta, self.dtype, self.qkv_bias, name="attn"
-        )(h, positions, mask)
+    def __call__(self, x, segment_ids, positions):
+        h = _norm(self, "attn_norm")(x)
+        h = SelfAttention(**self.attn, dtype=self.dtype, name="attn")(h, segment_ids, positions)
         x = sharding.constrain(x + h, ("batch", "length", "embed"))
-        h = RMSNorm(self.norm_eps, self.dtype, name="mlp_norm")(x)
-        h = SwiGLU(self.mlp_dim, self.dtype, self.mlp_act, name="mlp")(h)
+        h = _norm(self, "mlp_norm")(x)
+        mlp = SwiGLU if self.mlp == "gated" else MLP
+        h = mlp(self.mlp_dim, self.dtype, self.mlp_act, self.mlp_bias, name="mlp")(h)
         x = sharding.constrain(x + h, ("batch", "length", "embed"))
         return x, None
 
 
+def _norm(m, name: str) -> nn.Module:
+    """The norm `m.norm` names ("rmsnorm" or "layernorm" with an optional bias)."""
+    if m.norm == "layernorm":
+        return LayerNorm(m.norm_eps, jnp.dtype(m.dtype), m.norm_bias, name=name)
+    return RMSNorm(m.norm_eps, jnp.dtype(m.dtype), name=name)
+
+
 def _scan_layers(block, length: int, num_broadcast: int):
-    """`block` scanned `length` times; parameters stacked on a leading 'layers' axis."""
+    """`block` scanned `length` times; parameters (and KV caches) stacked on a leading 'layers' axis."""
     return nn.scan(
         block,
-        variable_axes={"params": 0},
+        variable_axes={"params": 0, "cache": 0},
         split_rngs={"params": True},
         in_axes=(nn.broadcast,) * num_broadcast,
         length=length,
@@ -78,13 +93,13 @@ class CrossAttentionGroup(nn.Module):
 
     every: int
     block: Any  # the (possibly rematerialised) DecoderBlock class
-    block_args: tuple
+    block_args: dict
     xattn_args: dict
 
     @nn.compact
-    def __call__(self, x, positions, mask, media, media_mask):
+    def __call__(self, x, segment_ids, positions, media, media_mask):
         x = GatedCrossAttention(**self.xattn_args, name="xattn")(x, media, media_mask)
-        x, _ = _scan_layers(self.block, self.every, 2)(*self.block_args, name="layers")(x, positions, mask)
+        x, _ = _scan_layers(self.block, self.every, 2)(**self.block_args, name="layers")(x, segment_ids, positions)
         return x, None
 
 
@@ -93,17 +108,26 @@ def flamingo_layout(layers: Any, every: int) -> Any:
     return jax.tree.map(lambda a: a.reshape((a.shape[0] // every, every) + a.shape[1:]), layers)
 
 
+CHOICES = {
+    "position_embedding": ("rope", "alibi", "relative", "learned", "none"),
+    "norm": ("rmsnorm", "layernorm"),
+    "mlp": ("gated", "plain"),
+    "mlp_act": tuple(ACTIVATIONS),
+}
+
+
 class DecoderLM(nn.Module):
     """Token ids -> next-token logits [batch, length, vocab] (float32).
 
-    Attributes mirror `config.model` of `configs/lm.py`.
+    Attributes mirror `config.model` of `configs/lm.py`; the defaults are a
+    LLaMA decoder, and the options below cover the other families.
     """
 
     vocab_size: int
     embed_dim: int
     num_layers: int
     num_heads: int
-    num_kv_heads: int
+    num_kv_heads: int  # = num_heads: multi-head; 1: multi-query; in between: grouped-query attention
     mlp_dim: int
     head_dim: int | None = None
     rope_theta: float = 10000.0
@@ -112,8 +136,20 @@ class DecoderLM(nn.Module):
     dtype: str = "float32"
     remat: str = "none"
     qkv_bias: bool = False  # Qwen2
-    mlp_act: str = "silu"  # "silu" (LLaMA, Qwen2) or "gelu_tanh" (Gemma's GeGLU)
+    mlp_act: str = "silu"  # "silu" (LLaMA, Qwen2), "gelu_tanh" (Gemma's GeGLU, GPT-2), "gelu" (exact: MPT)
     embed_scale: bool = False  # Gemma multiplies embeddings by sqrt(embed_dim)
+    # How positions enter: "rope"; "alibi" (MPT, BLOOM); "relative" (Transformer-XL: Gopher, Chinchilla, Flamingo's
+    # LM); "learned" (an absolute table of `max_positions` rows added to the embeddings: GPT-2, OPT); "none".
+    position_embedding: str = "rope"
+    alibi_bias_max: float = 8.0  # ALiBi slopes 2^(-alibi_bias_max * k / heads) (MPT's setting)
+    max_positions: int = 2048  # rows of the "learned" table
+    norm: str = "rmsnorm"  # or "layernorm" (GPT, MPT)
+    norm_bias: bool = True  # LayerNorm with a bias (MPT has none)
+    mlp: str = "gated"  # "gated": down(act(gate x) * up x) (SwiGLU / GeGLU); "plain": down(act(up x)) (GPT, MPT)
+    mlp_bias: bool = False  # biases in the MLP (GPT-2)
+    attn_bias: bool = False  # biases on all attention projections incl. the output (GPT-2)
+    attn_logit_softcap: float = 0.0  # Gemma 2: attention logits -> cap * tanh(logits / cap); 0 = off
+    final_logit_softcap: float = 0.0  # Gemma 2: the same on the output logits; 0 = off
     # Flamingo: a gated cross-attention block before every `cross_attn_every`-th layer (0 = plain LM).
     cross_attn_every: int = 0
     cross_attn_heads: int = 8
@@ -125,6 +161,18 @@ class DecoderLM(nn.Module):
     def resolved_head_dim(self) -> int:
         return self.head_dim or self.embed_dim // self.num_heads
 
+    def check(self) -> None:
+        """Raises a UserError naming the first setting that cannot work."""
+        for field, choices in CHOICES.items():
+            if getattr(self, field) not in choices:
+                raise UserError(f"{field}={getattr(self, field)!r} is not one of {', '.join(choices)}.")
+        if self.num_heads % self.num_kv_heads:
+            raise UserError(f"num_kv_heads={self.num_kv_heads} does not divide num_heads={self.num_heads}.")
+        if self.position_embedding == "relative" and self.embed_dim % 2:
+            raise UserError(f"relative positions need an even embed_dim, got {self.embed_dim}.")
+        if self.cross_attn_every and self.num_layers % self.cross_attn_every:
+            raise UserError(f"cross_attn_every={self.cross_attn_every} does not divide num_layers={self.num_layers}.")
+
     @nn.compact
     def __call__(
         self,
@@ -133,9 +181,20 @@ class DecoderLM(nn.Module):
         positions: jax.Array,
         media: jax.Array | None = None,
         media_mask: jax.Array | None = None,
+        *,
+        decode: bool = False,
     ) -> jax.Array:
         """tokens, segment_ids, positions [B, L]; for a Flamingo LM also media latents [B, M, n, Dv] and
-        media_mask [B, L, M] (`gated_xattn.media_mask`)."""
+        media_mask [B, L, M] (`gated_xattn.media_mask`, the rows of these L tokens).
+
+        `decode=True` runs with a KV cache (the "cache" collection; see
+        `SelfAttention`): `init` with [B, max_len] inputs creates an empty
+        cache of max_len slots, then each `apply(..., decode=True,
+        mutable=["cache"])` appends its L tokens (a prompt, then one token per
+        step) and returns their logits. Padding (segment 0) is never attended
+        by real tokens, so prompts of different lengths can be left-padded.
+        """
+        self.check()
         dtype = jnp.dtype(self.dtype)
         embed = nn.Embed(
             self.vocab_size,
@@ -148,30 +207,42 @@ class DecoderLM(nn.Module):
         x = embed(tokens)
         if self.embed_scale:
             x = x * jnp.asarray(self.embed_dim**0.5, dtype)
+        if self.position_embedding == "learned":
+            init = nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "embed"))
+            x = x + nn.Embed(self.max_positions, self.embed_dim, dtype=dtype, embedding_init=init, name="pos_embed")(
+                positions
+            )
         x = sharding.constrain(x, ("batch", "length", "embed"))
-        mask = causal_segment_mask(segment_ids)
 
         block = DecoderBlock
         if REMAT_POLICIES[self.remat] is not None:
             block = nn.remat(block, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
-        block_args = (
-            self.num_heads,
-            self.num_kv_heads,
-            self.resolved_head_dim,
-            self.mlp_dim,
-            self.rope_theta,
-            self.norm_eps,
-            dtype,
-            self.qkv_bias,
-            self.mlp_act,
+        attn = dict(
+            num_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads,
+            head_dim=self.resolved_head_dim,
+            rope_theta=self.rope_theta,
+            qkv_bias=self.qkv_bias or self.attn_bias,
+            out_bias=self.attn_bias,
+            position_embedding=self.position_embedding,
+            alibi_bias_max=self.alibi_bias_max,
+            logit_softcap=self.attn_logit_softcap,
+            decode=decode,
+        )
+        block_args = dict(
+            attn=attn,
+            mlp_dim=self.mlp_dim,
+            norm_eps=self.norm_eps,
+            dtype=dtype,
+            norm=self.norm,
+            norm_bias=self.norm_bias,
+            mlp=self.mlp,
+            mlp_act=self.mlp_act,
+            mlp_bias=self.mlp_bias,
         )
         if not self.cross_attn_every:
-            x, _ = _scan_layers(block, self.num_layers, 2)(*block_args, name="layers")(x, positions, mask)
+            x, _ = _scan_layers(block, self.num_layers, 2)(**block_args, name="layers")(x, segment_ids, positions)
         else:
-            if self.num_layers % self.cross_attn_every:
-                raise UserError(
-                    f"cross_attn_every={self.cross_attn_every} does not divide num_layers={self.num_layers}."
-                )
             if media is None or media_mask is None:
                 raise UserError("a Flamingo LM (cross_attn_every > 0) needs media latents and a media mask.")
             xattn_args = dict(
@@ -183,11 +254,14 @@ class DecoderLM(nn.Module):
             )
             groups = _scan_layers(CrossAttentionGroup, self.num_layers // self.cross_attn_every, 4)
             x, _ = groups(self.cross_attn_every, block, block_args, xattn_args, name="layer_groups")(
-                x, positions, mask, media, media_mask
+                x, segment_ids, positions, media, media_mask
             )
-        x = RMSNorm(self.norm_eps, dtype, name="final_norm")(x)
+        x = _norm(self, "final_norm")(x)
         if self.tie_embeddings:
             logits = embed.attend(x)
         else:
             logits = DenseGeneral(self.vocab_size, ("embed", "vocab"), dtype=dtype, name="lm_head")(x)
-        return sharding.constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+        logits = logits.astype(jnp.float32)
+        if self.final_logit_softcap:
+            logits = self.final_logit_softcap * jnp.tanh(logits / self.final_logit_softcap)
+        return sharding.constrain(logits, ("batch", "length", "vocab"))

@@ -1,4 +1,4 @@
-"""Multi-head self-attention with grouped KV heads and segment-aware masks."""
+"""Decoder self-attention: grouped KV heads, segment-aware causal masks, position schemes and a KV cache."""
 
 from __future__ import annotations
 
@@ -10,24 +10,62 @@ import jax.numpy as jnp
 
 from vlm_jax import sharding
 from vlm_jax.nn.layers import DenseGeneral
+from vlm_jax.nn.positions import alibi_bias, alibi_slopes, sinusoid
 from vlm_jax.nn.rope import apply_rope
 
 
-def causal_segment_mask(segment_ids: jax.Array) -> jax.Array:
-    """[B, 1, L, L] boolean mask: token i sees token j iff j <= i and both share a segment.
+def causal_segment_mask(segment_ids: jax.Array, kv_segment_ids: jax.Array | None = None, offset=0) -> jax.Array:
+    """[B, 1, T, S] boolean mask: query i sees key j iff j <= i + offset and both share a segment.
 
-    Segment 0 (padding) only sees padding, so no row is ever fully masked.
+    Keys default to the queries; with a KV cache the keys are the cache slots
+    and `offset` is the slot of the first query. Segment 0 (padding) only sees
+    padding, so no row is ever fully masked and real tokens never see padding.
     """
-    length = segment_ids.shape[-1]
-    causal = jnp.tril(jnp.ones((length, length), dtype=bool))
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    kv_segment_ids = segment_ids if kv_segment_ids is None else kv_segment_ids
+    q_slots = jnp.arange(segment_ids.shape[-1]) + offset
+    causal = jnp.arange(kv_segment_ids.shape[-1])[None, :] <= q_slots[:, None]
+    same = segment_ids[:, :, None] == kv_segment_ids[:, None, :]
     return (same & causal)[:, None, :, :]
 
 
-class SelfAttention(nn.Module):
-    """Self-attention with RoPE and grouped-query attention (num_kv_heads divides num_heads).
+def attend(q, k, v, mask, bias=None, logit_softcap: float = 0.0) -> jax.Array:
+    """Softmax attention of q [B, T, H, D] over k, v [B, S, K, D] (K divides H; head h reads KV head h // (H / K)).
 
-    `mask` is a boolean [B, 1, L, L] (True = may attend).
+    mask [B, 1, T, S] bool; bias [B, H, T, S] is added to the scaled logits,
+    then logits are soft-capped (`cap * tanh(logits / cap)`, Gemma 2) if
+    `logit_softcap` > 0. Logits and softmax are float32.
+    """
+    b, t, h, d = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, t, kv_heads, h // kv_heads, d)
+    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * d**-0.5
+    if bias is not None:
+        logits = logits + bias.reshape(b, kv_heads, h // kv_heads, t, -1)
+    if logit_softcap:
+        logits = logit_softcap * jnp.tanh(logits / logit_softcap)
+    logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", weights, v).reshape(b, t, h, d)
+
+
+class SelfAttention(nn.Module):
+    """Causal self-attention within packed segments, with grouped-query attention (num_kv_heads divides num_heads).
+
+    `position_embedding` says how positions enter the logits: "rope" rotates
+    queries and keys; "alibi" adds -slope_h * distance (MPT slopes,
+    `alibi_bias_max`); "relative" is Transformer-XL's (q + u).k + (q + v).(W_R r)
+    with sinusoids r of the distance, a learned W_R ('relative') and per-head
+    biases u ('content_bias') and v ('position_bias') (Gopher, Chinchilla,
+    Flamingo's LM); "learned" and "none" add nothing here. Distances come from
+    `positions`, so they are per segment.
+
+    With `decode=True` keys and values go to a "cache" collection
+    (`cached_key`, `cached_value` [B, max_len, kv_heads, head_dim],
+    `cached_segment_ids`, `cached_positions` [B, max_len], `index`). The first
+    call (`init`) only creates the cache, sized by its input, and attends
+    within that input; later calls write their T tokens at slots index ..
+    index + T - 1 (the caller keeps index + T <= max_len) and attend over the
+    whole cache with the same segment and causality rules.
     """
 
     num_heads: int
@@ -36,17 +74,83 @@ class SelfAttention(nn.Module):
     rope_theta: float = 10000.0
     dtype: Any = jnp.float32
     qkv_bias: bool = False  # Qwen2 has biases on the query, key and value projections
+    out_bias: bool = False
+    position_embedding: str = "rope"
+    alibi_bias_max: float = 8.0
+    logit_softcap: float = 0.0
+    decode: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, segment_ids: jax.Array, positions: jax.Array) -> jax.Array:
         embed_dim = x.shape[-1]
         kw = dict(dtype=self.dtype, use_bias=self.qkv_bias)
         q = DenseGeneral((self.num_heads, self.head_dim), ("embed", "heads", "head_dim"), name="query", **kw)(x)
         k = DenseGeneral((self.num_kv_heads, self.head_dim), ("embed", "kv_heads", "head_dim"), name="key", **kw)(x)
         v = DenseGeneral((self.num_kv_heads, self.head_dim), ("embed", "kv_heads", "head_dim"), name="value", **kw)(x)
-        q = sharding.constrain(apply_rope(q, positions, self.rope_theta), ("batch", "length", "heads", "head_dim"))
-        k = sharding.constrain(apply_rope(k, positions, self.rope_theta), ("batch", "length", "kv_heads", "head_dim"))
+        if self.position_embedding == "rope":
+            q, k = apply_rope(q, positions, self.rope_theta), apply_rope(k, positions, self.rope_theta)
+        q = sharding.constrain(q, ("batch", "length", "heads", "head_dim"))
+        k = sharding.constrain(k, ("batch", "length", "kv_heads", "head_dim"))
         v = sharding.constrain(v, ("batch", "length", "kv_heads", "head_dim"))
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+        kv_segment_ids, kv_positions, offset = segment_ids, positions, 0
+        if self.decode:
+            k, v, kv_segment_ids, kv_positions, offset = self._cache(k, v, segment_ids, positions)
+        mask = causal_segment_mask(segment_ids, kv_segment_ids, offset)
+
+        bias = None
+        if self.position_embedding == "alibi":
+            bias = alibi_bias(positions, kv_positions, alibi_slopes(self.num_heads, self.alibi_bias_max))
+        elif self.position_embedding == "relative":
+            bias = self._relative_logits(q, positions, kv_positions, embed_dim)
+            u = self.param(
+                "content_bias",
+                nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "head_dim")),
+                (self.num_heads, self.head_dim),
+            )
+            q = q + u.astype(self.dtype)
+        out = attend(q, k, v, mask, bias, self.logit_softcap)
         out = sharding.constrain(out, ("batch", "length", "heads", "head_dim"))
-        return DenseGeneral(embed_dim, ("heads", "head_dim", "embed"), in_dims=2, dtype=self.dtype, name="out")(out)
+        return DenseGeneral(
+            embed_dim, ("heads", "head_dim", "embed"), in_dims=2, dtype=self.dtype, use_bias=self.out_bias, name="out"
+        )(out)
+
+    def _relative_logits(self, q, q_positions, kv_positions, embed_dim):
+        """[B, H, T, S] Transformer-XL position logits (q + v).(W_R r_{i-j}), scaled like the content logits.
+
+        W_R r is computed once per distance 0 .. S-1 and gathered by each
+        pair's distance (negative distances are masked, so they are clipped).
+        """
+        span = kv_positions.shape[-1]
+        r = sinusoid(jnp.arange(span), embed_dim).astype(self.dtype)  # [S, E]
+        rel = DenseGeneral(
+            (self.num_heads, self.head_dim), ("embed", "heads", "head_dim"), dtype=self.dtype, name="relative"
+        )(r)
+        v_bias = self.param(
+            "position_bias",
+            nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "head_dim")),
+            (self.num_heads, self.head_dim),
+        )
+        by_distance = jnp.einsum(
+            "bthd,shd->bhts", q + v_bias.astype(self.dtype), rel, preferred_element_type=jnp.float32
+        )
+        distance = jnp.clip(q_positions[:, :, None] - kv_positions[:, None, :], 0, span - 1)  # [B, T, S]
+        return jnp.take_along_axis(by_distance, distance[:, None], axis=-1) * self.head_dim**-0.5
+
+    def _cache(self, k, v, segment_ids, positions):
+        """Writes this chunk into the KV cache; returns (keys, values, segment ids, positions, first query slot)."""
+        initialised = self.has_variable("cache", "cached_key")
+        zeros = lambda a: jnp.zeros(a.shape, a.dtype)  # noqa: E731
+        cached = {
+            "cached_key": self.variable("cache", "cached_key", zeros, k),
+            "cached_value": self.variable("cache", "cached_value", zeros, v),
+            "cached_segment_ids": self.variable("cache", "cached_segment_ids", zeros, segment_ids),
+            "cached_positions": self.variable("cache", "cached_positions", zeros, positions),
+        }
+        index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+        if not initialised:  # init: size the cache from the input, write nothing
+            return k, v, segment_ids, positions, 0
+        start = index.value
+        for var, new in zip(cached.values(), (k, v, segment_ids, positions)):
+            var.value = jax.lax.dynamic_update_slice_in_dim(var.value, new.astype(var.value.dtype), start, axis=1)
+        index.value = start + k.shape[1]
+        return (*(var.value for var in cached.values()), start)

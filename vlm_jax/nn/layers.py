@@ -69,7 +69,33 @@ class RMSNorm(nn.Module):
         return (normed * scale).astype(self.dtype)
 
 
-GATED_ACTIVATIONS = {"silu": nn.silu, "gelu_tanh": lambda x: nn.gelu(x, approximate=True)}
+class LayerNorm(nn.Module):
+    """LayerNorm over the 'embed' axis (GPT / MPT style), optionally without a bias (MPT).
+
+    Statistics are computed in float32; the result is cast to `dtype`.
+    """
+
+    epsilon: float = 1e-5
+    dtype: Dtype = jnp.float32
+    use_bias: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)), (x.shape[-1],))
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(jnp.var(x32, axis=-1, keepdims=True) + self.epsilon) * scale
+        if self.use_bias:
+            y = y + self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)), (x.shape[-1],))
+        return y.astype(self.dtype)
+
+
+# MLP activations: "silu" (LLaMA's SwiGLU), "gelu" (exact: MPT, GPT-NeoX), "gelu_tanh" (Gemma's GeGLU, GPT-2).
+ACTIVATIONS = {
+    "silu": nn.silu,
+    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
+}
 
 
 class SwiGLU(nn.Module):
@@ -78,11 +104,30 @@ class SwiGLU(nn.Module):
     hidden_dim: int
     dtype: Dtype = jnp.float32
     act: str = "silu"
+    use_bias: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         embed_dim = x.shape[-1]
-        gate = DenseGeneral(self.hidden_dim, ("embed", "mlp"), dtype=self.dtype, name="gate")(x)
-        up = DenseGeneral(self.hidden_dim, ("embed", "mlp"), dtype=self.dtype, name="up")(x)
-        h = sharding.constrain(GATED_ACTIVATIONS[self.act](gate) * up, ("batch", "length", "mlp"))
-        return DenseGeneral(embed_dim, ("mlp", "embed"), dtype=self.dtype, name="down")(h)
+        kw = dict(dtype=self.dtype, use_bias=self.use_bias)
+        gate = DenseGeneral(self.hidden_dim, ("embed", "mlp"), name="gate", **kw)(x)
+        up = DenseGeneral(self.hidden_dim, ("embed", "mlp"), name="up", **kw)(x)
+        h = sharding.constrain(ACTIVATIONS[self.act](gate) * up, ("batch", "length", "mlp"))
+        return DenseGeneral(embed_dim, ("mlp", "embed"), name="down", **kw)(h)
+
+
+class MLP(nn.Module):
+    """Plain two-matrix MLP: `down(act(up(x)))` (GPT, MPT, the Chinchilla / Flamingo LM)."""
+
+    hidden_dim: int
+    dtype: Dtype = jnp.float32
+    act: str = "gelu"
+    use_bias: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        embed_dim = x.shape[-1]
+        kw = dict(dtype=self.dtype, use_bias=self.use_bias)
+        h = DenseGeneral(self.hidden_dim, ("embed", "mlp"), name="up", **kw)(x)
+        h = sharding.constrain(ACTIVATIONS[self.act](h), ("batch", "length", "mlp"))
+        return DenseGeneral(embed_dim, ("mlp", "embed"), name="down", **kw)(h)

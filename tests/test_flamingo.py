@@ -1,0 +1,99 @@
+"""The Flamingo system: zero gates leave the frozen LM untouched, and the tiny config trains through `vlm-jax train`."""
+
+import io
+import json
+import os
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import REPO, read_tensorboard_scalars
+from vlm_jax import cli, models
+from vlm_jax.config_lib import load_config
+from vlm_jax.lm.decoder import DecoderLM, flamingo_layout
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
+
+
+def tiny_config(**overrides):
+    c = load_config(os.path.join(REPO, "configs/flamingo.py:variant=tiny"))
+    c.data.seq_len = 32
+    for key, value in overrides.items():
+        c.model.lm[key] = value
+    return c
+
+
+def test_zero_gates_give_the_plain_lm_logits_bit_for_bit():
+    system = models.build(tiny_config())
+    rng = np.random.default_rng(0)
+    batch = system.dummy_batch(2)
+    batch["tokens"] = rng.integers(0, 256, batch["tokens"].shape).astype(np.int32)
+    batch["tokens"][:, [2, 9]] = system.config.model.media_token_id  # two images, text before the first
+    batch["segment_ids"][1, 20:] = 2  # a second packed example in row 2
+    batch["images"] = rng.normal(size=batch["images"].shape).astype(np.float32)
+    params = nn.unbox(system.init(jax.random.PRNGKey(0), batch))
+    gates = params["decoder"]["layer_groups"]["xattn"]
+    assert np.all(np.asarray(gates["attn_gate"]) == 0) and np.all(np.asarray(gates["ff_gate"]) == 0)
+
+    lm_fields = {k: v for k, v in system.config.model.lm.items() if k != "cross_attn_every"}
+    plain = DecoderLM(**lm_fields)
+    decoder = params["decoder"]
+    lm_params = {k: v for k, v in decoder.items() if k != "layer_groups"}
+    lm_params["layers"] = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), decoder["layer_groups"]["layers"])
+    want = jax.jit(plain.apply)({"params": lm_params}, batch["tokens"], batch["segment_ids"], batch["positions"])
+    got = jax.jit(system.logits)(params, batch)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    # and the layout helper inverts that reshape
+    relaid = flamingo_layout(lm_params["layers"], system.config.model.lm.cross_attn_every)
+    assert jax.tree.all(jax.tree.map(np.array_equal, relaid, decoder["layer_groups"]["layers"]))
+
+    # With non-zero gates the images change the logits of text after them, never of text before the first image.
+    params["decoder"]["layer_groups"]["xattn"] = dict(gates, attn_gate=gates["attn_gate"] + 0.5)
+    moved = np.asarray(jax.jit(system.logits)(params, batch))
+    np.testing.assert_array_equal(moved[:, :2], np.asarray(want)[:, :2])
+    assert np.abs(moved[:, 2:] - np.asarray(want)[:, 2:]).max() > 1e-4
+
+
+def png(colour):
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 40), colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def interleaved_folder(tmp_path_factory):
+    """`vlm-jax data build` of interleaved documents whose text names the colour of the image before it."""
+    root = tmp_path_factory.mktemp("flamingo_data")
+    for name, colour in COLOURS.items():
+        (root / f"{name}.png").write_bytes(png(colour))
+    rng = np.random.default_rng(0)
+    with open(root / "docs.jsonl", "w") as f:
+        for _ in range(200):
+            picks = rng.choice(list(COLOURS), size=int(rng.integers(1, 4)))
+            texts, images = ["A photo album."], [None]
+            for name in picks:
+                texts += [None, f"This one is {name}."]
+                images += [f"{name}.png", None]
+            f.write(json.dumps({"texts": texts, "images": images}) + "\n")
+    out = root / "records"
+    assert (
+        cli.main(["data", "build", "--format", "interleaved", "--input", str(root / "docs.jsonl"), "--out", str(out)])
+        == 0
+    )
+    return str(out)
+
+
+def test_tiny_flamingo_trains_from_packed_interleaved_batches(interleaved_folder, spm_model_path, tmp_path, capsys):
+    workdir = tmp_path / "run"
+    config = f"{REPO}/configs/flamingo.py:variant=tiny,data={interleaved_folder},tokenizer={spm_model_path}"
+    argv = ["train", "--config", config, "--workdir", str(workdir), "--config.total_steps=40", "--config.log_every=5"]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    scalars = read_tensorboard_scalars(str(workdir / "tensorboard"))
+    loss = scalars["train/loss"]
+    first, last = loss[min(loss)], loss[max(loss)]
+    assert last < 0.7 * first, loss
+    gates = scalars["train/gates/attn_gate"]
+    assert gates[max(gates)] > 1e-3, gates  # the cross-attention opened
