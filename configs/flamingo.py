@@ -72,7 +72,7 @@ def get_config(arg=None):
         resampler = dict(depth=1, num_heads=2, head_dim=16, num_latents=4)
         lm = dict(
             vocab_size=vocab, embed_dim=64, num_layers=4, num_heads=4, num_kv_heads=2, mlp_dim=128,
-            cross_attn_every=2, cross_attn_heads=2, cross_attn_head_dim=16,
+            cross_attn_every=2, cross_attn=dict(num_heads=2, head_dim=16),
         )  # fmt: skip
     else:
         vocab_size, width, layers, heads, mlp, every = LMS[arg.variant]
@@ -82,8 +82,7 @@ def get_config(arg=None):
         resampler = dict(depth=6, num_heads=16, head_dim=128, num_latents=64, ff_act="sqrelu")
         lm = dict(
             vocab_size=vocab_size, embed_dim=width, num_layers=layers, num_heads=heads, num_kv_heads=heads,
-            mlp_dim=mlp, cross_attn_every=every, cross_attn_heads=heads, cross_attn_head_dim=128,
-            cross_attn_ff_act="sqrelu",
+            mlp_dim=mlp, cross_attn_every=every, cross_attn=dict(num_heads=heads, head_dim=128, ff_act="sqrelu"),
         )  # fmt: skip
     c.model = ConfigDict(
         dict(

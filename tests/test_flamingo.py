@@ -38,8 +38,7 @@ def test_zero_gates_give_the_plain_lm_logits_bit_for_bit():
     gates = params["decoder"]["layer_groups"]["xattn"]
     assert np.all(np.asarray(gates["attn_gate"]) == 0) and np.all(np.asarray(gates["ff_gate"]) == 0)
 
-    lm_fields = {k: v for k, v in system.config.model.lm.items() if k != "cross_attn_every"}
-    plain = DecoderLM(**lm_fields)
+    plain = DecoderLM(**dict(system.config.model.lm.to_dict(), cross_attn_every=0))
     decoder = params["decoder"]
     lm_params = {k: v for k, v in decoder.items() if k != "layer_groups"}
     lm_params["layers"] = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), decoder["layer_groups"]["layers"])

@@ -32,6 +32,7 @@ class PerceiverLayer(nn.Module):
     ff_act: str = "gelu"
     norm_eps: float = 1e-5
     dtype: Any = jnp.float32
+    qk_norm: bool = False
 
     @nn.compact
     def __call__(self, latents: jax.Array, media: jax.Array):
@@ -43,6 +44,9 @@ class PerceiverLayer(nn.Module):
         q = DenseGeneral((self.num_heads, self.head_dim), name="query", **proj)(q_in)
         k = DenseGeneral((self.num_heads, self.head_dim), name="key", **proj)(kv_in)
         v = DenseGeneral((self.num_heads, self.head_dim), name="value", **proj)(kv_in)
+        if self.qk_norm:
+            q = Norm("layernorm", self.norm_eps, ("head_dim",), self.dtype, name="query_norm")(q)
+            k = Norm("layernorm", self.norm_eps, ("head_dim",), self.dtype, name="key_norm")(k)
         scores = jnp.einsum("btqhd,btkhd->bthqk", q, k) * self.head_dim**-0.5
         attn = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(self.dtype)
         out = jnp.einsum("bthqk,btkhd->btqhd", attn, v)
@@ -65,9 +69,10 @@ class PerceiverResampler(nn.Module):
     max_num_media: int | None = None
     max_num_frames: int | None = None
     ff_mult: int = 4
-    ff_act: str = "gelu"  # exact GELU (open_flamingo) or "sqrelu" (the Flamingo paper's squared ReLU)
+    ff_act: str = "gelu"  # exact GELU (open_flamingo), "relu" (IDEFICS) or "sqrelu" (the Flamingo paper)
     norm_eps: float = 1e-5
     dtype: str = "float32"
+    qk_norm: bool = False  # LayerNorm of queries and keys per head (IDEFICS option)
 
     @nn.compact
     def __call__(self, media: jax.Array) -> jax.Array:
@@ -96,6 +101,6 @@ class PerceiverResampler(nn.Module):
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
         latents, _ = stack(
-            self.num_heads, self.head_dim, self.ff_mult, self.ff_act, self.norm_eps, dtype, name="layers"
+            self.num_heads, self.head_dim, self.ff_mult, self.ff_act, self.norm_eps, dtype, self.qk_norm, name="layers"
         )(latents, media.astype(dtype))
         return Norm("layernorm", self.norm_eps, dtype=dtype, name="norm")(latents)

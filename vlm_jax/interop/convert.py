@@ -5,6 +5,7 @@ Recognised inputs (no torch needed):
 * transformers `CLIPModel`, `SiglipModel` -> system `dual_encoder`;
 * transformers `CLIPVisionModel(WithProjection)`, `SiglipVisionModel` -> system `vision_encoder` (ViT);
 * timm `dm_nfnet_f*` directories (config.json with `architecture`) -> system `vision_encoder` (NFNet);
+* transformers `IdeficsForVisionText2Text` -> system `flamingo`;
 * transformers `LlamaForCausalLM`, `Qwen2ForCausalLM`, `GemmaForCausalLM` -> system `lm` (the decoder LM).
 
 The output directory is laid out like a training workdir (`checkpoints/0/`
@@ -37,6 +38,14 @@ def _config_json(path: str) -> dict:
 def to_system_config(path: str) -> tuple[ml_collections.ConfigDict, dict]:
     """(vlm_jax config, params) of a transformers or timm directory."""
     raw = _config_json(path)
+    if "IdeficsForVisionText2Text" in raw.get("architectures", []):
+        from vlm_jax.interop.hf_idefics import load_idefics_dir
+
+        model, params = load_idefics_dir(path)
+        config = ml_collections.ConfigDict(
+            {"model": model, "data": {"seq_len": 8, "max_images": 1}, "converted_from": os.path.abspath(path)}
+        )
+        return config, params
     if set(raw.get("architectures", [])) & {"LlamaForCausalLM", "Qwen2ForCausalLM", "GemmaForCausalLM"}:
         from vlm_jax.interop.hf_decoder import load_decoder_dir
 

@@ -4,7 +4,10 @@ x <- x + tanh(attn_gate) * cross_attn(norm(x), media)
 x <- x + tanh(ff_gate) * ff(x)                     (ff = LayerNorm, Linear, act, Linear; no biases)
 
 The feed-forward activation is exact GELU as in open_flamingo, or squared
-ReLU as in the Flamingo paper (`ff_act="sqrelu"`).
+ReLU as in the Flamingo paper (`ff_act="sqrelu"`). IDEFICS's variant is
+`norm="rmsnorm", ff="gated"` (an RMSNorm + SwiGLU of width `ff_dim`), with
+optional per-channel gates (`gate_shape="vector"`) and RMSNorms of queries and
+keys per head (`qk_norm`).
 
 Both gates start at 0, so at initialisation the block is the identity and a
 Flamingo model's logits equal its frozen LM's. Media masking follows the
@@ -26,9 +29,14 @@ import jax
 import jax.numpy as jnp
 
 from vlm_jax.encoders.vit import Norm
-from vlm_jax.nn.layers import DenseGeneral
+from vlm_jax.errors import UserError
+from vlm_jax.nn.layers import DenseGeneral, SwiGLU
 
-FF_ACTIVATIONS = {"gelu": lambda x: jax.nn.gelu(x, approximate=False), "sqrelu": lambda x: jnp.square(jax.nn.relu(x))}
+FF_ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "relu": jax.nn.relu,
+    "sqrelu": lambda x: jnp.square(jax.nn.relu(x)),
+}
 
 
 def media_mask(
@@ -67,20 +75,31 @@ class GatedCrossAttention(nn.Module):
     ff_act: str = "gelu"
     norm_eps: float = 1e-5
     dtype: Any = jnp.float32
+    norm: str = "layernorm"  # or "rmsnorm" (IDEFICS)
+    ff: str = "plain"  # Linear-act-Linear; "gated": SwiGLU (IDEFICS)
+    ff_dim: int = 0  # feed-forward width; 0 = ff_mult * width
+    gate_shape: str = "scalar"  # or "vector": one gate per channel
+    qk_norm: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, media: jax.Array, mask: jax.Array) -> jax.Array:
         """x [B, L, D], media [B, M, n, Dv] latents, mask [B, L, M] from `media_mask`."""
         b, m, n, _ = media.shape
         width = x.shape[-1]
-        gate = lambda name: self.param(name, nn.with_logical_partitioning(nn.initializers.zeros, ()), ())  # noqa: E731
+        if self.gate_shape not in ("scalar", "vector"):
+            raise UserError(f"gate_shape {self.gate_shape!r} is not 'scalar' or 'vector'.")
+        gate_dims, gate_axes = ((), ()) if self.gate_shape == "scalar" else ((width,), ("embed",))
+        gate = lambda name: self.param(name, nn.with_logical_partitioning(nn.initializers.zeros, gate_axes), gate_dims)  # noqa: E731
         attn_gate, ff_gate = gate("attn_gate"), gate("ff_gate")
-        h = Norm("layernorm", self.norm_eps, dtype=self.dtype, name="norm")(x)
+        h = Norm(self.norm, self.norm_eps, dtype=self.dtype, name="norm")(x)
         kv = media.reshape(b, m * n, media.shape[-1]).astype(self.dtype)
         proj = dict(kernel_axes=("embed", "heads", "head_dim"), dtype=self.dtype)
         q = DenseGeneral((self.num_heads, self.head_dim), name="query", **proj)(h)
         k = DenseGeneral((self.num_heads, self.head_dim), name="key", **proj)(kv)
         v = DenseGeneral((self.num_heads, self.head_dim), name="value", **proj)(kv)
+        if self.qk_norm:
+            q = Norm("rmsnorm", self.norm_eps, ("head_dim",), self.dtype, name="query_norm")(q)
+            k = Norm("rmsnorm", self.norm_eps, ("head_dim",), self.dtype, name="key_norm")(k)
         scores = jnp.einsum("blhd,bkhd->bhlk", q, k).astype(jnp.float32) * self.head_dim**-0.5
         allowed = jnp.repeat(mask, n, axis=-1)[:, None]  # [B, 1, L, M*n]
         weights = jax.nn.softmax(jnp.where(allowed, scores, -1e30), axis=-1)
@@ -88,7 +107,13 @@ class GatedCrossAttention(nn.Module):
         out = jnp.einsum("bhlk,bkhd->blhd", weights, v)
         out = DenseGeneral(width, ("heads", "head_dim", "embed"), in_dims=2, dtype=self.dtype, name="out")(out)
         x = x + jnp.tanh(attn_gate).astype(self.dtype) * out
-        h = Norm("layernorm", self.norm_eps, dtype=self.dtype, name="ff_norm")(x)
-        h = DenseGeneral(width * self.ff_mult, ("embed", "mlp"), dtype=self.dtype, name="ff_in")(h)
-        h = DenseGeneral(width, ("mlp", "embed"), dtype=self.dtype, name="ff_out")(FF_ACTIVATIONS[self.ff_act](h))
+        h = Norm(self.norm, self.norm_eps, dtype=self.dtype, name="ff_norm")(x)
+        hidden = self.ff_dim or width * self.ff_mult
+        if self.ff == "gated":
+            h = SwiGLU(hidden, self.dtype, name="ff")(h)
+        elif self.ff == "plain":
+            h = DenseGeneral(hidden, ("embed", "mlp"), dtype=self.dtype, name="ff_in")(h)
+            h = DenseGeneral(width, ("mlp", "embed"), dtype=self.dtype, name="ff_out")(FF_ACTIVATIONS[self.ff_act](h))
+        else:
+            raise UserError(f"cross-attention ff {self.ff!r} is not 'plain' or 'gated'.")
         return x + jnp.tanh(ff_gate).astype(self.dtype) * h

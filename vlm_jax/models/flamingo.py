@@ -29,6 +29,7 @@ import optax
 
 from vlm_jax.config_lib import ConfigError
 from vlm_jax.connectors.perceiver import PerceiverResampler
+from vlm_jax.errors import UserError
 from vlm_jax.lm.decoder import DecoderLM
 from vlm_jax.lm.gated_xattn import media_mask
 from vlm_jax.models import register
@@ -61,7 +62,7 @@ class FlamingoModel(nn.Module):
     """(tokens, segment_ids, positions, images, image_segment_ids[, mask]) -> logits [B, L, vocab]."""
 
     vision: nn.Module
-    perceiver: PerceiverResampler
+    perceiver: PerceiverResampler | None  # None: the LM attends to the vision tokens themselves (IDEFICS option)
     decoder: DecoderLM
     media_token_id: int
     only_attend_immediate_media: bool = True
@@ -71,6 +72,8 @@ class FlamingoModel(nn.Module):
         b, m = images.shape[:2]
         out = self.vision(images.reshape((b * m,) + images.shape[2:]))
         features = out["tokens"] if "tokens" in out else out["features"]
+        if self.perceiver is None:
+            return features.reshape(b, m, -1, features.shape[-1])
         features = features.reshape(b, m, 1, -1, features.shape[-1])  # one frame per media slot
         return self.perceiver(features)
 
@@ -113,7 +116,7 @@ class Flamingo(System):
             )
         self.module = FlamingoModel(
             vision=vision_encoder(m.encoder, m.encoder_kwargs.to_dict()),
-            perceiver=PerceiverResampler(**m.resampler.to_dict()),
+            perceiver=PerceiverResampler(**m.resampler.to_dict()) if m.get("resampler") else None,
             decoder=DecoderLM(**m.lm.to_dict()),
             media_token_id=int(m.media_token_id),
             only_attend_immediate_media=bool(m.get("only_attend_immediate_media", True)),
@@ -189,3 +192,49 @@ class Flamingo(System):
 
     def tokens_in(self, batch):
         return int(np.count_nonzero(batch["segment_ids"]))
+
+    def forward(self, params, inputs):
+        """transformers-style inputs -> logits: input_ids [B, L], pixel_values [B, N, 3, H, W], optional
+        attention_mask [B, L], position_ids and image_attention_mask [B, L, N] (IDEFICS's processor mask;
+        without it each token sees the latest `<image>` of its row, as in training)."""
+        missing = [k for k in ("input_ids", "pixel_values") if k not in inputs]
+        if missing:
+            raise UserError(
+                f"the inputs have no {', '.join(missing)} (found: {', '.join(sorted(inputs)) or 'nothing'})."
+            )
+        tokens = np.asarray(inputs["input_ids"], np.int32)
+        pixels = np.asarray(inputs["pixel_values"], np.float32)
+        if tokens.ndim != 2:
+            raise UserError(f"input_ids must be [batch, length]; got shape {tokens.shape}.")
+        if pixels.ndim != 5 or pixels.shape[0] != tokens.shape[0] or pixels.shape[2] != 3:
+            raise UserError(f"pixel_values must be [batch, images, 3, height, width]; got shape {pixels.shape}.")
+        vocab = self.module.decoder.vocab_size
+        if tokens.min() < 0 or tokens.max() >= vocab:
+            raise UserError(f"input_ids must lie in [0, {vocab}); got values from {tokens.min()} to {tokens.max()}.")
+        present = np.asarray(inputs.get("attention_mask", np.ones_like(tokens)), np.int32) > 0
+        positions = inputs.get("position_ids")
+        if positions is None:
+            positions = np.maximum(np.cumsum(present, axis=1) - 1, 0)
+        num_images = pixels.shape[1]
+        image_segment_ids = np.ones(pixels.shape[:2], np.int32)
+        if "image_attention_mask" in inputs:
+            mask = np.asarray(inputs["image_attention_mask"]) > 0
+            if mask.shape != tokens.shape + (num_images,):
+                raise UserError(f"image_attention_mask must be [batch, length, {num_images}]; got shape {mask.shape}.")
+        else:
+            counts = np.count_nonzero(tokens == self.module.media_token_id, axis=1)
+            image_segment_ids = (np.arange(num_images)[None] < counts[:, None]).astype(np.int32)
+            mask = None
+        batch = dict(
+            tokens=tokens,
+            segment_ids=present.astype(np.int32),
+            positions=np.asarray(positions, np.int32),
+            images=pixels.transpose(0, 1, 3, 4, 2),
+            image_segment_ids=image_segment_ids,
+        )
+
+        def run(params, batch, mask):
+            args = (batch["tokens"], batch["segment_ids"], batch["positions"], batch["images"])
+            return self.module.apply({"params": params}, *args, batch["image_segment_ids"], mask)
+
+        return {"logits": np.asarray(jax.jit(run)(params, batch, mask))}
