@@ -3,6 +3,7 @@
     vlm-jax train   --config configs/X.py[:arg] --workdir DIR [--config.key=value ...]
     vlm-jax eval    --config configs/X.py[:arg] --workdir DIR [--checkpoint STEP]
     vlm-jax forward --checkpoint DIR --inputs IN.npz --out OUT.npz
+    vlm-jax generate --checkpoint DIR --prompts IN.jsonl --out OUT.jsonl [sampling flags]
     vlm-jax convert-hf --hf_dir DIR --out DIR
     vlm-jax data    build --format pairs|llava|interleaved --input FILE --out DIR
     vlm-jax data    stats --config CONFIG [--data DIR]
@@ -25,6 +26,7 @@ commands:
   train     train a config in a workdir (resumes from its latest checkpoint)
   eval      run a config's evaluators on a checkpoint of its workdir
   forward   run a checkpoint on inputs from an .npz file and write the outputs to another
+  generate  continue prompts (text and images) with a checkpoint: greedy, temperature, top-k, top-p
   convert-hf  import a transformers (CLIP, SigLIP) or timm (NFNet) directory as a vlm_jax checkpoint
   data      build (user JSONL -> ArrayRecord), stats (run the pipeline), train-tokenizer
 
@@ -137,6 +139,71 @@ def cmd_forward(argv: list[str]) -> int:
     return 0
 
 
+def _token_id(token: str | int, tokenizer) -> int:
+    """A stop token given as an id or as a piece of the tokenizer."""
+    from vlm_jax.errors import UserError
+
+    if isinstance(token, int) or token.lstrip("-").isdigit():
+        return int(token)
+    if tokenizer is None:
+        raise UserError(f"the stop token {token!r} is a piece, but no tokenizer is known (give --tokenizer or ids).")
+    try:
+        return tokenizer.token_id(token)
+    except KeyError as e:
+        raise UserError(str(e).strip("'\"")) from None
+
+
+def cmd_generate(argv: list[str]) -> int:
+    """`vlm-jax generate`: checkpoint + prompts JSONL -> generations JSONL."""
+    parser = argparse.ArgumentParser(prog="vlm-jax generate", description="Continues prompts with a checkpoint.")
+    parser.add_argument("--checkpoint", required=True, help="a workdir (latest step) or a step directory")
+    parser.add_argument("--prompts", required=True, help='JSONL: {"text": "<image>A photo of", "images": ["a.png"]}')
+    parser.add_argument("--out", required=True, help="JSONL to write: tokens (and text) per prompt")
+    parser.add_argument("--tokenizer", help="SentencePiece model (default: the config's data.tokenizer)")
+    parser.add_argument("--max_new_tokens", type=int, default=32)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top_k", type=int, default=0, help="0 = off")
+    parser.add_argument("--top_p", type=float, default=1.0, help="1 = off")
+    parser.add_argument("--stop", default="", help="comma-separated stop tokens (ids or pieces; default: eos)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    import json
+
+    from vlm_jax import generate
+    from vlm_jax.errors import UserError
+    from vlm_jax.train.checkpoint import load_params
+
+    if not os.path.isfile(args.prompts):
+        raise FileNotFoundError(f"the prompts file {args.prompts} does not exist.")
+    config, system, params = load_params(args.checkpoint)
+    tokenizer_path = args.tokenizer or config.get("data", {}).get("tokenizer")
+    tokenizer = None
+    if tokenizer_path:
+        from data_pipelines.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer(tokenizer_path)
+    stop = [s for s in args.stop.split(",") if s] or ([tokenizer.eos_id] if tokenizer else [])
+    stop = [_token_id(s, tokenizer) for s in stop]
+    image_size = int(config.model.get("image_size", 0))
+    prompts = generate.read_prompts(args.prompts, tokenizer, image_size, config.get("data", {}).get("image", {}))
+    settings = generate.Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, tuple(stop))
+    batch = generate.left_pad([p["tokens"] for p in prompts])
+    if image_size:
+        batch.update(generate.pad_images([p["images"] for p in prompts], image_size))
+    elif any(p["images"] for p in prompts):
+        raise UserError(f"the {config.model.name} system takes no images, but a prompt has some.")
+    tokens = generate.generate(system, params, batch, settings, args.seed)
+    with open(args.out, "w") as f:
+        for row in tokens:
+            row = [int(t) for t in row if t != generate.PAD]
+            line = {"tokens": row}
+            if tokenizer is not None:
+                line["text"] = tokenizer.decode([t for t in row if t not in stop])
+            f.write(json.dumps(line) + "\n")
+    print(f"Wrote {len(tokens)} generations to {args.out}")
+    return 0
+
+
 def cmd_data(argv: list[str]) -> int:
     """`vlm-jax data build|stats|train-tokenizer`."""
     usage = "usage: vlm-jax data build|stats|train-tokenizer [flags]   (vlm-jax data SUBCOMMAND --help)"
@@ -216,6 +283,7 @@ COMMANDS = {
     "train": cmd_train,
     "eval": cmd_eval,
     "forward": cmd_forward,
+    "generate": cmd_generate,
     "convert-hf": cmd_convert_hf,
     "data": cmd_data,
 }

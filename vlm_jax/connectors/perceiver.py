@@ -60,7 +60,12 @@ class PerceiverLayer(nn.Module):
 
 
 class PerceiverResampler(nn.Module):
-    """Media features [B, T, F, V, D] -> latents [B, T, num_latents, D]."""
+    """Media features [B, T, F, V, Dm] -> latents [B, T, num_latents, D].
+
+    D is `width`, or the feature width Dm when `width` is 0; a different width
+    first maps the features by a learned linear projection (`media_proj`), as
+    the Flamingo paper's 1536-wide resampler reads NFNet-F6's 3072-wide features.
+    """
 
     depth: int = 6
     num_heads: int = 8
@@ -73,10 +78,13 @@ class PerceiverResampler(nn.Module):
     norm_eps: float = 1e-5
     dtype: str = "float32"
     qk_norm: bool = False  # LayerNorm of queries and keys per head (IDEFICS option)
+    width: int = 0
 
     @nn.compact
     def __call__(self, media: jax.Array) -> jax.Array:
         dtype = jnp.dtype(self.dtype)
+        if self.width and self.width != media.shape[-1]:
+            media = DenseGeneral(self.width, (None, "embed"), dtype=dtype, name="media_proj")(media)
         b, t, f, v, d = media.shape
         init = nn.initializers.normal(1.0)
         if self.max_num_frames:

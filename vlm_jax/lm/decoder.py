@@ -152,10 +152,7 @@ class DecoderLM(nn.Module):
     final_logit_softcap: float = 0.0  # Gemma 2: the same on the output logits; 0 = off
     # Flamingo: a gated cross-attention block before every `cross_attn_every`-th layer (0 = plain LM).
     cross_attn_every: int = 0
-    cross_attn_heads: int = 8
-    cross_attn_head_dim: int = 64
-    cross_attn_ff_mult: int = 4
-    cross_attn_ff_act: str = "gelu"
+    cross_attn: Any = None  # GatedCrossAttention settings (num_heads, head_dim, ff, norm, ...), a dict
 
     @property
     def resolved_head_dim(self) -> int:
@@ -245,13 +242,7 @@ class DecoderLM(nn.Module):
         else:
             if media is None or media_mask is None:
                 raise UserError("a Flamingo LM (cross_attn_every > 0) needs media latents and a media mask.")
-            xattn_args = dict(
-                num_heads=self.cross_attn_heads,
-                head_dim=self.cross_attn_head_dim,
-                ff_mult=self.cross_attn_ff_mult,
-                ff_act=self.cross_attn_ff_act,
-                dtype=dtype,
-            )
+            xattn_args = dict(self.cross_attn or {}, dtype=dtype)
             groups = _scan_layers(CrossAttentionGroup, self.num_layers // self.cross_attn_every, 4)
             x, _ = groups(self.cross_attn_every, block, block_args, xattn_args, name="layer_groups")(
                 x, segment_ids, positions, media, media_mask

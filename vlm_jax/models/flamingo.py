@@ -19,6 +19,7 @@ see configs/flamingo.py); to train only new token rows, give the LM
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 from typing import Any
 
 import flax.linen as nn
@@ -34,6 +35,7 @@ from vlm_jax.lm.decoder import DecoderLM
 from vlm_jax.lm.gated_xattn import media_mask
 from vlm_jax.models import register
 from vlm_jax.models.base import System
+from vlm_jax.nn.layers import DenseGeneral
 
 ENCODERS = ("vit", "nfnet")
 _KEY = jax.random.PRNGKey(0)
@@ -43,6 +45,11 @@ def _forward_flops(module: nn.Module, *args) -> float:
     """FLOPs of `module.apply` on abstract inputs, from XLA's cost analysis of the lowered (uncompiled) forward."""
     params = jax.eval_shape(module.init, _KEY, *args)
     return float(jax.jit(module.apply).lower(params, *args).cost_analysis()["flops"])
+
+
+def _output_shape(module: nn.Module, *args) -> Any:
+    """The abstract output of `module.apply` on abstract inputs."""
+    return jax.eval_shape(module.apply, jax.eval_shape(module.init, _KEY, *args), *args)
 
 
 def vision_encoder(encoder: str, kwargs: dict) -> nn.Module:
@@ -66,6 +73,11 @@ class FlamingoModel(nn.Module):
     decoder: DecoderLM
     media_token_id: int
     only_attend_immediate_media: bool = True
+    project_media: bool = False  # one shared linear map of the latents to the LM width before cross-attention
+
+    def setup(self):
+        if self.project_media:
+            self.media_proj = DenseGeneral(self.decoder.embed_dim, (None, "embed"), name="media_proj")
 
     def encode_media(self, images: jax.Array) -> jax.Array:
         """images [B, M, H, W, 3] -> resampled latents [B, M, num_latents, Dv] (vision features computed once)."""
@@ -73,9 +85,12 @@ class FlamingoModel(nn.Module):
         out = self.vision(images.reshape((b * m,) + images.shape[2:]))
         features = out["tokens"] if "tokens" in out else out["features"]
         if self.perceiver is None:
-            return features.reshape(b, m, -1, features.shape[-1])
-        features = features.reshape(b, m, 1, -1, features.shape[-1])  # one frame per media slot
-        return self.perceiver(features)
+            latents = features.reshape(b, m, -1, features.shape[-1])
+        else:
+            latents = self.perceiver(features.reshape(b, m, 1, -1, features.shape[-1]))  # one frame per slot
+        if self.project_media:
+            latents = self.media_proj(latents)
+        return latents
 
     def media_mask(self, tokens, segment_ids, image_segment_ids) -> jax.Array:
         """[B, L, M]: which media slots each token may attend to."""
@@ -120,6 +135,7 @@ class Flamingo(System):
             decoder=DecoderLM(**m.lm.to_dict()),
             media_token_id=int(m.media_token_id),
             only_attend_immediate_media=bool(m.get("only_attend_immediate_media", True)),
+            project_media=bool(m.get("project_media", False)),
         )
         self.image_size = int(m.image_size)
         self.seq_len = int(config.data.seq_len)
@@ -172,19 +188,20 @@ class Flamingo(System):
         vision 1x (frozen, no gradient), resampler and cross-attention 3x, the frozen LM 2x (activation
         gradients only)."""
         m = self.module
-        images = jax.ShapeDtypeStruct((1, self.max_images, self.image_size, self.image_size, 3), jnp.float32)
+        images = jax.ShapeDtypeStruct((self.max_images, self.image_size, self.image_size, 3), jnp.float32)
+        vision = _forward_flops(m.vision, images)
+        out = _output_shape(m.vision, images)
+        features = out["tokens"] if "tokens" in out else out["features"]
+        width, tokens = features.shape[-1], int(np.prod(features.shape[1:-1]))
+        resampler = 0.0
+        latents = jax.ShapeDtypeStruct((1, self.max_images, tokens, width), jnp.float32)
+        if m.perceiver is not None:
+            media = jax.ShapeDtypeStruct((1, self.max_images, 1, tokens, width), jnp.float32)
+            resampler = _forward_flops(m.perceiver, media)
+            latents = _output_shape(m.perceiver, media)
+        if m.project_media:
+            latents = jax.ShapeDtypeStruct(latents.shape[:-1] + (m.decoder.embed_dim,), jnp.float32)
         row = jax.ShapeDtypeStruct((1, self.seq_len), jnp.int32)
-        flat = jax.ShapeDtypeStruct((self.max_images,) + images.shape[2:], jnp.float32)
-        vision = _forward_flops(m.vision, flat)
-        features = jax.eval_shape(lambda x: m.vision.apply(*x), (jax.eval_shape(m.vision.init, _KEY, flat), flat))
-        features = features["tokens"] if "tokens" in features else features["features"]
-        media = jax.ShapeDtypeStruct(
-            (1, self.max_images, 1, int(np.prod(features.shape[1:-1])), features.shape[-1]), jnp.float32
-        )
-        resampler = _forward_flops(m.perceiver, media)
-        latents = jax.eval_shape(
-            lambda x: m.perceiver.apply(*x), (jax.eval_shape(m.perceiver.init, _KEY, media), media)
-        )
         mask = jax.ShapeDtypeStruct((1, self.seq_len, self.max_images), jnp.bool_)
         full = _forward_flops(m.decoder, row, row, row, latents, mask)
         plain = _forward_flops(m.decoder.clone(cross_attn_every=0), row, row, row)
@@ -192,6 +209,13 @@ class Flamingo(System):
 
     def tokens_in(self, batch):
         return int(np.count_nonzero(batch["segment_ids"]))
+
+    def generation_parts(self, params, batch):
+        """For `vlm_jax.generate`: the decoder, its params, the media latents (encoded once) and the prompt's media mask."""
+        apply = lambda method, *args: jax.jit(partial(self.module.apply, method=method))({"params": params}, *args)  # noqa: E731
+        latents = apply(FlamingoModel.encode_media, batch["images"])
+        mask = apply(FlamingoModel.media_mask, batch["tokens"], batch["segment_ids"], batch["image_segment_ids"])
+        return self.module.decoder, params["decoder"], latents, mask
 
     def forward(self, params, inputs):
         """transformers-style inputs -> logits: input_ids [B, L], pixel_values [B, N, 3, H, W], optional

@@ -70,6 +70,10 @@ class LanguageModel(System):
         forward_per_token = 2 * matmul_params + attention_scores
         return 3.0 * forward_per_token * length
 
+    def generation_parts(self, params, batch):
+        """For `vlm_jax.generate`: the decoder and its params (no media)."""
+        return self.module, params, None, None
+
     def tokens_in(self, batch):
         return int(np.count_nonzero(batch["segment_ids"]))
 

@@ -1,0 +1,146 @@
+"""KV-cache generation: cached decoding equals recomputing the full forward, sampling filters, stop tokens, the CLI."""
+
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import REPO
+from vlm_jax import cli, generate, models
+from vlm_jax.config_lib import load_config
+
+
+def full_forward_greedy(system, params, prompt, steps, images=None):
+    """The reference: re-run the whole sequence through `system.logits` (no cache) for every new token.
+
+    Rows are right-padded to one length (padding is segment 0, which causal attention never reaches back
+    to), so one compilation serves every step."""
+    length = len(prompt) + steps
+    logits = jax.jit(system.logits)
+    seq = list(prompt)
+    for _ in range(steps):
+        n = len(seq)
+        batch = {
+            "tokens": np.array([seq + [0] * (length - n)], np.int32),
+            "segment_ids": (np.arange(length) < n).astype(np.int32)[None],
+            "positions": np.arange(length, dtype=np.int32)[None],
+        }
+        if images is not None:
+            slots = max(len(images), 1)
+            batch["images"] = np.zeros((1, slots) + system.dummy_batch(1)["images"].shape[2:], np.float32)
+            batch["images"][0, : len(images)] = images
+            batch["image_segment_ids"] = (np.arange(slots) < len(images)).astype(np.int32)[None]
+        seq.append(int(np.argmax(np.asarray(logits(params, batch))[0, n - 1])))
+    return seq[len(prompt) :]
+
+
+@pytest.fixture(scope="module")
+def flamingo():
+    """The tiny Flamingo with random weights and open gates (so the images change the text)."""
+    config = load_config(os.path.join(REPO, "configs/flamingo.py:variant=tiny"))
+    config.data.seq_len = 16
+    system = models.build(config)
+    params = nn.unbox(jax.jit(system.init)(jax.random.PRNGKey(0), system.dummy_batch(1)))
+    xattn = params["decoder"]["layer_groups"]["xattn"]
+    params["decoder"]["layer_groups"]["xattn"] = dict(xattn, attn_gate=xattn["attn_gate"] + 1.0)
+    return system, params
+
+
+def test_lm_cached_greedy_equals_full_forward_for_prompts_of_different_lengths():
+    system = models.build(load_config(os.path.join(REPO, "configs/lm.py:variant=tiny")))
+    params = nn.unbox(jax.jit(system.init)(jax.random.PRNGKey(1), system.dummy_batch(1)))
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [200]]
+    out = generate.generate(system, params, generate.left_pad(prompts), generate.Sampling(max_new_tokens=6))
+    assert out.shape == (3, 6)
+    for row, prompt in enumerate(prompts):
+        assert out[row].tolist() == full_forward_greedy(system, params, prompt, 6)
+
+
+def test_flamingo_cached_greedy_equals_full_forward_with_different_image_counts(flamingo):
+    system, params = flamingo
+    image = system.config.model.media_token_id
+    rng = np.random.default_rng(0)
+    prompts = [[1, image, 40, 41], [1, 50, image, 51, 52, image, 53], [1, 60, 61]]  # 1, 2 and 0 images
+    images = [rng.normal(size=(n, 32, 32, 3)).astype(np.float32) for n in (1, 2, 0)]
+    batch = generate.left_pad(prompts)
+    batch.update(generate.pad_images(images, 32))
+    out = generate.generate(system, params, batch, generate.Sampling(max_new_tokens=5))
+    for row, prompt in enumerate(prompts):
+        assert out[row].tolist() == full_forward_greedy(system, params, prompt, 5, images[row])
+    # the images matter: other pixels give another continuation for the image rows
+    batch["images"] = batch["images"] + 3.0
+    moved = generate.generate(system, params, batch, generate.Sampling(max_new_tokens=5))
+    assert moved[2].tolist() == out[2].tolist() and moved[:2].tolist() != out[:2].tolist()
+
+
+def test_media_are_encoded_once_per_generation(flamingo, monkeypatch):
+    system, params = flamingo
+    calls = []
+    encode = type(system.module).encode_media
+    monkeypatch.setattr(type(system.module), "encode_media", lambda self, x: calls.append(1) or encode(self, x))
+    batch = generate.left_pad([[1, system.config.model.media_token_id, 9]])
+    batch.update(generate.pad_images([np.zeros((1, 32, 32, 3), np.float32)], 32))
+    generate.generate(system, params, batch, generate.Sampling(max_new_tokens=4))
+    assert len(calls) == 1
+
+
+def test_stop_tokens_end_a_row_and_the_others_go_on(flamingo):
+    system, params = flamingo
+    batch = generate.left_pad([[1, 7, 8], [1, 20, 21, 22]])
+    batch.update(generate.pad_images([[], []], 32))
+    free = generate.generate(system, params, batch, generate.Sampling(max_new_tokens=6))
+    stop = int(free[0, 1])
+    stopped = generate.generate(system, params, batch, generate.Sampling(max_new_tokens=6, stop_tokens=(stop,)))
+    first = free[0].tolist().index(stop)
+    assert stopped[0, : first + 1].tolist() == free[0, : first + 1].tolist()
+    assert (stopped[0, first + 1 :] == generate.PAD).all()
+    if stop not in free[1].tolist():
+        assert stopped[1].tolist() == free[1].tolist()
+
+
+def empirical(logits, settings, draws=4000):
+    keys = jax.random.split(jax.random.PRNGKey(0), draws)
+    tokens = jax.vmap(lambda k: generate.sample(jnp.asarray(logits)[None], k, settings)[0])(keys)
+    return np.bincount(np.asarray(tokens), minlength=len(logits)) / draws
+
+
+@pytest.mark.parametrize(
+    "settings, allowed",
+    [
+        (generate.Sampling(temperature=1.0), [0, 1, 2, 3, 4]),
+        (generate.Sampling(temperature=0.5), [0, 1, 2, 3, 4]),
+        (generate.Sampling(temperature=1.0, top_k=2), [0, 1]),
+        (generate.Sampling(temperature=1.0, top_p=0.75), [0, 1]),  # p = .48, .29, ...: .48 < .75 <= .77
+        (generate.Sampling(temperature=1.0, top_p=0.3), [0]),
+    ],
+)
+def test_sampling_follows_the_filtered_softmax(settings, allowed):
+    logits = np.log(np.array([0.48, 0.29, 0.13, 0.07, 0.03]))
+    scaled = logits / settings.temperature
+    want = np.zeros(5)
+    want[allowed] = np.exp(scaled[allowed]) / np.exp(scaled[allowed]).sum()
+    np.testing.assert_allclose(empirical(logits, settings), want, atol=0.03)
+
+
+def test_bad_sampling_settings_are_one_clear_sentence():
+    with pytest.raises(Exception, match="top_p must lie in"):
+        generate.Sampling(top_p=0.0)
+    with pytest.raises(Exception, match="every prompt needs at least one token"):
+        generate.left_pad([[1], []])
+
+
+def test_generate_command_on_a_trained_lm(trained_lm, tmp_path, capsys):
+    workdir, _ = trained_lm
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"input_ids": [1, 2, 3]}) + "\n" + json.dumps({"input_ids": [9]}) + "\n")
+    out = tmp_path / "out.jsonl"
+    argv = ["generate", "--checkpoint", workdir, "--prompts", str(prompts), "--out", str(out), "--max_new_tokens", "4"]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [len(line["tokens"]) for line in lines] == [4, 4]
+    assert cli.main([*argv[:-2], "--max_new_tokens", "0"]) == 2
+    assert "max_new_tokens must be at least 1" in capsys.readouterr().err

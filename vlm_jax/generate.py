@@ -1,0 +1,226 @@
+"""Text generation with a KV cache: greedy, temperature, top-k and top-p sampling, stop tokens.
+
+`generate(system, params, prompts, settings)` takes prompts of different
+lengths — and, for a Flamingo system, different numbers of images — as one
+batch. Prompts are left-padded (padding is segment 0, so no token attends to
+it; positions start at 0 at each prompt's first token); media are encoded
+once per prompt before decoding starts. The prompt fills the cache in one
+pass, then one jitted `lax.while_loop` decodes a token per step until every
+row has produced a stop token or `max_new_tokens` tokens. A new token sees
+the same media as the last prompt token (the latest image of its prompt).
+
+A system supports generation by defining `generation_parts(params, batch)`:
+(decoder module, decoder params, media latents or None, prompt media mask
+or None); see `models/lm.py` and `models/flamingo.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vlm_jax.errors import UserError
+
+PAD = -1  # marks the steps after a row stopped, in the returned token array
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen. temperature 0 is greedy; top_k 0 and top_p 1 are off."""
+
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    stop_tokens: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise UserError(f"max_new_tokens must be at least 1; got {self.max_new_tokens}.")
+        if self.temperature < 0:
+            raise UserError(f"temperature must be >= 0; got {self.temperature}.")
+        if self.top_k < 0:
+            raise UserError(f"top_k must be >= 0; got {self.top_k}.")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"top_p must lie in (0, 1]; got {self.top_p}.")
+
+
+def sample(logits: jax.Array, rng: jax.Array, settings: Sampling) -> jax.Array:
+    """Next tokens [B] from logits [B, vocab] (float32)."""
+    if settings.temperature == 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits.astype(jnp.float32) / settings.temperature
+    if settings.top_k:
+        kth = jax.lax.top_k(logits, min(settings.top_k, logits.shape[-1]))[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if settings.top_p < 1:
+        ordered = jnp.sort(logits, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(ordered, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly more likely tokens
+        keep = before < settings.top_p  # the smallest prefix whose mass reaches top_p (always >= 1 token)
+        threshold = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < threshold, -jnp.inf, logits)
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+def left_pad(prompts: Sequence[Sequence[int]]) -> dict[str, np.ndarray]:
+    """tokens, segment_ids (0 = padding) and positions of left-padded prompts."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise UserError("every prompt needs at least one token.")
+    length = max(len(p) for p in prompts)
+    tokens = np.zeros((len(prompts), length), np.int32)
+    segment_ids = np.zeros_like(tokens)
+    positions = np.zeros_like(tokens)
+    for row, prompt in enumerate(prompts):
+        start = length - len(prompt)
+        tokens[row, start:] = prompt
+        segment_ids[row, start:] = 1
+        positions[row, start:] = np.arange(len(prompt))
+    return {"tokens": tokens, "segment_ids": segment_ids, "positions": positions}
+
+
+def pad_images(images: Sequence[np.ndarray], size: int) -> dict[str, np.ndarray]:
+    """images [B, M, size, size, 3] (zeros in unused slots) and image_segment_ids [B, M] (0 = no image)."""
+    slots = max(1, max(len(x) for x in images))
+    out = np.zeros((len(images), slots, size, size, 3), np.float32)
+    ids = np.zeros((len(images), slots), np.int32)
+    for row, row_images in enumerate(images):
+        for slot, image in enumerate(row_images):
+            if image.shape != (size, size, 3):
+                raise UserError(
+                    f"prompt {row} image {slot} has shape {image.shape}; the model takes ({size}, {size}, 3)."
+                )
+            out[row, slot], ids[row, slot] = image, 1
+    return {"images": out, "image_segment_ids": ids}
+
+
+def generate(system: Any, params: Any, batch: dict[str, np.ndarray], settings: Sampling, seed: int = 0) -> np.ndarray:
+    """Generated tokens [B, max_new_tokens] for a left-padded prompt batch (`left_pad`, plus `pad_images` for
+    systems with media); steps after a row's stop token hold PAD (-1); the stop token itself is kept."""
+    if not hasattr(system, "generation_parts"):
+        raise UserError(f"the {system.config.model.name} system cannot generate text.")
+    decoder, decoder_params, media, prompt_mask = system.generation_parts(params, batch)
+    return np.asarray(
+        _decode(
+            _Static(decoder),
+            settings,
+            decoder_params,
+            jnp.asarray(batch["tokens"]),
+            jnp.asarray(batch["segment_ids"]),
+            jnp.asarray(batch["positions"]),
+            media,
+            prompt_mask,
+            jax.random.PRNGKey(seed),
+        )
+    )
+
+
+class _Static:
+    """A static jit argument compared by identity (flax modules with dict fields are not hashable)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __hash__(self):
+        return id(self.value)
+
+    def __eq__(self, other):
+        return isinstance(other, _Static) and other.value is self.value
+
+
+@partial(jax.jit, static_argnums=(0, 1))
+def _decode(static_decoder, settings: Sampling, params, tokens, segment_ids, positions, media, prompt_mask, rng):
+    decoder = static_decoder.value
+    batch, prompt_len = tokens.shape
+    total = prompt_len + settings.max_new_tokens
+    step_mask = None if prompt_mask is None else prompt_mask[:, -1:]  # new tokens see the last prompt token's media
+
+    def run(cache, tokens, segment_ids, positions, mask):
+        logits, variables = decoder.apply(
+            {"params": params, "cache": cache},
+            tokens,
+            segment_ids,
+            positions,
+            media,
+            mask,
+            decode=True,
+            mutable=["cache"],
+        )
+        return logits[:, -1], variables["cache"]
+
+    # An empty cache of `total` slots: the shapes of an init call, filled with zeros.
+    init_mask = None if prompt_mask is None else jnp.zeros((batch, total, prompt_mask.shape[-1]), bool)
+    dummy = jnp.zeros((batch, total), jnp.int32)
+    shapes = jax.eval_shape(
+        lambda: decoder.init(jax.random.PRNGKey(0), dummy, dummy, dummy, media, init_mask, decode=True)["cache"]
+    )
+    cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    logits, cache = run(cache, tokens, segment_ids, positions, prompt_mask)
+    stop = jnp.asarray(settings.stop_tokens or (-2,), jnp.int32)
+
+    def body(state):
+        step, cache, logits, position, done, out, rng = state
+        rng, key = jax.random.split(rng)
+        token = sample(logits, key, settings)
+        out = out.at[:, step].set(jnp.where(done, PAD, token))
+        done = done | jnp.isin(token, stop)
+        position = position + 1
+        ones = jnp.ones((batch, 1), jnp.int32)
+        logits, cache = run(cache, token[:, None], ones, position[:, None], step_mask)
+        return step + 1, cache, logits, position, done, out, rng
+
+    def cond(state):
+        step, done = state[0], state[4]
+        return (step < settings.max_new_tokens) & ~jnp.all(done)
+
+    out = jnp.full((batch, settings.max_new_tokens), PAD, jnp.int32)
+    done = jnp.zeros((batch,), bool)
+    state = (jnp.zeros((), jnp.int32), cache, logits, positions[:, -1], done, out, rng)
+    return jax.lax.while_loop(cond, body, state)[5]
+
+
+def read_prompts(path: str, tokenizer: Any, image_size: int, image_settings: Any) -> list[dict[str, Any]]:
+    """Prompts from a JSONL file: each line {"text": ...} (needs a tokenizer; `<image>` marks an image) or
+    {"input_ids": [...]}, with optional "images": [paths relative to the file]. Returns [{tokens, images}]."""
+    import json
+    import os
+
+    from data_pipelines import image_ops
+
+    prompts = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path} line {number} is not JSON ({e.msg}).") from None
+            if "input_ids" in item:
+                tokens = [int(i) for i in item["input_ids"]]
+            elif "text" in item:
+                if tokenizer is None:
+                    raise UserError(f"{path} line {number} has text but no tokenizer is known (give --tokenizer).")
+                tokens = tokenizer.encode(item["text"], add_bos=True)
+            else:
+                raise UserError(f"{path} line {number} has neither 'text' nor 'input_ids'.")
+            images = []
+            for name in item.get("images", []):
+                full = os.path.join(os.path.dirname(os.path.abspath(path)), name)
+                if not os.path.isfile(full):
+                    raise UserError(f"{path} line {number}: the image {name} does not exist.")
+                try:
+                    image = image_ops.decode(open(full, "rb").read())
+                except image_ops.BadImage as e:
+                    raise UserError(f"{path} line {number}: the image {name} cannot be read ({e.reason}).") from None
+                image = image_ops.fixed_resolution(image, image_size, image_settings.get("method", "bicubic"))
+                images.append(image_ops.normalize(image, image_settings.get("normalization", "clip")))
+            prompts.append({"tokens": tokens, "images": images})
+    if not prompts:
+        raise UserError(f"{path} holds no prompts.")
+    return prompts
