@@ -11,6 +11,7 @@ from transformers.models.mpt.modeling_mpt import build_mpt_alibi_tensor
 from vlm_jax.errors import UserError
 from vlm_jax.lm.decoder import DecoderLM
 from vlm_jax.lm.gated_xattn import media_mask
+from vlm_jax.models.lm import LanguageModel
 from vlm_jax.nn.positions import alibi_slopes
 
 BASE = dict(vocab_size=37, embed_dim=24, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=40, rope_theta=100.0)
@@ -249,3 +250,15 @@ def test_prefill_then_step_decoding_equals_a_full_forward(option):
     stepped = np.concatenate(pieces, axis=1)
     real = segment_ids > 0
     assert np.max(np.abs(stepped[real] - np.asarray(full)[real])) <= 1e-5
+
+
+@pytest.mark.parametrize("options", [dict(position_embedding="relative", mlp="plain", mlp_act="gelu")])
+def test_flop_count_of_options_matches_xla_cost_analysis(tiny_lm_config, options):
+    """As tests/test_lm_model.py's check of the default decoder: one layer, analytic <= XLA <= 1.15 x analytic."""
+    tiny_lm_config.model.update(num_layers=1, **options)
+    system = LanguageModel(tiny_lm_config)
+    batch = system.dummy_batch(2)
+    params = jax.eval_shape(lambda: nn.unbox(system.init(jax.random.key(0), batch)))
+    xla_flops = jax.jit(system.logits).lower(params, batch).compile().cost_analysis()["flops"]
+    analytic_forward = system.flops_per_example() / 3 * 2
+    assert analytic_forward <= xla_flops <= 1.15 * analytic_forward, (analytic_forward, xla_flops)

@@ -34,7 +34,7 @@ def test_zero_gates_give_the_plain_lm_logits_bit_for_bit():
     batch["tokens"][:, [2, 9]] = system.config.model.media_token_id  # two images, text before the first
     batch["segment_ids"][1, 20:] = 2  # a second packed example in row 2
     batch["images"] = rng.normal(size=batch["images"].shape).astype(np.float32)
-    params = nn.unbox(system.init(jax.random.PRNGKey(0), batch))
+    params = nn.unbox(jax.jit(system.init)(jax.random.PRNGKey(0), batch))
     gates = params["decoder"]["layer_groups"]["xattn"]
     assert np.all(np.asarray(gates["attn_gate"]) == 0) and np.all(np.asarray(gates["ff_gate"]) == 0)
 
@@ -85,14 +85,45 @@ def interleaved_folder(tmp_path_factory):
     return str(out)
 
 
-def test_tiny_flamingo_trains_from_packed_interleaved_batches(interleaved_folder, spm_model_path, tmp_path, capsys):
-    workdir = tmp_path / "run"
+@pytest.fixture(scope="module")
+def trained_flamingo(interleaved_folder, spm_model_path, tmp_path_factory):
+    """A 40-step `vlm-jax train` run of the tiny Flamingo: (workdir, exit status)."""
+    workdir = tmp_path_factory.mktemp("flamingo_run")
     config = f"{REPO}/configs/flamingo.py:variant=tiny,data={interleaved_folder},tokenizer={spm_model_path}"
     argv = ["train", "--config", config, "--workdir", str(workdir), "--config.total_steps=40", "--config.log_every=5"]
-    assert cli.main(argv) == 0, capsys.readouterr().err
-    scalars = read_tensorboard_scalars(str(workdir / "tensorboard"))
+    return str(workdir), cli.main(argv)
+
+
+def test_tiny_flamingo_trains_from_packed_interleaved_batches(trained_flamingo):
+    workdir, status = trained_flamingo
+    assert status == 0
+    scalars = read_tensorboard_scalars(os.path.join(workdir, "tensorboard"))
     loss = scalars["train/loss"]
     first, last = loss[min(loss)], loss[max(loss)]
     assert last < 0.7 * first, loss
     gates = scalars["train/gates/attn_gate"]
     assert gates[max(gates)] > 1e-3, gates  # the cross-attention opened
+
+
+def test_generate_command_continues_text_and_image_prompts(trained_flamingo, interleaved_folder, tmp_path, capsys):
+    workdir, _ = trained_flamingo
+    images = os.path.dirname(interleaved_folder)
+    prompts = os.path.join(images, "prompts.jsonl")
+    with open(prompts, "w") as f:
+        f.write(json.dumps({"text": "A photo album.<|endofchunk|><image>This one is", "images": ["red.png"]}) + "\n")
+        f.write(
+            json.dumps(
+                {"text": "<image>This one is blue.<|endofchunk|><image>This one", "images": ["blue.png", "green.png"]}
+            )
+            + "\n"
+        )
+        f.write(json.dumps({"text": "A photo album."}) + "\n")
+    out = tmp_path / "out.jsonl"
+    argv = ["generate", "--checkpoint", workdir, "--prompts", prompts, "--out", str(out), "--max_new_tokens", "5"]
+    assert cli.main([*argv, "--stop", "<|endofchunk|>,</s>"]) == 0, capsys.readouterr().err
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(lines) == 3 and all(1 <= len(line["tokens"]) <= 5 and isinstance(line["text"], str) for line in lines)
+    with open(prompts, "a") as f:
+        f.write(json.dumps({"text": "<image>x", "images": ["missing.png"]}) + "\n")
+    assert cli.main(argv) == 2
+    assert "the image missing.png does not exist" in capsys.readouterr().err

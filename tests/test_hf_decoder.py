@@ -1,4 +1,6 @@
-"""LLaMA / Qwen2 / Gemma -> `vlm-jax convert-hf` -> `vlm-jax forward`: logits equal transformers' (random weights)."""
+"""LLaMA / Qwen2 / Gemma / MPT -> `vlm-jax convert-hf` -> `vlm-jax forward`: logits equal transformers' (random weights)."""
+
+import json
 
 import numpy as np
 import pytest
@@ -11,14 +13,16 @@ FAMILIES = {
     "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
     "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM),
+    "mpt": (transformers.MptConfig, transformers.MptForCausalLM),
 }
 
 
-@pytest.mark.parametrize("family, tied", [("llama", False), ("llama", True), ("qwen2", False), ("gemma", True)])
-def test_decoder_logits_match_through_the_command_line(tmp_path, family, tied):
-    torch.manual_seed(0)
-    config_cls, model_cls = FAMILIES[family]
-    config = config_cls(
+def reference_config(family, tied):
+    if family == "mpt":  # ALiBi with 5 heads (not a power of two: interleaved slopes), bias-free LayerNorm
+        return transformers.MptConfig(
+            vocab_size=101, d_model=40, n_heads=5, n_layers=2, max_seq_len=64, tie_word_embeddings=tied
+        )
+    return FAMILIES[family][0](
         vocab_size=101,
         hidden_size=40,
         intermediate_size=72,
@@ -31,7 +35,14 @@ def test_decoder_logits_match_through_the_command_line(tmp_path, family, tied):
         rms_norm_eps=1e-5,
         tie_word_embeddings=tied,
     )
-    model = perturb(model_cls(config), 1)
+
+
+@pytest.mark.parametrize(
+    "family, tied", [("llama", False), ("llama", True), ("qwen2", False), ("gemma", True), ("mpt", True)]
+)
+def test_decoder_logits_match_through_the_command_line(tmp_path, family, tied):
+    torch.manual_seed(0)
+    model = perturb(FAMILIES[family][1](reference_config(family, tied)), 1)
     model.save_pretrained(str(tmp_path / "hf"), safe_serialization=True)
 
     ids = np.array([[3, 17, 42, 99, 5, 8, 13], [7, 7, 21, 64, 0, 0, 0]], np.int64)
@@ -41,3 +52,14 @@ def test_decoder_logits_match_through_the_command_line(tmp_path, family, tied):
     got = convert_and_forward(tmp_path / "hf", tmp_path, input_ids=ids, attention_mask=mask)["logits"]
     keep = mask.astype(bool)
     assert np.max(np.abs(got[keep] - want[keep])) <= 1e-4
+
+
+@pytest.mark.parametrize("attn_config", [{"clip_qkv": 6.0}, {"qk_ln": True}, {"alibi_bias_max": 16}])
+def test_mpt_options_we_do_not_implement_are_refused(tmp_path, attn_config):
+    from vlm_jax.errors import UserError
+    from vlm_jax.interop.hf_decoder import load_decoder_dir
+
+    config = {"architectures": ["MptForCausalLM"], "d_model": 8, "n_heads": 2, "attn_config": attn_config}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match=next(iter(attn_config))):
+        load_decoder_dir(str(tmp_path))

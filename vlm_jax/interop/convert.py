@@ -6,7 +6,7 @@ Recognised inputs (no torch needed):
 * transformers `CLIPVisionModel(WithProjection)`, `SiglipVisionModel` -> system `vision_encoder` (ViT);
 * timm `dm_nfnet_f*` directories (config.json with `architecture`) -> system `vision_encoder` (NFNet);
 * transformers `IdeficsForVisionText2Text` -> system `flamingo`;
-* transformers `LlamaForCausalLM`, `Qwen2ForCausalLM`, `GemmaForCausalLM` -> system `lm` (the decoder LM).
+* transformers `LlamaForCausalLM`, `Qwen2ForCausalLM`, `GemmaForCausalLM`, `MptForCausalLM` -> system `lm`.
 
 The output directory is laid out like a training workdir (`checkpoints/0/`
 with the params and the config), so `vlm-jax forward --checkpoint OUT` and
@@ -46,7 +46,8 @@ def to_system_config(path: str) -> tuple[ml_collections.ConfigDict, dict]:
             {"model": model, "data": {"seq_len": 8, "max_images": 1}, "converted_from": os.path.abspath(path)}
         )
         return config, params
-    if set(raw.get("architectures", [])) & {"LlamaForCausalLM", "Qwen2ForCausalLM", "GemmaForCausalLM"}:
+    decoders = {"LlamaForCausalLM", "Qwen2ForCausalLM", "GemmaForCausalLM", "MptForCausalLM"}
+    if set(raw.get("architectures", [])) & decoders:
         from vlm_jax.interop.hf_decoder import load_decoder_dir
 
         kwargs, params = load_decoder_dir(path)

@@ -1,11 +1,12 @@
 """Import transformers decoder LMs (config.json + *.safetensors, no torch) into `vlm_jax/lm/decoder.py`.
 
-`LlamaForCausalLM`, `Qwen2ForCausalLM` (biases on q/k/v) and `GemmaForCausalLM`
+`LlamaForCausalLM`, `Qwen2ForCausalLM` (biases on q/k/v), `GemmaForCausalLM`
 (GeGLU, RMSNorm weights stored as `w` for a scale of `1 + w`, embeddings
-scaled by sqrt(width), tied head). Projections [out, in] become kernels
-[in, heads, head_dim], per-layer weights are stacked for the scanned stack,
-and a tied `lm_head` (not saved by transformers 5) is re-tied. RoPE settings
-are read from `rope_parameters` (transformers 5) or `rope_theta` (older).
+scaled by sqrt(width), tied head) and `MptForCausalLM` (ALiBi, bias-free
+LayerNorm, fused Wqkv, GELU MLP, tied head). Projections [out, in] become
+kernels [in, heads, head_dim], per-layer weights are stacked for the scanned
+stack, and a tied `lm_head` (not saved by transformers 5) is re-tied. RoPE
+settings are read from `rope_parameters` (transformers 5) or `rope_theta`.
 """
 
 from __future__ import annotations
@@ -16,15 +17,17 @@ import numpy as np
 from vlm_jax.errors import UserError
 from vlm_jax.interop.hf_clip import _read_config, _read_tensors, _Tensors
 
-ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "GemmaForCausalLM")
+ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "GemmaForCausalLM", "MptForCausalLM")
 
 
 def load_decoder_dir(path: str) -> tuple[dict, dict]:
-    """(DecoderLM kwargs, params) of a LLaMA, Qwen2 or Gemma causal-LM directory."""
+    """(DecoderLM kwargs, params) of a LLaMA, Qwen2, Gemma or MPT causal-LM directory."""
     cfg = _read_config(path)
     arch = next((a for a in cfg.get("architectures", []) if a in ARCHITECTURES), None)
     if arch is None:
         raise UserError(f"{path}: architectures {cfg.get('architectures')} are not one of {', '.join(ARCHITECTURES)}.")
+    if arch == "MptForCausalLM":
+        return _load_mpt(path, cfg)
     gemma, qwen = arch == "GemmaForCausalLM", arch == "Qwen2ForCausalLM"
     scaling = (cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}).get("rope_type", "default")
     if scaling not in ("default", None):
@@ -88,6 +91,79 @@ def load_decoder_dir(path: str) -> tuple[dict, dict]:
         "embed": {"embedding": t("embed_tokens.weight")},
         "layers": jax.tree.map(lambda *leaves: np.stack(leaves), *layers),
         "final_norm": norm("norm.weight"),
+    }
+    if not tied:
+        params["lm_head"] = {"kernel": _Tensors(t.tensors, "", path)("lm_head.weight").T}
+    return kwargs, params
+
+
+def _load_mpt(path: str, cfg: dict) -> tuple[dict, dict]:
+    """MPT: ALiBi instead of positions, pre-LayerNorm without biases, fused Wqkv, up -> GELU -> down, tied head.
+
+    Like transformers' `MptForCausalLM`, the ALiBi bias uses every key's
+    distance to the query (translation-invariant, so padding does not shift
+    it). The MosaicML options transformers does not implement raise an error.
+    """
+    attn = cfg.get("attn_config") or {}
+    width, heads = int(cfg["d_model"]), int(cfg["n_heads"])
+    unsupported = {
+        "attn_config.clip_qkv": attn.get("clip_qkv"),
+        "attn_config.qk_ln": attn.get("qk_ln"),
+        "attn_config.prefix_lm": attn.get("prefix_lm"),
+        "attn_config.softmax_scale": attn.get("softmax_scale") not in (None, (width / heads) ** -0.5),
+        "attn_config.alibi=false": attn.get("alibi", True) is False,
+        "attn_config.attn_type": attn.get("attn_type", "multihead_attention") != "multihead_attention",
+        "attn_config.alibi_bias_max": attn.get("alibi_bias_max", 8) != 8,  # transformers always uses 8
+        "no_bias=false": cfg.get("no_bias", True) is False,
+        "logit_scale": cfg.get("logit_scale"),
+    }
+    for option, used in unsupported.items():
+        if used:
+            raise UserError(f"{path}: MPT's {option} is not supported by this importer (default MPT settings only).")
+    tied = bool(cfg.get("tie_word_embeddings", True))
+    t = _Tensors(_read_tensors(path), "transformer.", path)
+    kwargs = dict(
+        vocab_size=int(cfg["vocab_size"]),
+        embed_dim=width,
+        num_layers=int(cfg["n_layers"]),
+        num_heads=heads,
+        num_kv_heads=heads,
+        mlp_dim=t("blocks.0.ffn.up_proj.weight").shape[0],
+        position_embedding="alibi",
+        alibi_bias_max=8.0,
+        norm="layernorm",
+        norm_bias=False,
+        norm_eps=float(cfg.get("layer_norm_epsilon", 1e-5)),
+        mlp="plain",
+        mlp_act="gelu",
+        tie_embeddings=tied,
+    )
+    head_dim = width // heads
+
+    def layer(i):
+        p = f"blocks.{i}."
+        q, k, v = np.split(t(p + "attn.Wqkv.weight"), 3, axis=0)  # [3 * width, width]: q, then k, then v rows
+        heads_kernel = lambda w: {"kernel": w.T.reshape(width, heads, head_dim)}  # noqa: E731
+        return {
+            "attn_norm": {"scale": t(p + "norm_1.weight")},
+            "mlp_norm": {"scale": t(p + "norm_2.weight")},
+            "attn": {
+                "query": heads_kernel(q),
+                "key": heads_kernel(k),
+                "value": heads_kernel(v),
+                "out": {"kernel": t(p + "attn.out_proj.weight").T.reshape(heads, head_dim, width)},
+            },
+            "mlp": {
+                "up": {"kernel": t(p + "ffn.up_proj.weight").T},
+                "down": {"kernel": t(p + "ffn.down_proj.weight").T},
+            },
+        }
+
+    layers = [layer(i) for i in range(kwargs["num_layers"])]
+    params = {
+        "embed": {"embedding": t("wte.weight")},
+        "layers": jax.tree.map(lambda *leaves: np.stack(leaves), *layers),
+        "final_norm": {"scale": t("norm_f.weight")},
     }
     if not tied:
         params["lm_head"] = {"kernel": _Tensors(t.tensors, "", path)("lm_head.weight").T}

@@ -8,8 +8,9 @@ relative positions of Gopher / Chinchilla, the LM inside Flamingo.
 
 The layer stack is one `nn.scan` (parameters stacked on a leading 'layers'
 axis), optionally rematerialised, so compile time does not grow with depth.
-Attention is causal within each packed segment (`segment_ids`), and RoPE uses
-each token's position within its segment (`positions`).
+Attention is causal within each packed segment (`segment_ids`), and RoPE,
+ALiBi, relative and learned positions use each token's position within its
+segment (`positions`).
 
 With `cross_attn_every = n > 0` the model is a Flamingo LM: a GATED
 XATTN-DENSE block (`vlm_jax/lm/gated_xattn.py`) runs before layers 0, n, 2n,
@@ -184,12 +185,16 @@ class DecoderLM(nn.Module):
         """tokens, segment_ids, positions [B, L]; for a Flamingo LM also media latents [B, M, n, Dv] and
         media_mask [B, L, M] (`gated_xattn.media_mask`, the rows of these L tokens).
 
-        `decode=True` runs with a KV cache (the "cache" collection; see
-        `SelfAttention`): `init` with [B, max_len] inputs creates an empty
-        cache of max_len slots, then each `apply(..., decode=True,
-        mutable=["cache"])` appends its L tokens (a prompt, then one token per
-        step) and returns their logits. Padding (segment 0) is never attended
-        by real tokens, so prompts of different lengths can be left-padded.
+        `decode=True` runs with a KV cache (the "cache" collection, stacked
+        over layers like the params; see `SelfAttention`). `init(rng, ...,
+        decode=True)` with [B, max_len] inputs returns an empty cache of
+        max_len slots (as does `apply({"params": p}, ..., decode=True,
+        mutable=["cache"])`, or zeros of the shapes `jax.eval_shape` gives
+        for either). Then each `apply({"params": p, "cache": c}, ...,
+        decode=True, mutable=["cache"])` appends its L tokens (a prompt, then
+        one token per step) and returns their logits. Padding (segment 0) is
+        never attended by real tokens, so prompts of different lengths can be
+        left-padded, with positions counting from each row's first real token.
         """
         self.check()
         dtype = jnp.dtype(self.dtype)

@@ -63,10 +63,14 @@ class LanguageModel(System):
     def flops_per_example(self) -> float:
         m = self.module
         d, hd, length = m.embed_dim, m.resolved_head_dim, self.seq_len
-        attn_params = d * hd * (2 * m.num_heads + 2 * m.num_kv_heads)
-        mlp_params = 3 * d * m.mlp_dim
+        relative = m.position_embedding == "relative"
+        # Relative positions: W_R projects one sinusoid per distance (L per row, so one per token) and the
+        # position logits (q + v).W_R r cost as much as QK^T.
+        attn_params = d * hd * (2 * m.num_heads + 2 * m.num_kv_heads + relative * m.num_heads)
+        mlp_params = (3 if m.mlp == "gated" else 2) * d * m.mlp_dim
         matmul_params = m.num_layers * (attn_params + mlp_params) + d * m.vocab_size  # + lm head / tied attend
-        attention_scores = m.num_layers * 4 * length * m.num_heads * hd  # QK^T and AV, full (unskipped) mask
+        # QK^T and AV (+ position logits), full (unskipped) mask
+        attention_scores = m.num_layers * (4 + 2 * relative) * length * m.num_heads * hd
         forward_per_token = 2 * matmul_params + attention_scores
         return 3.0 * forward_per_token * length
 

@@ -24,7 +24,7 @@ def alibi_slopes(num_heads: int, bias_max: float = 8.0) -> np.ndarray:
     padded = 2 ** math.ceil(math.log2(num_heads))
     slopes = 1.0 / 2.0 ** (np.arange(1, padded + 1) * (bias_max / padded))
     if padded != num_heads:
-        slopes = np.concatenate([slopes[::2], slopes[1::2]])[:num_heads]
+        slopes = np.concatenate([slopes[1::2], slopes[::2]])[:num_heads]
     return slopes.astype(np.float32)
 
 
