@@ -123,6 +123,9 @@ def test_generate_command_continues_text_and_image_prompts(trained_flamingo, int
     assert cli.main([*argv, "--stop", "<|endofchunk|>,</s>"]) == 0, capsys.readouterr().err
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(lines) == 3 and all(1 <= len(line["tokens"]) <= 5 and isinstance(line["text"], str) for line in lines)
+    argv_one = ["generate", "--checkpoint", workdir, "--max_new_tokens", "3", "--prompt", "<image>This one is"]
+    assert cli.main([*argv_one, "--image", os.path.join(images, "red.png")]) == 0
+    assert capsys.readouterr().out.strip()  # the continuation, printed
     with open(prompts, "a") as f:
         f.write(json.dumps({"text": "<image>x", "images": ["missing.png"]}) + "\n")
     assert cli.main(argv) == 2

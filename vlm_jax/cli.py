@@ -3,6 +3,7 @@
     vlm-jax train   --config configs/X.py[:arg] --workdir DIR [--config.key=value ...]
     vlm-jax eval    --config configs/X.py[:arg] --workdir DIR [--checkpoint STEP]
     vlm-jax forward --checkpoint DIR --inputs IN.npz --out OUT.npz
+    vlm-jax generate --checkpoint DIR --prompt TEXT [--image PATH ...] [sampling flags]
     vlm-jax generate --checkpoint DIR --prompts IN.jsonl --out OUT.jsonl [sampling flags]
     vlm-jax convert-hf --hf_dir DIR --out DIR
     vlm-jax data    build --format pairs|llava|interleaved --input FILE --out DIR
@@ -154,11 +155,13 @@ def _token_id(token: str | int, tokenizer) -> int:
 
 
 def cmd_generate(argv: list[str]) -> int:
-    """`vlm-jax generate`: checkpoint + prompts JSONL -> generations JSONL."""
+    """`vlm-jax generate`: a checkpoint continues one prompt (--prompt, --image) or a JSONL batch of them."""
     parser = argparse.ArgumentParser(prog="vlm-jax generate", description="Continues prompts with a checkpoint.")
     parser.add_argument("--checkpoint", required=True, help="a workdir (latest step) or a step directory")
-    parser.add_argument("--prompts", required=True, help='JSONL: {"text": "<image>A photo of", "images": ["a.png"]}')
-    parser.add_argument("--out", required=True, help="JSONL to write: tokens (and text) per prompt")
+    parser.add_argument("--prompt", help="one prompt; <image> marks where each --image goes")
+    parser.add_argument("--image", action="append", default=[], help="an image of --prompt (repeat for several)")
+    parser.add_argument("--prompts", help='a batch, JSONL: {"text": "<image>A photo of", "images": ["a.png"]}')
+    parser.add_argument("--out", help="JSONL to write: tokens and text per prompt (default: print the texts)")
     parser.add_argument("--tokenizer", help="SentencePiece model (default: the config's data.tokenizer)")
     parser.add_argument("--max_new_tokens", type=int, default=32)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -173,7 +176,9 @@ def cmd_generate(argv: list[str]) -> int:
     from vlm_jax.errors import UserError
     from vlm_jax.train.checkpoint import load_params
 
-    if not os.path.isfile(args.prompts):
+    if bool(args.prompt) == bool(args.prompts):
+        raise UserError("give either --prompt (with its --image flags) or --prompts FILE.jsonl.")
+    if args.prompts and not os.path.isfile(args.prompts):
         raise FileNotFoundError(f"the prompts file {args.prompts} does not exist.")
     config, system, params = load_params(args.checkpoint)
     tokenizer_path = args.tokenizer or config.get("data", {}).get("tokenizer")
@@ -185,22 +190,31 @@ def cmd_generate(argv: list[str]) -> int:
     stop = [s for s in args.stop.split(",") if s] or ([tokenizer.eos_id] if tokenizer else [])
     stop = [_token_id(s, tokenizer) for s in stop]
     image_size = int(config.model.get("image_size", 0))
-    prompts = generate.read_prompts(args.prompts, tokenizer, image_size, config.get("data", {}).get("image", {}))
+    image_settings = config.get("data", {}).get("image", {})
+    if args.prompt:
+        item = {"text": args.prompt, "images": args.image}
+        prompts = [generate.parse_prompt(item, tokenizer, image_size, image_settings, "--prompt", os.getcwd())]
+    else:
+        prompts = generate.read_prompts(args.prompts, tokenizer, image_size, image_settings)
     settings = generate.Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, tuple(stop))
     batch = generate.left_pad([p["tokens"] for p in prompts])
     if image_size:
         batch.update(generate.pad_images([p["images"] for p in prompts], image_size))
     elif any(p["images"] for p in prompts):
         raise UserError(f"the {config.model.name} system takes no images, but a prompt has some.")
-    tokens = generate.generate(system, params, batch, settings, args.seed)
+    lines = []
+    for row in generate.generate(system, params, batch, settings, args.seed):
+        row = [int(t) for t in row if t != generate.PAD]
+        lines.append({"tokens": row})
+        if tokenizer is not None:
+            lines[-1]["text"] = tokenizer.decode([t for t in row if t not in stop])
+    if not args.out:
+        for line in lines:
+            print(line.get("text", line["tokens"]))
+        return 0
     with open(args.out, "w") as f:
-        for row in tokens:
-            row = [int(t) for t in row if t != generate.PAD]
-            line = {"tokens": row}
-            if tokenizer is not None:
-                line["text"] = tokenizer.decode([t for t in row if t not in stop])
-            f.write(json.dumps(line) + "\n")
-    print(f"Wrote {len(tokens)} generations to {args.out}")
+        f.writelines(json.dumps(line) + "\n" for line in lines)
+    print(f"Wrote {len(lines)} generations to {args.out}")
     return 0
 
 

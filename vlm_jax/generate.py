@@ -184,13 +184,39 @@ def _decode(static_decoder, settings: Sampling, params, tokens, segment_ids, pos
     return jax.lax.while_loop(cond, body, state)[5]
 
 
-def read_prompts(path: str, tokenizer: Any, image_size: int, image_settings: Any) -> list[dict[str, Any]]:
-    """Prompts from a JSONL file: each line {"text": ...} (needs a tokenizer; `<image>` marks an image) or
-    {"input_ids": [...]}, with optional "images": [paths relative to the file]. Returns [{tokens, images}]."""
-    import json
+def parse_prompt(item: dict, tokenizer: Any, image_size: int, image_settings: Any, where: str, root: str) -> dict:
+    """One prompt {"text": ...} (needs a tokenizer; `<image>` marks an image) or {"input_ids": [...]}, with
+    optional "images" (paths relative to `root`) -> {tokens, images}; `where` names it in error messages."""
     import os
 
     from data_pipelines import image_ops
+
+    if "input_ids" in item:
+        tokens = [int(i) for i in item["input_ids"]]
+    elif "text" in item:
+        if tokenizer is None:
+            raise UserError(f"{where} has text but no tokenizer is known (give --tokenizer).")
+        tokens = tokenizer.encode(item["text"], add_bos=True)
+    else:
+        raise UserError(f"{where} has neither 'text' nor 'input_ids'.")
+    images = []
+    for name in item.get("images", []):
+        path = os.path.join(root, name)
+        if not os.path.isfile(path):
+            raise UserError(f"{where}: the image {name} does not exist.")
+        try:
+            image = image_ops.decode(open(path, "rb").read())
+        except image_ops.BadImage as e:
+            raise UserError(f"{where}: the image {name} cannot be read ({e.reason}).") from None
+        image = image_ops.fixed_resolution(image, image_size, image_settings.get("method", "bicubic"))
+        images.append(image_ops.normalize(image, image_settings.get("normalization", "clip")))
+    return {"tokens": tokens, "images": images}
+
+
+def read_prompts(path: str, tokenizer: Any, image_size: int, image_settings: Any) -> list[dict[str, Any]]:
+    """Prompts from a JSONL file, one `parse_prompt` item per line (image paths relative to the file)."""
+    import json
+    import os
 
     prompts = []
     with open(path) as f:
@@ -201,26 +227,8 @@ def read_prompts(path: str, tokenizer: Any, image_size: int, image_settings: Any
                 item = json.loads(line)
             except json.JSONDecodeError as e:
                 raise UserError(f"{path} line {number} is not JSON ({e.msg}).") from None
-            if "input_ids" in item:
-                tokens = [int(i) for i in item["input_ids"]]
-            elif "text" in item:
-                if tokenizer is None:
-                    raise UserError(f"{path} line {number} has text but no tokenizer is known (give --tokenizer).")
-                tokens = tokenizer.encode(item["text"], add_bos=True)
-            else:
-                raise UserError(f"{path} line {number} has neither 'text' nor 'input_ids'.")
-            images = []
-            for name in item.get("images", []):
-                full = os.path.join(os.path.dirname(os.path.abspath(path)), name)
-                if not os.path.isfile(full):
-                    raise UserError(f"{path} line {number}: the image {name} does not exist.")
-                try:
-                    image = image_ops.decode(open(full, "rb").read())
-                except image_ops.BadImage as e:
-                    raise UserError(f"{path} line {number}: the image {name} cannot be read ({e.reason}).") from None
-                image = image_ops.fixed_resolution(image, image_size, image_settings.get("method", "bicubic"))
-                images.append(image_ops.normalize(image, image_settings.get("normalization", "clip")))
-            prompts.append({"tokens": tokens, "images": images})
+            root = os.path.dirname(os.path.abspath(path))
+            prompts.append(parse_prompt(item, tokenizer, image_size, image_settings, f"{path} line {number}", root))
     if not prompts:
         raise UserError(f"{path} holds no prompts.")
     return prompts

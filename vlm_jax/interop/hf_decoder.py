@@ -102,7 +102,7 @@ def _load_mpt(path: str, cfg: dict) -> tuple[dict, dict]:
 
     Like transformers' `MptForCausalLM`, the ALiBi bias uses every key's
     distance to the query (translation-invariant, so padding does not shift
-    it). The MosaicML options transformers does not implement raise an error.
+    it). Non-default MosaicML options (clip_qkv, qk_ln, ...) raise an error.
     """
     attn = cfg.get("attn_config") or {}
     width, heads = int(cfg["d_model"]), int(cfg["n_heads"])

@@ -102,12 +102,7 @@ class SelfAttention(nn.Module):
             bias = alibi_bias(positions, kv_positions, alibi_slopes(self.num_heads, self.alibi_bias_max))
         elif self.position_embedding == "relative":
             bias = self._relative_logits(q, positions, kv_positions, embed_dim)
-            u = self.param(
-                "content_bias",
-                nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "head_dim")),
-                (self.num_heads, self.head_dim),
-            )
-            q = q + u.astype(self.dtype)
+            q = q + self._head_bias("content_bias")  # u
         out = attend(q, k, v, mask, bias, self.logit_softcap)
         out = sharding.constrain(out, ("batch", "length", "heads", "head_dim"))
         return DenseGeneral(
@@ -125,16 +120,15 @@ class SelfAttention(nn.Module):
         rel = DenseGeneral(
             (self.num_heads, self.head_dim), ("embed", "heads", "head_dim"), dtype=self.dtype, name="relative"
         )(r)
-        v_bias = self.param(
-            "position_bias",
-            nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "head_dim")),
-            (self.num_heads, self.head_dim),
-        )
-        by_distance = jnp.einsum(
-            "bthd,shd->bhts", q + v_bias.astype(self.dtype), rel, preferred_element_type=jnp.float32
-        )
+        q = q + self._head_bias("position_bias")  # v
+        by_distance = jnp.einsum("bthd,shd->bhts", q, rel, preferred_element_type=jnp.float32)
         distance = jnp.clip(q_positions[:, :, None] - kv_positions[:, None, :], 0, span - 1)  # [B, T, S]
         return jnp.take_along_axis(by_distance, distance[:, None], axis=-1) * self.head_dim**-0.5
+
+    def _head_bias(self, name):
+        """A learned per-head query bias [heads, head_dim], zero at init (Transformer-XL's u and v)."""
+        init = nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "head_dim"))
+        return self.param(name, init, (self.num_heads, self.head_dim)).astype(self.dtype)
 
     def _cache(self, k, v, segment_ids, positions):
         """Writes this chunk into the KV cache; returns (keys, values, segment ids, positions, first query slot)."""
