@@ -28,7 +28,7 @@ commands:
   eval      run a config's evaluators on a checkpoint of its workdir
   forward   run a checkpoint on inputs from an .npz file and write the outputs to another
   generate  continue prompts (text and images) with a checkpoint: greedy, temperature, top-k, top-p
-  convert-hf  import a transformers (CLIP, SigLIP) or timm (NFNet) directory as a vlm_jax checkpoint
+  convert-hf  import a transformers (CLIP, SigLIP, LLaMA, Qwen2, Gemma, MPT, IDEFICS) or timm (NFNet) directory
   data      build (user JSONL -> ArrayRecord), stats (run the pipeline), train-tokenizer
 
 `vlm-jax COMMAND --help` lists a command's flags."""
