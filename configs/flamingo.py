@@ -1,6 +1,6 @@
 """Flamingo (Alayrac et al. 2022): frozen vision encoder and LM, trained Perceiver resampler and GATED XATTN-DENSE.
 
-Variants (`--config configs/flamingo.py:variant=NAME[,data=DIR,tokenizer=FILE.model]`):
+Variants (`--config configs/flamingo.py:variant=NAME[,data=DIR,tokenizer=FILE.model][,train_new_tokens=True]`):
   tiny  a small CLIP-style ViT, a 4-layer LM with cross-attention every 2 layers: CPU tests and the quick start
   3B    NFNet-F6 + the 1.4B Chinchilla-family LM (24 layers, width 2048), cross-attention every layer
   9B    NFNet-F6 + the 7.1B LM (32 layers, width 4096), cross-attention every 4th layer
@@ -13,6 +13,8 @@ component against that table. Frozen: the vision encoder and every LM weight
 blocks (`decoder/layer_groups/xattn/`). Batches come from the Grain pipeline
 over a `vlm-jax data build` folder, rendered with the "flamingo" template
 (one `<image>` token per image, `<|endofchunk|>` after each text chunk).
+`train_new_tokens=True` also trains the embedding rows of those two tokens
+(`optim.trainable_rows`), as Flamingo learns its new tokens' embeddings.
 """
 
 from vlm_jax import sharding
@@ -42,7 +44,7 @@ FROZEN = (
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, variant="tiny", data="", tokenizer="", vocab=256)
+    arg = parse_arg(arg, variant="tiny", data="", tokenizer="", vocab=256, train_new_tokens=False)
     if arg.variant != "tiny" and arg.variant not in LMS:
         raise ConfigError(f"variant {arg.variant!r} is not one of tiny, {', '.join(LMS)}.")
     c = ConfigDict()
@@ -65,7 +67,12 @@ def get_config(arg=None):
 
         tokenizer = Tokenizer(arg.tokenizer)
         vocab, media_token_id = tokenizer.vocab_size, tokenizer.token_id("<image>")
+        new_tokens = (media_token_id, tokenizer.token_id("<|endofchunk|>"))
     else:
+        if arg.train_new_tokens:
+            raise ConfigError(
+                "train_new_tokens needs tokenizer=FILE.model (it names the <image> and <|endofchunk|> ids)."
+            )
         media_token_id = 3  # placeholder id for configs built without a tokenizer (parameter counts, tests)
 
     if arg.variant == "tiny":
@@ -139,4 +146,7 @@ def get_config(arg=None):
             lr_mults=(),
         )
     )
+    if arg.train_new_tokens:  # the embedding trains, but only the rows of <image> and <|endofchunk|>
+        c.optim.freeze = tuple(p for p in FROZEN if p != "decoder/embed/.*")
+        c.optim.trainable_rows = (("decoder/embed/embedding", new_tokens),)
     return c

@@ -126,6 +126,17 @@ def test_frozen_params_are_bit_identical_and_hold_no_optimizer_state():
     assert any(p.startswith("layers/attn/") for p in opt_paths)
 
 
+def test_trainable_rows_update_only_the_listed_rows():
+    config = tiny_lm()
+    config.mesh = "data=8"
+    config.optim.freeze = ["layers/.*", "final_norm/.*", "lm_head/.*"]
+    config.optim.trainable_rows = [("embed/embedding", (3, 7))]
+    _, state, init_params, _ = run_steps(config, jax.devices(), steps=2)
+    before, after = init_params["embed"]["embedding"], np.asarray(jax.device_get(state.params)["embed"]["embedding"])
+    changed = np.flatnonzero(np.any(before != after, axis=1))
+    assert changed.tolist() == [3, 7]
+
+
 def test_training_lowers_the_loss_and_writes_logs(trained_lm):
     workdir, result = trained_lm
     assert result.step == 8

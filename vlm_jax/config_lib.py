@@ -124,7 +124,8 @@ def validate(config: ConfigDict, num_devices: int) -> None:
     for key in ("log_every", "checkpoint_every", "eval_every"):
         if config[key] < 0:
             raise ConfigError(f"{key} is {config[key]}; use a positive number of steps, or 0 to turn it off.")
-    for pattern in list(config.optim.get("freeze", ())) + [p for p, _ in config.optim.get("lr_mults", ())]:
+    rules = [p for p, _ in config.optim.get("lr_mults", ())] + [p for p, _ in config.optim.get("trainable_rows", ())]
+    for pattern in list(config.optim.get("freeze", ())) + rules:
         try:
             re.compile(pattern)
         except re.error as e:
@@ -140,10 +141,11 @@ def _batch_axes(rules: Iterable, shape: dict[str, int]) -> tuple[str, ...]:
 
 
 def validate_patterns(config: ConfigDict, param_paths: list[str]) -> None:
-    """Every freeze / lr-multiplier regex must match at least one parameter path."""
+    """Every freeze / lr-multiplier / trainable-rows regex must match at least one parameter path."""
     for key, patterns in (
         ("optim.freeze", config.optim.get("freeze", ())),
         ("optim.lr_mults", [p for p, _ in config.optim.get("lr_mults", ())]),
+        ("optim.trainable_rows", [p for p, _ in config.optim.get("trainable_rows", ())]),
     ):
         for pattern in patterns:
             if not any(re.fullmatch(pattern, path) for path in param_paths):

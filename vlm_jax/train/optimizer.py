@@ -15,6 +15,10 @@
 * `freeze`: regexes of parameters that are not trained; they get no gradient
   and no optimizer state (see `split_trainable`).
 * `lr_mults`: `[(regex, multiplier), ...]`, first match wins, default 1.
+* `trainable_rows`: `[(regex, (row, ...)), ...]`: of a matching parameter
+  only these rows (leading index; e.g. new tokens' embeddings) are updated;
+  every other row stays bit-identical (its update is zeroed after the
+  optimizer, weight decay included).
 
 Paths are '/'-joined parameter names such as `layers/attn/query/kernel`,
 matched with `re.fullmatch`.
@@ -127,7 +131,25 @@ def make_optimizer(
     if optim.get("lr_mults"):
         mults = lr_multipliers(param_names, optim)
         parts.append(optax.stateless(lambda updates, params=None: jax.tree.map(lambda u, m: u * m, updates, mults)))
+    if optim.get("trainable_rows"):
+        parts.append(optax.stateless(lambda updates, params=None: keep_rows(updates, optim.trainable_rows)))
     return optax.chain(*parts), schedule
+
+
+def keep_rows(updates: Any, rules) -> Any:
+    """Zeroes the updates of every row not listed for a parameter matched by `rules` [(regex, rows)]."""
+    rules = [(pattern, tuple(int(r) for r in rows)) for pattern, rows in rules]
+
+    def mask(path, update):
+        rows = _first_match(rules, path_str(tuple(k.key for k in path)), None)
+        if rows is None:
+            return update
+        if max(rows) >= update.shape[0] or min(rows) < 0:
+            raise ConfigError(f"optim.trainable_rows names rows {rows} of a parameter with {update.shape[0]} rows.")
+        keep = jnp.zeros((update.shape[0],), bool).at[jnp.asarray(rows)].set(True)
+        return jnp.where(keep.reshape((-1,) + (1,) * (update.ndim - 1)), update, 0)
+
+    return jax.tree_util.tree_map_with_path(mask, updates)
 
 
 def split_trainable(params: Any, freeze: list[str]) -> tuple[dict, dict]:
