@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
+from flax import traverse_util
 from PIL import Image
 
 from conftest import REPO, read_tensorboard_scalars
@@ -130,3 +131,23 @@ def test_generate_command_continues_text_and_image_prompts(trained_flamingo, int
         f.write(json.dumps({"text": "<image>x", "images": ["missing.png"]}) + "\n")
     assert cli.main(argv) == 2
     assert "the image missing.png does not exist" in capsys.readouterr().err
+
+
+def test_train_new_tokens_trains_only_the_new_token_rows_of_the_embedding(spm_model_path, spm_tokenizer):
+    from vlm_jax.config_lib import validate_patterns
+    from vlm_jax.train.optimizer import path_str, split_trainable
+
+    c = load_config(
+        os.path.join(REPO, f"configs/flamingo.py:variant=tiny,tokenizer={spm_model_path},train_new_tokens=True")
+    )
+    rows = (spm_tokenizer.token_id("<image>"), spm_tokenizer.token_id("<|endofchunk|>"))
+    assert c.optim.trainable_rows == (("decoder/embed/embedding", rows),)
+    system = models.build(c)
+    params = nn.unbox(jax.eval_shape(system.init, jax.random.PRNGKey(0), system.dummy_batch(1)))
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    validate_patterns(c, [path_str(tuple(k.key for k in p)) for p, _ in flat])
+    trainable = set(traverse_util.flatten_dict(split_trainable(params, list(c.optim.freeze))[0]))
+    assert ("decoder", "embed", "embedding") in trainable
+    paths = {"/".join(k) for k in trainable}
+    assert not any(p.startswith(("vision/", "decoder/final_norm/", "decoder/layer_groups/layers/")) for p in paths)
+    assert any(p.startswith("perceiver/") for p in paths) and any("/xattn/" in p for p in paths)
