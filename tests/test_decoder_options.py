@@ -29,7 +29,7 @@ def random_params(model, *args, seed=0):
 
 
 def mpt_slopes(heads, bias_max):
-    """Slopes read off transformers' MPT ALiBi tensor (its last column is -slope * (L - 1) ... at L = 2)."""
+    """Slopes read off transformers' MPT ALiBi tensor, whose first column at length 2 is -slope."""
     return -build_mpt_alibi_tensor(heads, 2, bias_max)[:, 0, 0].numpy().astype(np.float64)
 
 
@@ -216,7 +216,8 @@ def test_prefill_then_step_decoding_equals_a_full_forward(option):
     model = DecoderLM(**{**BASE, **CACHED[option]})
     rng = np.random.default_rng(1)
     prompt, total = 6, 10
-    tokens, segment_ids, positions = left_padded_batch(rng, [prompt - 3 + 4, prompt + 4], total, BASE["vocab_size"])
+    # Rows of 3 + 4 and 6 + 4 real tokens: prompts of 3 (left-padded) and 6, then 4 decoded tokens.
+    tokens, segment_ids, positions = left_padded_batch(rng, [7, 10], total, BASE["vocab_size"])
     media = ()
     if model.cross_attn_every:
         latents = rng.normal(size=(2, 2, 3, 8)).astype(np.float32)  # [B, M media, n latents, Dv]
@@ -252,10 +253,9 @@ def test_prefill_then_step_decoding_equals_a_full_forward(option):
     assert np.max(np.abs(stepped[real] - np.asarray(full)[real])) <= 1e-5
 
 
-@pytest.mark.parametrize("options", [dict(position_embedding="relative", mlp="plain", mlp_act="gelu")])
-def test_flop_count_of_options_matches_xla_cost_analysis(tiny_lm_config, options):
+def test_flop_count_of_relative_positions_and_plain_mlp_matches_xla_cost_analysis(tiny_lm_config):
     """As tests/test_lm_model.py's check of the default decoder: one layer, analytic <= XLA <= 1.15 x analytic."""
-    tiny_lm_config.model.update(num_layers=1, **options)
+    tiny_lm_config.model.update(num_layers=1, position_embedding="relative", mlp="plain", mlp_act="gelu")
     system = LanguageModel(tiny_lm_config)
     batch = system.dummy_batch(2)
     params = jax.eval_shape(lambda: nn.unbox(system.init(jax.random.key(0), batch)))
