@@ -44,3 +44,44 @@ def test_nfnet_f6_config():
     system = models.build(c)
     params = jax.eval_shape(system.init, jax.random.key(0), system.dummy_batch(1))
     assert count(nn.unbox(params)) == pytest.approx(438.4e6, rel=0.01)
+
+
+# Flamingo (Alayrac et al. 2022, arXiv:2204.14198), appendix B.1.1, Table 5 "Parameter counts for Flamingo models":
+#            frozen LM, frozen vision, trainable GATED XATTN-DENSE, trainable resampler, total
+FLAMINGO_TABLE_5 = {
+    "3B": (1.4e9, 435e6, 1.2e9, 194e6, 3.2e9),
+    "9B": (7.1e9, 435e6, 1.6e9, 194e6, 9.3e9),
+    "80B": (70e9, 435e6, 10e9, 194e6, 80e9),
+}
+
+
+@pytest.mark.parametrize("variant", list(FLAMINGO_TABLE_5))
+def test_flamingo_paper_sizes(variant):
+    """Each component within 2% of Table 5, with one documented exception.
+
+    The exception is the 80B cross-attention. Per block, Table 5 implies 1.2B / 24 = 11.9 d^2 (3B), 1.6B / 8 =
+    11.9 d^2 (9B) but 10B / 12 = 12.4 d^2 (80B, 12 blocks as in Table 4): no block design is within 2% of all
+    three (ours: 12 d^2 + one shared media map, 9.68B, -3.2%). For 80B we check instead the paper's own sum in
+    B.1.1 ("... before every seventh ... 10B" additional learned parameters: cross-attention + resampler).
+    """
+    lm, vision, xattn, resampler, total = FLAMINGO_TABLE_5[variant]
+    system = models.build(load_config(os.path.join(REPO, f"configs/flamingo.py:variant={variant}")))
+    params = nn.unbox(jax.eval_shape(system.init, jax.random.key(0), system.dummy_batch(1)))
+    decoder = params["decoder"]
+    blocks = [decoder[k]["xattn"] for k in ("layer_groups", "layer_groups_tail") if k in decoder]
+    counts = {
+        "vision": count(params["vision"]),
+        "resampler": count(params["perceiver"]),
+        "xattn": count(blocks) + count(params["media_proj"]),
+        "lm": count(decoder) - count(blocks),
+        "total": count(params),
+    }
+    assert counts["vision"] == pytest.approx(vision, rel=0.02)
+    assert counts["resampler"] == pytest.approx(resampler, rel=0.02)
+    assert counts["lm"] == pytest.approx(lm, rel=0.02)
+    assert counts["total"] == pytest.approx(total, rel=0.02)
+    if variant == "80B":
+        assert counts["xattn"] + counts["resampler"] == pytest.approx(10e9, rel=0.02)
+        assert len(blocks) == 2 and count(blocks[1]) * 12 == pytest.approx(count(blocks), rel=1e-6)  # 11 + 1 blocks
+    else:
+        assert counts["xattn"] == pytest.approx(xattn, rel=0.02)

@@ -14,10 +14,12 @@ segment (`positions`).
 
 With `cross_attn_every = n > 0` the model is a Flamingo LM: a GATED
 XATTN-DENSE block (`vlm_jax/lm/gated_xattn.py`) runs before layers 0, n, 2n,
-... (the IDEFICS placement). The stack is then a scan over `num_layers / n`
+... (the IDEFICS placement). The stack is then a scan over `num_layers // n`
 groups, each a cross-attention block followed by a scan over n decoder layers,
 so decoder parameters are stacked [groups, n, ...] under `layer_groups/layers`
-(`flamingo_layout` converts a plain LM's [num_layers, ...] stack).
+(`flamingo_layout` converts a plain LM's [num_layers, ...] stack). When n does
+not divide the depth (Flamingo-80B: 80 layers, every 7th), the remaining
+layers form one more, shorter group, `layer_groups_tail`.
 """
 
 from __future__ import annotations
@@ -106,6 +108,9 @@ class CrossAttentionGroup(nn.Module):
 
 def flamingo_layout(layers: Any, every: int) -> Any:
     """A plain LM's decoder stack [num_layers, ...] -> the Flamingo LM's [num_layers / every, every, ...]."""
+    depth = jax.tree.leaves(layers)[0].shape[0]
+    if depth % every:
+        raise UserError(f"flamingo_layout needs cross_attn_every={every} to divide the {depth} layers.")
     return jax.tree.map(lambda a: a.reshape((a.shape[0] // every, every) + a.shape[1:]), layers)
 
 
@@ -168,8 +173,8 @@ class DecoderLM(nn.Module):
             raise UserError(f"num_kv_heads={self.num_kv_heads} does not divide num_heads={self.num_heads}.")
         if self.position_embedding == "relative" and self.embed_dim % 2:
             raise UserError(f"relative positions need an even embed_dim, got {self.embed_dim}.")
-        if self.cross_attn_every and self.num_layers % self.cross_attn_every:
-            raise UserError(f"cross_attn_every={self.cross_attn_every} does not divide num_layers={self.num_layers}.")
+        if self.cross_attn_every < 0 or self.cross_attn_every > self.num_layers:
+            raise UserError(f"cross_attn_every={self.cross_attn_every} must lie in [0, num_layers={self.num_layers}].")
 
     @nn.compact
     def __call__(
@@ -248,10 +253,13 @@ class DecoderLM(nn.Module):
             if media is None or media_mask is None:
                 raise UserError("a Flamingo LM (cross_attn_every > 0) needs media latents and a media mask.")
             xattn_args = dict(self.cross_attn or {}, dtype=dtype)
-            groups = _scan_layers(CrossAttentionGroup, self.num_layers // self.cross_attn_every, 4)
-            x, _ = groups(self.cross_attn_every, block, block_args, xattn_args, name="layer_groups")(
-                x, segment_ids, positions, media, media_mask
-            )
+            every, tail = self.cross_attn_every, self.num_layers % self.cross_attn_every
+            groups = _scan_layers(CrossAttentionGroup, self.num_layers // every, 4)
+            inputs = (x, segment_ids, positions, media, media_mask)
+            x, _ = groups(every, block, block_args, xattn_args, name="layer_groups")(*inputs)
+            if tail:
+                inputs = (x,) + inputs[1:]
+                x, _ = CrossAttentionGroup(tail, block, block_args, xattn_args, name="layer_groups_tail")(*inputs)
         x = _norm(self, "final_norm")(x)
         if self.tie_embeddings:
             logits = embed.attend(x)

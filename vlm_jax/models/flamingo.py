@@ -178,9 +178,12 @@ class Flamingo(System):
         metrics = {"accuracy": jnp.sum(correct * mask)}
         weight = jnp.sum(mask)
         # Mean |tanh(gate)| of the cross-attention blocks, scaled by the weight because the trainer divides by it.
-        gates = params["decoder"]["layer_groups"]["xattn"]
+        blocks = [
+            params["decoder"][k]["xattn"] for k in ("layer_groups", "layer_groups_tail") if k in params["decoder"]
+        ]
         for name in ("attn_gate", "ff_gate"):
-            metrics[f"gates/{name}"] = jnp.mean(jnp.abs(jnp.tanh(gates[name]))) * weight
+            gates = jnp.concatenate([jnp.abs(jnp.tanh(b[name])).reshape(-1) for b in blocks])
+            metrics[f"gates/{name}"] = jnp.mean(gates) * weight
         return jnp.sum(ce * mask), weight, metrics
 
     def flops_per_example(self) -> float:
