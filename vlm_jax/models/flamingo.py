@@ -26,7 +26,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from vlm_jax.config_lib import ConfigError
 from vlm_jax.connectors.perceiver import PerceiverResampler
@@ -35,6 +34,7 @@ from vlm_jax.lm.decoder import DecoderLM
 from vlm_jax.lm.gated_xattn import media_mask
 from vlm_jax.models import register
 from vlm_jax.models.base import System
+from vlm_jax.models.lm import next_token_loss
 from vlm_jax.nn.layers import DenseGeneral
 
 ENCODERS = ("vit", "nfnet")
@@ -171,12 +171,7 @@ class Flamingo(System):
         return self.module.apply({"params": params}, *self._inputs(batch))
 
     def loss(self, params, batch):
-        logits = self.logits(params, batch)
-        mask = batch["loss_mask"].astype(jnp.float32)
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-        correct = (jnp.argmax(logits, axis=-1) == batch["targets"]).astype(jnp.float32)
-        metrics = {"accuracy": jnp.sum(correct * mask)}
-        weight = jnp.sum(mask)
+        loss, weight, metrics = next_token_loss(self.logits(params, batch), batch)
         # Mean |tanh(gate)| of the cross-attention blocks, scaled by the weight because the trainer divides by it.
         blocks = [
             params["decoder"][k]["xattn"] for k in ("layer_groups", "layer_groups_tail") if k in params["decoder"]
@@ -184,7 +179,7 @@ class Flamingo(System):
         for name in ("attn_gate", "ff_gate"):
             gates = jnp.concatenate([jnp.abs(jnp.tanh(b[name])).reshape(-1) for b in blocks])
             metrics[f"gates/{name}"] = jnp.mean(gates) * weight
-        return jnp.sum(ce * mask), weight, metrics
+        return loss, weight, metrics
 
     def flops_per_example(self) -> float:
         """Training FLOPs per row from XLA's cost analysis of each part's forward (lowered, never compiled):

@@ -17,6 +17,14 @@ from vlm_jax.models import register
 from vlm_jax.models.base import System
 
 
+def next_token_loss(logits: jax.Array, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array, dict]:
+    """(cross-entropy summed over `loss_mask`, its weight, {"accuracy": correct top-1 sum}) of next-token logits."""
+    mask = batch["loss_mask"].astype(jnp.float32)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    correct = (jnp.argmax(logits, axis=-1) == batch["targets"]).astype(jnp.float32)
+    return jnp.sum(ce * mask), jnp.sum(mask), {"accuracy": jnp.sum(correct * mask)}
+
+
 @register("lm")
 class LanguageModel(System):
     """Next-token prediction on packed token rows (batch keys: tokens, targets, loss_mask, segment_ids, positions).
@@ -54,11 +62,7 @@ class LanguageModel(System):
         return self.module.apply({"params": params}, batch["tokens"], batch["segment_ids"], batch["positions"])
 
     def loss(self, params, batch):
-        logits = self.logits(params, batch)
-        mask = batch["loss_mask"].astype(jnp.float32)
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-        correct = (jnp.argmax(logits, axis=-1) == batch["targets"]).astype(jnp.float32)
-        return jnp.sum(ce * mask), jnp.sum(mask), {"accuracy": jnp.sum(correct * mask)}
+        return next_token_loss(self.logits(params, batch), batch)
 
     def flops_per_example(self) -> float:
         m = self.module
