@@ -19,7 +19,7 @@ see configs/flamingo.py); to train only new token rows, give the LM
 from __future__ import annotations
 
 import dataclasses
-from functools import partial
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -30,6 +30,7 @@ import numpy as np
 from vlm_jax.config_lib import ConfigError
 from vlm_jax.connectors.perceiver import PerceiverResampler
 from vlm_jax.errors import UserError
+from vlm_jax.flops import matmul_flops
 from vlm_jax.lm.decoder import DecoderLM
 from vlm_jax.lm.gated_xattn import media_mask
 from vlm_jax.models import register
@@ -42,9 +43,8 @@ _KEY = jax.random.PRNGKey(0)
 
 
 def _forward_flops(module: nn.Module, *args) -> float:
-    """FLOPs of `module.apply` on abstract inputs, from XLA's cost analysis of the lowered (uncompiled) forward."""
-    params = jax.eval_shape(module.init, _KEY, *args)
-    return float(jax.jit(module.apply).lower(params, *args).cost_analysis()["flops"])
+    """Matmul FLOPs of `module.apply` on abstract inputs (`vlm_jax.flops`: scanned layers counted per layer)."""
+    return matmul_flops(module.apply, jax.eval_shape(module.init, _KEY, *args), *args)
 
 
 def _output_shape(module: nn.Module, *args) -> Any:
@@ -182,7 +182,7 @@ class Flamingo(System):
         return loss, weight, metrics
 
     def flops_per_example(self) -> float:
-        """Training FLOPs per row from XLA's cost analysis of each part's forward (lowered, never compiled):
+        """Training FLOPs per row, from each part's forward matmul FLOPs (`vlm_jax.flops`, on abstract shapes):
         vision 1x (frozen, no gradient), resampler and cross-attention 3x, the frozen LM 2x (activation
         gradients only)."""
         m = self.module
@@ -210,10 +210,17 @@ class Flamingo(System):
 
     def generation_parts(self, params, batch):
         """For `vlm_jax.generate`: the decoder, its params, the media latents (encoded once) and the prompt's media mask."""
-        apply = lambda method, *args: jax.jit(partial(self.module.apply, method=method))({"params": params}, *args)  # noqa: E731
-        latents = apply(FlamingoModel.encode_media, batch["images"])
-        mask = apply(FlamingoModel.media_mask, batch["tokens"], batch["segment_ids"], batch["image_segment_ids"])
+        latents = self._encode_media({"params": params}, batch["images"])
+        mask = self._media_mask({"params": params}, batch["tokens"], batch["segment_ids"], batch["image_segment_ids"])
         return self.module.decoder, params["decoder"], latents, mask
+
+    @functools.cached_property
+    def _encode_media(self):
+        return jax.jit(functools.partial(self.module.apply, method=FlamingoModel.encode_media))
+
+    @functools.cached_property
+    def _media_mask(self):
+        return jax.jit(functools.partial(self.module.apply, method=FlamingoModel.media_mask))
 
     def forward(self, params, inputs):
         """transformers-style inputs -> logits: input_ids [B, L], pixel_values [B, N, 3, H, W], optional
