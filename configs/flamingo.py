@@ -1,6 +1,7 @@
 """Flamingo (Alayrac et al. 2022): frozen vision encoder and LM, trained Perceiver resampler and GATED XATTN-DENSE.
 
-Variants (`--config configs/flamingo.py:variant=NAME[,data=DIR,tokenizer=FILE.model][,train_new_tokens=True]`):
+Variants (`--config configs/flamingo.py:variant=NAME[,data=DIR,tokenizer=FILE.model][,train_new_tokens=True]`
+[`,lm_checkpoint=DIR,vision_checkpoint=DIR`]):
   tiny  a small CLIP-style ViT, a 4-layer LM with cross-attention every 2 layers: CPU tests and the quick start
   3B    NFNet-F6 + the 1.4B Chinchilla-family LM (24 layers, width 2048), cross-attention every layer
   9B    NFNet-F6 + the 7.1B LM (32 layers, width 4096), cross-attention every 4th layer
@@ -15,6 +16,9 @@ over a `vlm-jax data build` folder, rendered with the "flamingo" template
 (one `<image>` token per image, `<|endofchunk|>` after each text chunk).
 `train_new_tokens=True` also trains the embedding rows of those two tokens
 (`optim.trainable_rows`), as Flamingo learns its new tokens' embeddings.
+`lm_checkpoint` / `vision_checkpoint` start the frozen parts from checkpoints
+(an `lm` and a `vision_encoder` or `dual_encoder`, e.g. `vlm-jax convert-hf`
+outputs; `model.lm` / `model.encoder_kwargs` must describe the same shapes).
 """
 
 from vlm_jax import sharding
@@ -47,7 +51,16 @@ FROZEN = (
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, variant="tiny", data="", tokenizer="", vocab=256, train_new_tokens=False)
+    arg = parse_arg(
+        arg,
+        variant="tiny",
+        data="",
+        tokenizer="",
+        vocab=256,
+        train_new_tokens=False,
+        lm_checkpoint="",
+        vision_checkpoint="",
+    )
     if arg.variant != "tiny" and arg.variant not in LMS:
         raise ConfigError(f"variant {arg.variant!r} is not one of tiny, {', '.join(LMS)}.")
     c = ConfigDict()
@@ -113,6 +126,8 @@ def get_config(arg=None):
             only_attend_immediate_media=True,
             project_media=arg.variant != "tiny",
             image_tokens=1,
+            lm_checkpoint=arg.lm_checkpoint,  # an `lm` checkpoint (e.g. from convert-hf) for the frozen LM
+            vision_checkpoint=arg.vision_checkpoint,  # a `vision_encoder` or `dual_encoder` checkpoint
         )
     )
     c.data = ConfigDict(

@@ -151,3 +151,43 @@ def test_train_new_tokens_trains_only_the_new_token_rows_of_the_embedding(spm_mo
     paths = {"/".join(k) for k in trainable}
     assert not any(p.startswith(("vision/", "decoder/final_norm/", "decoder/layer_groups/layers/")) for p in paths)
     assert any(p.startswith("perceiver/") for p in paths) and any("/xattn/" in p for p in paths)
+
+
+def test_frozen_parts_start_from_lm_and_vision_checkpoints(interleaved_folder, spm_model_path, tmp_path):
+    from ml_collections import ConfigDict
+
+    from vlm_jax.config_lib import ConfigError
+    from vlm_jax.interop.convert import write_checkpoint
+    from vlm_jax.train import trainer
+    from vlm_jax.train.checkpoint import load_params
+
+    spec = f"configs/flamingo.py:variant=tiny,data={interleaved_folder},tokenizer={spm_model_path}"
+    c = load_config(os.path.join(REPO, spec))
+    c.total_steps, c.log_every, c.checkpoint_every = 2, 1, 0
+    sources = {
+        "lm": dict(name="lm", **{k: v for k, v in c.model.lm.items() if not k.startswith("cross_attn")}),
+        "vision": dict(name="vision_encoder", encoder="vit", kwargs=c.model.encoder_kwargs.to_dict(), image_size=32),
+    }
+    saved = {}
+    for name, model in sources.items():
+        source = ConfigDict({"model": model, "data": {"seq_len": 8}})
+        system = models.build(source)
+        saved[name] = nn.unbox(jax.jit(system.init)(jax.random.PRNGKey(7), system.dummy_batch(1)))
+        write_checkpoint(source, saved[name], str(tmp_path / name))
+    c.model.lm_checkpoint, c.model.vision_checkpoint = str(tmp_path / "lm"), str(tmp_path / "vision")
+
+    trainer.train(c, str(tmp_path / "run"))
+    _, _, params = load_params(str(tmp_path / "run"))
+    lm, decoder = saved["lm"], params["decoder"]
+    same = lambda a, b: jax.tree.all(jax.tree.map(np.array_equal, a, b))  # noqa: E731
+    assert same(decoder["embed"], lm["embed"]) and same(decoder["lm_head"], lm["lm_head"])
+    assert same(decoder["layer_groups"]["layers"], flamingo_layout(lm["layers"], c.model.lm.cross_attn_every))
+    assert same(params["vision"], saved["vision"])
+    assert np.any(np.asarray(decoder["layer_groups"]["xattn"]["ff_gate"]) != 0)  # and the new parts trained
+
+    c.model.lm.mlp_dim = 96  # a checkpoint of another shape is one clear sentence
+    system = models.build(c)
+    with pytest.raises(
+        ConfigError, match=r"lm_checkpoint layers.*down.* has shape \(2, 2, 128, 64\); the model needs \(2, 2, 96, 64\)"
+    ):
+        system.pretrained(nn.unbox(jax.eval_shape(system.init, jax.random.PRNGKey(0), system.dummy_batch(1))))

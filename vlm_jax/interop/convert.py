@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from typing import Any
 
 import ml_collections
 import numpy as np
@@ -87,15 +88,20 @@ def to_system_config(path: str) -> tuple[ml_collections.ConfigDict, dict]:
 
 def convert(path: str, out_dir: str) -> ml_collections.ConfigDict:
     """Converts `path` and writes `out_dir/checkpoints/0/`; returns the config."""
+    config, params = to_system_config(path)
+    write_checkpoint(config, params, out_dir)
+    return config
+
+
+def write_checkpoint(config: ml_collections.ConfigDict, params: Any, out_dir: str) -> None:
+    """Writes params (float32) and config as step 0 of `out_dir`, a checkpoint `--checkpoint` and `load_params` read."""
     import jax
 
     from vlm_jax.train.checkpoint import Checkpointer
 
-    config, params = to_system_config(path)
     params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
     ckpt = Checkpointer(out_dir, keep=1, async_save=False)
     ckpt.save(0, {"step": np.zeros((), np.int32), "params": params}, {}, config, force=True)
     ckpt.close()
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=2))
-    return config

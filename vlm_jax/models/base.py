@@ -49,4 +49,6 @@ class System:
         raise NotImplementedError
 
     # Optional: `evaluate(trainer, params) -> dict[str, float]`, the system's own evaluators
-    # (retrieval, zero-shot, ...), run by `vlm-jax eval` and every `eval_every` steps.
+    # (retrieval, zero-shot, ...), run by `vlm-jax eval` and every `eval_every` steps;
+    # `pretrained(params) -> params`, parts loaded from other checkpoints when training starts fresh;
+    # `generation_parts(params, batch)`, what `vlm_jax/generate.py` needs to decode.

@@ -31,7 +31,7 @@ from vlm_jax.config_lib import ConfigError
 from vlm_jax.connectors.perceiver import PerceiverResampler
 from vlm_jax.errors import UserError
 from vlm_jax.flops import matmul_flops
-from vlm_jax.lm.decoder import DecoderLM
+from vlm_jax.lm.decoder import DecoderLM, flamingo_layout
 from vlm_jax.lm.gated_xattn import media_mask
 from vlm_jax.models import register
 from vlm_jax.models.base import System
@@ -45,6 +45,21 @@ _KEY = jax.random.PRNGKey(0)
 def _forward_flops(module: nn.Module, *args) -> float:
     """Matmul FLOPs of `module.apply` on abstract inputs (`vlm_jax.flops`: scanned layers counted per layer)."""
     return matmul_flops(module.apply, jax.eval_shape(module.init, _KEY, *args), *args)
+
+
+def _same_shapes(want: Any, got: Any, what: str) -> Any:
+    """`got` if its tree and shapes equal `want`'s; else a ConfigError naming the first difference."""
+    want_flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(want)[0]}
+    got_flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(got)[0]}
+    for key in sorted(set(want_flat) | set(got_flat)):
+        if key not in got_flat or key not in want_flat:
+            side = "lacks" if key not in got_flat else "has an unexpected"
+            raise ConfigError(f"model.{what} {side} parameter {key}; is it the model's architecture?")
+        if np.shape(want_flat[key]) != np.shape(got_flat[key]):
+            raise ConfigError(
+                f"model.{what}{key} has shape {np.shape(got_flat[key])}; the model needs {np.shape(want_flat[key])}."
+            )
+    return got
 
 
 def _output_shape(module: nn.Module, *args) -> Any:
@@ -207,6 +222,47 @@ class Flamingo(System):
 
     def tokens_in(self, batch):
         return int(np.count_nonzero(batch["segment_ids"]))
+
+    def pretrained(self, params: dict) -> dict:
+        """Fills the frozen parts from checkpoints at the start of training (called by the trainer, host arrays):
+        `model.lm_checkpoint` (an `lm` system: its layers regrouped for the cross-attention groups) and
+        `model.vision_checkpoint` (a `vision_encoder`, or a `dual_encoder`'s image tower); "" skips one."""
+        from vlm_jax.train.checkpoint import load_params
+
+        m = self.config.model
+        params = dict(params)
+        if m.get("lm_checkpoint"):
+            config, _, lm = load_params(m.lm_checkpoint)
+            if config.model.name != "lm":
+                raise ConfigError(f"model.lm_checkpoint {m.lm_checkpoint} holds a {config.model.name}, not an lm.")
+            lm = jax.device_get(lm)
+            decoder = dict(params["decoder"])
+            every, layers = self.module.decoder.cross_attn_every, lm["layers"]
+            depth = jax.tree.leaves(layers)[0].shape[0]
+            if depth != self.module.decoder.num_layers:
+                raise ConfigError(f"model.lm_checkpoint has {depth} layers; model.lm.num_layers is {m.lm.num_layers}.")
+            full = depth - depth % every
+            regrouped = {"layer_groups": flamingo_layout(jax.tree.map(lambda a: a[:full], layers), every)}
+            if depth % every:
+                regrouped["layer_groups_tail"] = jax.tree.map(lambda a: a[full:], layers)
+            for name, value in lm.items():
+                if name != "layers":
+                    decoder[name] = _same_shapes(decoder.get(name), value, f"lm_checkpoint {name}")
+            for group, value in regrouped.items():
+                decoder[group] = dict(
+                    decoder[group], layers=_same_shapes(decoder[group]["layers"], value, "lm_checkpoint layers")
+                )
+            params["decoder"] = decoder
+        if m.get("vision_checkpoint"):
+            config, _, vision = load_params(m.vision_checkpoint)
+            if config.model.name not in ("vision_encoder", "dual_encoder"):
+                raise ConfigError(
+                    f"model.vision_checkpoint {m.vision_checkpoint} holds a {config.model.name}, not a vision encoder."
+                )
+            vision = jax.device_get(vision)
+            vision = vision["image_encoder"] if config.model.name == "dual_encoder" else vision
+            params["vision"] = _same_shapes(params["vision"], vision, "vision_checkpoint")
+        return params
 
     def generation_parts(self, params, batch):
         """For `vlm_jax.generate`: the decoder, its params, the media latents (encoded once) and the prompt's media mask."""

@@ -242,6 +242,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
         data.set_state(data_state)
     else:
         state = trainer.init(jax.random.key(config.seed))
+        if hasattr(system, "pretrained"):  # e.g. a Flamingo's frozen LM and vision encoder from checkpoints
+            params = system.pretrained(jax.device_get(state.params))
+            state = state.replace(params=jax.device_put(params, trainer.state_shardings.params))
     step = int(jax.device_get(state.step))
     if is_main:
         with open(os.path.join(workdir, "config.json"), "w") as f:
