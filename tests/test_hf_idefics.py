@@ -17,6 +17,7 @@ from transformers.models.idefics.processing_idefics import (
 )
 
 from conftest import convert_and_forward, perturb
+from vlm_jax import cli
 
 VOCAB, PAD, BOS, EOS = 100, 0, 1, 2
 FAKE, IMAGE = VOCAB, VOCAB + 1  # the two additional tokens: <fake_token_around_image>, <image>
@@ -99,6 +100,13 @@ def test_idefics_logits_match_through_the_command_line(
     real = feed["attention_mask"].astype(bool)
     assert np.abs(want).max() > 1.0  # the logits are not trivially small
     np.testing.assert_allclose(got[real], want[real], atol=1e-4, rtol=0)
+    # Without IDEFICS's processor mask, the mask comes from the <image> tokens: the same for row 1, which has no
+    # end-of-sequence token (after which IDEFICS's processor stops attending to images).
+    without = {k: v for k, v in feed.items() if k != "image_attention_mask"}
+    np.savez(tmp_path / "no_mask.npz", **without)
+    args = ["forward", "--checkpoint", str(tmp_path / "converted"), "--inputs", str(tmp_path / "no_mask.npz")]
+    assert cli.main([*args, "--out", str(tmp_path / "no_mask_out.npz")]) == 0
+    np.testing.assert_allclose(np.load(tmp_path / "no_mask_out.npz")["logits"][0], want[0], atol=1e-4, rtol=0)
     # The gates are open: the images matter for the text after them.
     before_first_image = feed["input_ids"][0].tolist().index(IMAGE)
     with torch.no_grad():
