@@ -22,6 +22,7 @@ INSTALL_REQUIRES = [
     "numpy>=2.4",
     "tensorboardX>=2.6.5",
     "tqdm>=4.70",
+    "pycocoevalcap>=1.2",  # CIDEr and BLEU for captioning evaluation (its Java tokenizer is not used)
 ]
 
 EXTRAS = {
