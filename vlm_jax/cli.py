@@ -9,6 +9,7 @@
     vlm-jax data    build --format pairs|llava|interleaved --input FILE --out DIR
     vlm-jax data    stats --config CONFIG [--data DIR]
     vlm-jax data    train-tokenizer --input FILE [FILE ...] --out PREFIX --vocab_size N
+    vlm-jax data    builtin --out DIR [--image_size N] [--scale F] [--seed S]
 
 `--config` and its overrides are ml_collections config flags. A user error
 (`vlm_jax.errors.UserError`: bad config, arguments or inputs; a missing file)
@@ -29,7 +30,7 @@ commands:
   forward   run a checkpoint on inputs from an .npz file and write the outputs to another
   generate  continue prompts (text and images) with a checkpoint: greedy, temperature, top-k, top-p
   convert-hf  import a transformers (CLIP, SigLIP, LLaMA, Qwen2, Gemma, MPT, IDEFICS) or timm (NFNet) directory
-  data      build (user JSONL -> ArrayRecord), stats (run the pipeline), train-tokenizer
+  data      build (user JSONL -> ArrayRecord), stats (run the pipeline), train-tokenizer, builtin
 
 `vlm-jax COMMAND --help` lists a command's flags."""
 
@@ -219,9 +220,9 @@ def cmd_generate(argv: list[str]) -> int:
 
 
 def cmd_data(argv: list[str]) -> int:
-    """`vlm-jax data build|stats|train-tokenizer`."""
-    usage = "usage: vlm-jax data build|stats|train-tokenizer [flags]   (vlm-jax data SUBCOMMAND --help)"
-    if not argv or argv[0] not in ("build", "stats", "train-tokenizer"):
+    """`vlm-jax data build|builtin|stats|train-tokenizer`."""
+    usage = "usage: vlm-jax data build|builtin|stats|train-tokenizer [flags]   (vlm-jax data SUBCOMMAND --help)"
+    if not argv or argv[0] not in ("build", "builtin", "stats", "train-tokenizer"):
         print(usage, file=sys.stderr)
         return 2
     sub, rest = argv[0], argv[1:]
@@ -236,6 +237,20 @@ def cmd_data(argv: list[str]) -> int:
 
         summary = convert.build(args.format, args.input, args.out, args.records_per_shard, progress=sys.stderr.isatty())
         print(convert.summary_text(summary, args.out))
+        return 0
+    if sub == "builtin":
+        parser = argparse.ArgumentParser(
+            prog="vlm-jax data builtin", description="Writes the procedural built-in dataset as ArrayRecord folders."
+        )
+        parser.add_argument("--out", required=True, help="output folder (one TASK/SPLIT folder each)")
+        parser.add_argument("--image_size", type=int, default=64, help="image side in pixels (>= 40)")
+        parser.add_argument("--scale", type=float, default=1.0, help="multiplies the default record counts")
+        parser.add_argument("--seed", type=int, default=0)
+        args = parser.parse_args(rest)
+        from data_pipelines.builtin import build
+
+        manifest = build.build(args.out, seed=args.seed, image_size=args.image_size, scale=args.scale)
+        print(build.summary_text(manifest, args.out))
         return 0
     if sub == "stats":
         if "--help" in rest or "-h" in rest:

@@ -1,0 +1,1 @@
+"""The built-in vision-language dataset: procedural scenes, its tasks and splits, the cached ArrayRecord build."""
