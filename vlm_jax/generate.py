@@ -68,11 +68,15 @@ def sample(logits: jax.Array, rng: jax.Array, settings: Sampling) -> jax.Array:
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-def left_pad(prompts: Sequence[Sequence[int]]) -> dict[str, np.ndarray]:
-    """tokens, segment_ids (0 = padding) and positions of left-padded prompts."""
+def left_pad(prompts: Sequence[Sequence[int]], length: int | None = None) -> dict[str, np.ndarray]:
+    """tokens, segment_ids (0 = padding) and positions of left-padded prompts, `length` wide (default: the
+    longest prompt; a fixed length keeps one compilation for batches of different prompts)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise UserError("every prompt needs at least one token.")
-    length = max(len(p) for p in prompts)
+    longest = max(len(p) for p in prompts)
+    length = longest if length is None else length
+    if longest > length:
+        raise UserError(f"a prompt has {longest} tokens, more than the {length} allowed.")
     tokens = np.zeros((len(prompts), length), np.int32)
     segment_ids = np.zeros_like(tokens)
     positions = np.zeros_like(tokens)
@@ -84,9 +88,13 @@ def left_pad(prompts: Sequence[Sequence[int]]) -> dict[str, np.ndarray]:
     return {"tokens": tokens, "segment_ids": segment_ids, "positions": positions}
 
 
-def pad_images(images: Sequence[np.ndarray], size: int) -> dict[str, np.ndarray]:
-    """images [B, M, size, size, 3] (zeros in unused slots) and image_segment_ids [B, M] (0 = no image)."""
-    slots = max(1, max(len(x) for x in images))
+def pad_images(images: Sequence[np.ndarray], size: int, slots: int | None = None) -> dict[str, np.ndarray]:
+    """images [B, M, size, size, 3] (zeros in unused slots) and image_segment_ids [B, M] (0 = no image); M is
+    `slots` or the most images of a prompt."""
+    most = max(1, max(len(x) for x in images))
+    slots = most if slots is None else slots
+    if most > slots:
+        raise UserError(f"a prompt has {most} images, more than the {slots} slots.")
     out = np.zeros((len(images), slots, size, size, 3), np.float32)
     ids = np.zeros((len(images), slots), np.int32)
     for row, row_images in enumerate(images):
@@ -97,6 +105,15 @@ def pad_images(images: Sequence[np.ndarray], size: int) -> dict[str, np.ndarray]
                 )
             out[row, slot], ids[row, slot] = image, 1
     return {"images": out, "image_segment_ids": ids}
+
+
+def preprocess_image(data: bytes, size: int, image_settings: Any) -> np.ndarray:
+    """Encoded image bytes -> [size, size, 3] float32, resized and normalised as the data config's `image` says
+    (raises `image_ops.BadImage`)."""
+    from data_pipelines import image_ops
+
+    image = image_ops.fixed_resolution(image_ops.decode(data), size, image_settings.get("method", "bicubic"))
+    return image_ops.normalize(image, image_settings.get("normalization", "clip"))
 
 
 def generate(system: Any, params: Any, batch: dict[str, np.ndarray], settings: Sampling, seed: int = 0) -> np.ndarray:
@@ -205,11 +222,9 @@ def parse_prompt(item: dict, tokenizer: Any, image_size: int, image_settings: An
         if not os.path.isfile(path):
             raise UserError(f"{where}: the image {name} does not exist.")
         try:
-            image = image_ops.decode(open(path, "rb").read())
+            images.append(preprocess_image(open(path, "rb").read(), image_size, image_settings))
         except image_ops.BadImage as e:
             raise UserError(f"{where}: the image {name} cannot be read ({e.reason}).") from None
-        image = image_ops.fixed_resolution(image, image_size, image_settings.get("method", "bicubic"))
-        images.append(image_ops.normalize(image, image_settings.get("normalization", "clip")))
     return {"tokens": tokens, "images": images}
 
 
