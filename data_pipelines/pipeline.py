@@ -4,6 +4,13 @@
     shard -> repeat -> process each record (decode, tile, render the template, fit the
     row budgets) -> drop and count bad records -> first-fit pack into rows -> batch
 
+With `data.mixture`, each component (its own ArrayRecord folder, record
+format and template) runs the steps up to processing on its own; training
+mixes the components' endless streams by weight (`grain.MapDataset.mix`, a
+fixed interleaving), a single pass (validation, `data stats`) reads each
+component once, in order (`grain.MapDataset.concatenate`). Counting, packing
+and batching then see one stream.
+
 Everything before packing is a deterministic function of (seed, record index),
 so the same seed gives the same batches; the iterator state (a few integers
 and the skip counts) rides in the trainer's checkpoint and a resumed run sees
@@ -56,16 +63,83 @@ def repair_text(text: Any, repairs: list[str]) -> str:
     return fixed
 
 
-class Preprocessor:
-    """record -> example (tokens/targets/loss_mask, images [slots, H, W, 3]) or `{SKIP: reason}`."""
+MIXTURE_KEYS = ("train_path", "validation_path", "weight", "template", "template_options")
 
-    def __init__(self, config: ml_collections.ConfigDict, tokenizer: Tokenizer, format: str, training: bool):
+
+def mixture_components(data: ml_collections.ConfigDict, split: str) -> list[dict[str, Any]]:
+    """The checked `data.mixture` components for `split`: dicts with path, weight, template, template_options.
+
+    Raises one clear UserError for a mixture that is not a non-empty list of
+    dicts, an unknown key, a weight that is not a positive number, a missing
+    path or folder, or a template that does not render the folder's format.
+    """
+    mixture = data.mixture
+    if data.source != "array_record":
+        raise UserError(f"data.mixture needs data.source = 'array_record', not {data.source!r}.")
+    if not isinstance(mixture, (list, tuple)) or not mixture:
+        raise UserError("data.mixture must be a non-empty list of components (dicts with train_path and weight).")
+    components = []
+    for i, component in enumerate(mixture):
+        name = f"data.mixture[{i}]"
+        if not isinstance(component, (dict, ml_collections.ConfigDict)):
+            raise UserError(f"{name} must be a dict with {', '.join(MIXTURE_KEYS)}, not {component!r}.")
+        component = dict(component)
+        unknown = sorted(set(component) - set(MIXTURE_KEYS))
+        if unknown:
+            raise UserError(f"{name} has unknown key(s) {', '.join(unknown)}; the keys are {', '.join(MIXTURE_KEYS)}.")
+        weight = component.get("weight")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+            raise UserError(f"{name}.weight must be a positive number, got {weight!r}.")
+        path = component.get(f"{split}_path")
+        if not path:
+            raise UserError(f"{name}.{split}_path is not set (the folder written by `vlm-jax data build`).")
+        try:
+            source = ArrayRecordSource(path)
+        except UserError as e:
+            raise UserError(f"{name}: {e}") from None
+        template = component.get("template") or data.template
+        formats = templates.supported_formats(template)
+        if source.format not in formats:
+            raise UserError(
+                f"{name}: template {template!r} does not render the {source.format} records of {path} "
+                f"(it renders {', '.join(formats)})."
+            )
+        options = component.get("template_options")
+        components.append(
+            {
+                "source": source,
+                "weight": float(weight),
+                "template": template,
+                "template_options": dict(data.get("template_options", {}) if options is None else options),
+            }
+        )
+    if len({templates.uses_prefix_mask(c["template"]) for c in components}) > 1:
+        raise UserError("data.mixture mixes prefix-LM and causal templates, which cannot share packed rows.")
+    return components
+
+
+class Preprocessor:
+    """record -> example (tokens/targets/loss_mask, images [slots, H, W, 3]) or `{SKIP: reason}`.
+
+    `template` and `template_options` default to `data.template` and `data.template_options` (a mixture
+    component passes its own).
+    """
+
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        tokenizer: Tokenizer,
+        format: str,
+        training: bool,
+        template: str | None = None,
+        template_options: dict[str, Any] | None = None,
+    ):
         data = config.data
         self.format = format
         self.training = training
         self.tokenizer = tokenizer
-        self.template = data.template
-        self.template_options = dict(data.get("template_options", {}))
+        self.template = template or data.template
+        self.template_options = dict(data.get("template_options", {}) if template_options is None else template_options)
         self.seq_len = int(data.seq_len)
         self.max_images = int(data.max_images)
         self.tokens_per_slot = int(config.model.get("image_tokens", 1))
@@ -200,11 +274,18 @@ class Preprocessor:
         return example
 
 
-def records_dataset(config: ml_collections.ConfigDict, source, process_index: int, process_count: int, repeat: bool):
-    """The shuffled, host-sharded (and repeated) MapDataset of records."""
+def records_dataset(
+    config: ml_collections.ConfigDict,
+    source,
+    process_index: int,
+    process_count: int,
+    repeat: bool,
+    seed: int | None = None,
+):
+    """The shuffled, host-sharded (and repeated) MapDataset of records; `seed` defaults to config.seed."""
     ds = grain.MapDataset.source(source)
     if config.data.get("shuffle", True):
-        ds = ds.shuffle(seed=int(config.seed))
+        ds = ds.shuffle(seed=int(config.seed) if seed is None else seed)
     ds = ds[process_index::process_count]
     if repeat:
         ds = ds.repeat(None)
@@ -246,14 +327,31 @@ class GrainPipeline(BatchIteratorBase):
     ):
         """`repeat` defaults to True for "train" (endless epochs) and False otherwise (one pass)."""
         data = config.data
-        self.source = make_source(data, split)
         self.tokenizer = Tokenizer(data.tokenizer)
         training = split == "train"
-        preprocessor = Preprocessor(config, self.tokenizer, self.source.format, training)
-        ds = records_dataset(
-            config, self.source, process_index, process_count, repeat=training if repeat is None else repeat
-        )
-        ds = ds.random_map(preprocessor, seed=int(config.seed))
+        repeat = training if repeat is None else repeat
+        mixed = data.get("mixture") is not None
+        if mixed:
+            components = mixture_components(data, split)
+        else:
+            components = [
+                {"source": make_source(data, split), "weight": 1.0, "template": None, "template_options": None}
+            ]
+        self.sources = [c["source"] for c in components]
+        datasets = []
+        for k, c in enumerate(components):  # component k draws its shuffle and random ops from seed + k
+            seed = int(config.seed) + k
+            preprocessor = Preprocessor(
+                config, self.tokenizer, c["source"].format, training, c["template"], c["template_options"]
+            )
+            ds = records_dataset(config, c["source"], process_index, process_count, repeat=repeat, seed=seed)
+            datasets.append(ds.random_map(preprocessor, seed=seed))
+        if not mixed:
+            ds = datasets[0]
+        elif repeat:
+            ds = grain.MapDataset.mix(datasets, [c["weight"] for c in components])
+        else:
+            ds = grain.MapDataset.concatenate(datasets)
         read = grain.ReadOptions(
             num_threads=int(data.get("read_threads", 2)), prefetch_buffer_size=int(data.get("read_buffer", 64))
         )
@@ -264,7 +362,7 @@ class GrainPipeline(BatchIteratorBase):
             int(data.max_images),
             num_bins=int(data.get("packing_bins", 32)),
             seed=int(config.seed),
-            with_prefix_mask=preprocessor.with_prefix_mask,
+            with_prefix_mask=preprocessor.with_prefix_mask,  # the same for every component (mixture_components)
         )
         batches = self.rows.batch(config.batch_size // process_count, drop_remainder=True)
         workers = int(data.get("worker_count", 0))

@@ -508,6 +508,36 @@ def flamingo(
     return b.build(IMAGE_MARKER, image_tokens, num_images)
 
 
+def flamingo_vqa(
+    tokenizer: Tokenizer, turns: Sequence[Turn], image_tokens: int | Sequence[int] = 1
+) -> TokenizedExample:
+    """Flamingo question answering (a llava or vqa record), in OpenFlamingo's VQA prompt (see `flamingo_fewshot`)::
+
+        <s><image>Question:{q1} Short answer:{a1}<|endofchunk|>Question:{q2} Short answer:{a2}<|endofchunk|></s>
+
+    Each turn starts with its own images (one `<image>` per marker in its
+    question, in order), then `Question:{q} Short answer:{a}<|endofchunk|>`; q
+    is the question without its `<image>` markers and the whitespace around
+    them. Targets: each answer, its <|endofchunk|> and the eos; never bos,
+    `<image>` or the question. A final turn without answer ends with
+    "Short answer:" (the generation prompt, no eos), as the few-shot query does.
+    A turn whose question is only images raises RenderError "empty_text".
+    """
+    _check_turns(turns)
+    b = _Builder(tokenizer)
+    b.bos()
+    for i, (q, a) in enumerate(turns):
+        question = " ".join(part.strip() for part in q.split(IMAGE_MARKER) if part.strip())
+        if not question:
+            raise RenderError("empty_text", f"turn {i + 1} has no question text besides its images.")
+        b.prompt(IMAGE_MARKER * q.count(IMAGE_MARKER) + f"Question:{question} Short answer:")
+        if a is None:
+            return b.build(IMAGE_MARKER, image_tokens, _count_markers(turns))
+        b.target(a + "<|endofchunk|>")
+    b.eos()
+    return b.build(IMAGE_MARKER, image_tokens, _count_markers(turns))
+
+
 def flamingo_fewshot(
     tokenizer: Tokenizer,
     shots: Sequence[Mapping[str, str]],
@@ -741,6 +771,13 @@ def _render_paligemma(tokenizer, example, image_tokens, *, lang: str = "en", pre
 
 
 def _render_flamingo(tokenizer, example, image_tokens, *, text_separator: str = " "):
+    """pairs and interleaved records as documents (`flamingo`); llava and vqa records as VQA (`flamingo_vqa`).
+
+    A llava record's "system" turn is ignored (Flamingo has no system message), as in minigpt4 and paligemma.
+    """
+    if record_format(example) in ("llava", "vqa"):
+        _, turns = conversation(example, "")
+        return flamingo_vqa(tokenizer, turns, image_tokens)
     return flamingo(tokenizer, document(example), image_tokens, text_separator=text_separator)
 
 
@@ -765,7 +802,7 @@ _SPECS: dict[str, tuple[str, tuple[str, ...], bool, tuple[str, ...]]] = {
     "llava_plain": ("<image>", (), False, ("pairs", "llava")),
     "qwen_vl": ("<imgpad>", ("<img>", "</img>"), False, ("pairs", "vqa", "llava")),
     "internvl": ("<IMG_CONTEXT>", ("<img>", "</img>"), False, ("pairs", "vqa", "llava")),
-    "flamingo": ("<image>", (), False, ("pairs", "interleaved")),
+    "flamingo": ("<image>", (), False, ("pairs", "vqa", "llava", "interleaved")),
 }
 
 

@@ -324,6 +324,77 @@ def test_flamingo_pairs_and_consecutive_texts(tok):
     assert tok.decode(ex.ids) == "<s><image><image>One. Two.<|endofchunk|></s>"
 
 
+def test_flamingo_renders_a_one_turn_chat_as_openflamingo_vqa(tok):
+    record = {
+        "images": [b"a"],
+        "conversations": [
+            {"from": "system", "value": "Be brief."},  # Flamingo has no system message: ignored
+            {"from": "human", "value": "<image>\nWhat colour is the square?"},
+            {"from": "gpt", "value": "red"},
+        ],
+    }
+    ex = render("flamingo", tok, record, 2)
+    image, eoc = tok.token_id("<image>"), tok.token_id("<|endofchunk|>")
+    assert (
+        tok.decode(ex.ids) == "<s><image><image>Question:What colour is the square? Short answer:red<|endofchunk|></s>"
+    )
+    # The whole layout, id by id. The text is encoded as one string (after the image, so with no leading "▁").
+    prompt = tok.encode("<image>Question:What colour is the square? Short answer:")[1:]
+    answer = tok.encode("<image>Question:What colour is the square? Short answer:red")[1 + len(prompt) :]
+    assert tok.decode(answer) == "red"
+    np.testing.assert_array_equal(ex.ids, [tok.bos_id, image, image, *prompt, *answer, eoc, tok.eos_id])
+    np.testing.assert_array_equal(ex.predict, [False] * (3 + len(prompt)) + [True] * (len(answer) + 2))
+    assert runs(tok, ex) == ["red<|endofchunk|></s>"]
+    check_images(ex, image, [2])
+    check_shifted(ex)
+    # The same question in the few-shot prompt tokenizes to the same ids up to the answer.
+    query = templates.flamingo_fewshot(
+        tok, [], {"question": "What colour is the square?", "answer": "red"}, image_tokens=2
+    )
+    np.testing.assert_array_equal(query.ids, ex.ids[:-2])
+
+
+def test_flamingo_renders_each_turn_with_its_own_images(tok):
+    record = {
+        "images": [b"a", b"b"],
+        "conversations": [
+            {"from": "human", "value": "<image>\nWhere is the red circle?"},
+            {"from": "gpt", "value": "<ref>the red circle</ref><box>(1,2),(3,4)</box>"},
+            {"from": "human", "value": "And now? <image> "},
+            {"from": "gpt", "value": "yes"},
+        ],
+    }
+    ex = render("flamingo", tok, record, 1)
+    assert tok.decode(ex.ids) == (
+        "<s><image>Question:Where is the red circle? Short answer:<ref>the red circle</ref><box>(1,2),(3,4)</box>"
+        "<|endofchunk|><image>Question:And now? Short answer:yes<|endofchunk|></s>"
+    )
+    # Only the answers, their <|endofchunk|> and the eos are trained: never the questions or the images.
+    assert runs(tok, ex) == [
+        "<ref>the red circle</ref><box>(1,2),(3,4)</box><|endofchunk|>",
+        "yes<|endofchunk|></s>",
+    ]
+    # Exact layout: bos, then per turn its image, the question (prompt) and the answer + <|endofchunk|> (targets).
+    image, eoc = tok.token_id("<image>"), tok.token_id("<|endofchunk|>")
+    q1 = tok.encode("<image>Question:Where is the red circle? Short answer:")[1:]
+    a1 = tok.encode("<image><ref>the red circle</ref><box>(1,2),(3,4)</box>")[1:]
+    q2 = tok.encode("<image>Question:And now? Short answer:")[1:]
+    a2 = tok.encode("<image>yes")[1:]
+    np.testing.assert_array_equal(ex.ids, [tok.bos_id, image, *q1, *a1, eoc, image, *q2, *a2, eoc, tok.eos_id])
+    np.testing.assert_array_equal(
+        ex.predict,
+        [False] * (2 + len(q1)) + [True] * (len(a1) + 1) + [False] * (1 + len(q2)) + [True] * (len(a2) + 2),
+    )
+    check_images(ex, image, [1, 1])
+    check_shifted(ex)
+    # vqa records take the same form; a final question without answer is the generation prompt.
+    ex = render("flamingo", tok, {"images": [b"a"], "question": "Color?", "answer": "red"}, 1)
+    assert tok.decode(ex.ids) == "<s><image>Question:Color? Short answer:red<|endofchunk|></s>"
+    ex = render("flamingo", tok, {**record, "conversations": record["conversations"][:3]}, 1)
+    assert tok.decode(ex.ids).endswith("<|endofchunk|><image>Question:And now? Short answer:")
+    assert runs(tok, ex) == ["<ref>the red circle</ref><box>(1,2),(3,4)</box><|endofchunk|>"]
+
+
 def test_flamingo_fewshot_prompts(tok):
     shots = [{"question": "What is it?", "answer": "cat"}, {"question": "Color?", "answer": "red"}]
     ex = templates.flamingo_fewshot(tok, shots, {"question": "How many?"})
@@ -398,7 +469,12 @@ def test_flamingo_fewshot_prompts(tok):
         ("flamingo", {"texts": ["a", None], "images": [b"a"]}, "bad_record"),
         ("flamingo", {"texts": ["a"], "images": [b"a"]}, "bad_record"),
         ("flamingo", {"texts": ["Look <image> here"], "images": [None]}, "placeholder_mismatch"),
-        ("flamingo", CHAT, "unsupported_format"),
+        ("flamingo", {"image": "a.jpg", "label": 3}, "bad_record"),
+        (
+            "flamingo",
+            {"images": [b"a"], "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "A"}]},
+            "empty_text",
+        ),
         ("llava", {"texts": ["a"], "images": [None]}, "unsupported_format"),
         ("llava", {"image": "a.jpg", "label": 3}, "bad_record"),
     ],

@@ -264,6 +264,18 @@ class Flamingo(System):
             params["vision"] = _same_shapes(params["vision"], vision, "vision_checkpoint")
         return params
 
+    def evaluate(self, trainer, params) -> dict[str, float]:
+        """Generative evaluations (`evaluators/generative.py`) on `config.eval_tasks` = {task: folder}, each on
+        its first `config.eval_examples` records; the last samples stay in `self.eval_samples` for the report."""
+        from vlm_jax.evaluators import generative
+
+        tasks = dict(trainer.config.get("eval_tasks") or {})
+        if not tasks:
+            return {}
+        generator = generative.Generator(self, params, trainer.config)
+        metrics, self.eval_samples = generative.evaluate(generator, tasks, int(trainer.config.get("eval_examples", 64)))
+        return metrics
+
     def generation_parts(self, params, batch):
         """For `vlm_jax.generate`: the decoder, its params, the media latents (encoded once) and the prompt's media mask."""
         latents = self._encode_media({"params": params}, batch["images"])
