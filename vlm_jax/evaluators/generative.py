@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from data_pipelines import templates
 from data_pipelines.sources import ArrayRecordSource
 from data_pipelines.templates import IMAGE_MARKER
 from vlm_jax import generate
@@ -46,11 +47,7 @@ class Generator:
         self.slots = int(config.data.get("max_images", 1))
         self.batch_size = batch_size
         self.prompt_len = prompt_len or int(config.data.seq_len)
-        self.image_id = self.tokenizer.token_id(IMAGE_MARKER)
         self.stop = (self.tokenizer.token_id(EOC), self.tokenizer.eos_id)
-
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text)
 
     def image(self, data: bytes) -> np.ndarray:
         return generate.preprocess_image(data, self.image_size, self.image_settings)
@@ -80,14 +77,21 @@ def read_records(path: str, limit: int, want_format: str) -> list[dict]:
     return [source[i] for i in range(min(limit, len(source)))]
 
 
-def _question_prompt(gen: Generator, record: dict) -> tuple[dict, str, str]:
-    """(prompt, question, answer) of a llava record's first turn."""
+def _prompt_ids(gen: Generator, record: dict) -> list[int]:
+    """The ids the "flamingo" template renders for `record` before its first training target."""
+    rendered = templates.render("flamingo", gen.tokenizer, record, 1)
+    first_target = int(np.argmax(rendered.predict)) if rendered.predict.any() else len(rendered.ids)
+    return [int(i) for i in rendered.ids[:first_target]]
+
+
+def question_prompt(gen: Generator, record: dict) -> tuple[dict, str, str]:
+    """(prompt, question, answer) of a llava record's first turn: `<s><image>Question:{q} Short answer:`."""
     turns = record["conversations"]
-    human = next(t["value"] for t in turns if t["from"] == "human")
-    answer = record.get("answer") or next(t["value"] for t in turns if t["from"] == "gpt")
-    question = human.replace(IMAGE_MARKER, "").strip()
-    images = [gen.image(b) for b in record["images"]]
-    tokens = [gen.tokenizer.bos_id] + [gen.image_id] * len(images) + gen.encode(f"Question:{question} Short answer:")
+    first = [next(t for t in turns if t["from"] == "human"), next(t for t in turns if t["from"] == "gpt")]
+    answer = record.get("answer") or first[1]["value"]
+    question = first[0]["value"].replace(IMAGE_MARKER, "").strip()
+    images = [gen.image(b) for b in record["images"][: first[0]["value"].count(IMAGE_MARKER)]]
+    tokens = _prompt_ids(gen, {"images": record["images"][: len(images)], "conversations": first})
     return {"tokens": tokens, "images": images}, question, answer
 
 
@@ -98,7 +102,7 @@ def _sample(prompt: dict, text: str, prediction: str, reference: Any, correct: b
 
 
 def vqa(gen: Generator, records: Sequence[dict]) -> tuple[dict[str, float], list[dict]]:
-    prompts, questions, answers = zip(*(_question_prompt(gen, r) for r in records))
+    prompts, questions, answers = zip(*(question_prompt(gen, r) for r in records))
     predictions = gen(prompts, max_new_tokens=8)
     metrics = {"vqa_accuracy": exact_match(predictions, answers)}
     types = [r.get("question_type") for r in records]
@@ -112,14 +116,13 @@ def vqa(gen: Generator, records: Sequence[dict]) -> tuple[dict[str, float], list
     return metrics, samples
 
 
+def caption_prompt(gen: Generator, record: dict) -> dict:
+    """`<s><image>` of a pairs record (the caption follows in training)."""
+    return {"tokens": _prompt_ids(gen, record), "images": [gen.image(b) for b in record["images"]]}
+
+
 def captions(gen: Generator, records: Sequence[dict]) -> tuple[dict[str, float], list[dict]]:
-    prompts = [
-        {
-            "tokens": [gen.tokenizer.bos_id] + [gen.image_id] * len(r["images"]),
-            "images": [gen.image(b) for b in r["images"]],
-        }
-        for r in records
-    ]
+    prompts = [caption_prompt(gen, r) for r in records]
     predictions = gen(prompts, max_new_tokens=40)
     references = [[r["caption"]] for r in records]
     scores = caption_scores(predictions, references)
@@ -132,7 +135,7 @@ def captions(gen: Generator, records: Sequence[dict]) -> tuple[dict[str, float],
 
 
 def grounding(gen: Generator, records: Sequence[dict]) -> tuple[dict[str, float], list[dict]]:
-    prompts, questions, answers = zip(*(_question_prompt(gen, r) for r in records))
+    prompts, questions, answers = zip(*(question_prompt(gen, r) for r in records))
     predictions = gen(prompts, max_new_tokens=24)
     sides = [_image_side(r) for r in records]  # boxes are in the source image's pixels
     scores = grounding_scores(predictions, [r["box"] for r in records], [(s, s) for s in sides])
@@ -155,23 +158,21 @@ def _image_side(record: dict) -> float:
     return float(Image.open(io.BytesIO(record["images"][0])).size[0])
 
 
+def fewshot_prompt(gen: Generator, record: dict) -> dict:
+    """The episode's examples, then `<image>{query_prefix}` (the query's word follows in training): the template's
+    rendering of the record with the query text cut to its prefix, without the closing `<|endofchunk|></s>`."""
+    texts = list(record["texts"])
+    last_text = max(i for i, t in enumerate(texts) if t is not None)
+    texts[last_text] = record["query_prefix"]
+    rendered = templates.render("flamingo", gen.tokenizer, {"texts": texts, "images": record["images"]}, 1)
+    tokens = [int(i) for i in rendered.ids[:-2]]  # drop <|endofchunk|> and </s>
+    return {"tokens": tokens, "images": [gen.image(b) for b in record["images"] if b is not None]}
+
+
 def fewshot(gen: Generator, records: Sequence[dict]) -> tuple[dict[str, float], list[dict]]:
-    prompts, references, shots = [], [], []
-    for r in records:
-        items = list(zip(r["images"], r["texts"]))
-        tokens, images = [gen.tokenizer.bos_id], []
-        context, query = items[:-1], items[-1]
-        for image, text in context:
-            if image is not None:
-                tokens.append(gen.image_id)
-                images.append(gen.image(image))
-            if text:
-                tokens += gen.encode(text + EOC)
-        tokens += [gen.image_id] + gen.encode(r["query_prefix"])
-        images.append(gen.image(query[0]))
-        prompts.append({"tokens": tokens, "images": images})
-        references.append(r["answer"])
-        shots.append(int(r["k"]))
+    prompts = [fewshot_prompt(gen, r) for r in records]
+    references = [r["answer"] for r in records]
+    shots = [int(r["k"]) for r in records]
     predictions = [_first_word(t) for t in gen(prompts, max_new_tokens=4)]
     correct = [p == normalize_answer(a) for p, a in zip(predictions, references)]
     metrics = {}

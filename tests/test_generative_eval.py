@@ -1,0 +1,78 @@
+"""Generative evaluators: prompts equal the training template's prefixes; oracle answers score perfectly."""
+
+import os
+import re
+
+import pytest
+
+from conftest import REPO
+from data_pipelines import templates
+from data_pipelines.builtin import build
+from vlm_jax.config_lib import load_config
+from vlm_jax.evaluators import generative
+
+SIZES = {"captions": 6, "vqa": 12, "grounding": 6, "fewshot": 8}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("builtin"))
+    build.build(root, sizes={task: {"train": 20, "validation": n} for task, n in SIZES.items()}, workers=1)
+    config = load_config(os.path.join(REPO, f"configs/flamingo.py:variant=tiny,tokenizer={root}/spm.model"))
+    config.model.image_size = config.data.image.size = 64
+    config.data.seq_len, config.data.max_images = 128, 6
+    return root, generative.Generator(None, None, config)
+
+
+def records(root, task):
+    fmt = generative.TASKS[task][0]
+    return generative.read_records(f"{root}/{task}/validation", 100, fmt)
+
+
+def continuation(gen, record, prompt_tokens):
+    """The template-rendered training ids of `record`: the prompt must be their prefix; returns what follows."""
+    rendered = templates.render("flamingo", gen.tokenizer, record, 1)
+    ids = list(rendered.ids)
+    assert ids[: len(prompt_tokens)] == list(prompt_tokens)
+    return gen.tokenizer.decode(ids[len(prompt_tokens) :], skip_control=True)
+
+
+def test_prompts_are_the_training_prefixes(built):
+    root, gen = built
+    for record in records(root, "vqa") + records(root, "grounding"):
+        prompt, _, answer = generative.question_prompt(gen, record)
+        assert continuation(gen, record, prompt["tokens"]).startswith(answer)
+    for record in records(root, "captions"):
+        assert continuation(gen, record, generative.caption_prompt(gen, record)["tokens"]).startswith(record["caption"])
+    for record in records(root, "fewshot"):
+        prompt = generative.fewshot_prompt(gen, record)
+        assert re.findall(r"[a-z]+", continuation(gen, record, prompt["tokens"]))[0] == record["answer"]
+        assert len(prompt["images"]) == sum(image is not None for image in record["images"])
+
+
+def reference_outputs(root, gen, task):
+    """What a perfect model would generate for each record of a task."""
+    if task in ("vqa", "grounding"):
+        return [generative.question_prompt(gen, r)[2] for r in records(root, task)]
+    if task == "captions":
+        return [r["caption"] for r in records(root, task)]
+    return [r["answer"] + "." for r in records(root, task)]
+
+
+def test_oracle_predictions_score_perfectly_and_wrong_ones_do_not(built, monkeypatch):
+    root, gen = built
+    tasks = {task: f"{root}/{task}/validation" for task in sorted(SIZES)}  # evaluated in this order
+    perfect = [reference_outputs(root, gen, task) for task in tasks]
+    for outputs in (perfect, [["nothing"] * len(o) for o in perfect]):
+        calls = iter(outputs)
+        monkeypatch.setattr(generative.Generator, "__call__", lambda self, prompts, max_new_tokens: next(calls))
+        metrics, samples = generative.evaluate(gen, tasks, 100)
+        fewshot = {k: v for k, v in metrics.items() if k.startswith("fewshot_")}
+        assert set(fewshot) == {f"fewshot_{k}shot_accuracy" for k in (0, 1, 2, 4)}
+        if outputs is perfect:
+            assert metrics["vqa_accuracy"] == 1.0 and metrics["grounding_acc@0.5"] == 1.0
+            assert set(fewshot.values()) == {1.0} and metrics["cider"] > 5 and metrics["bleu4"] > 0.99
+            assert {s["task"] for s in samples} == set(SIZES) and all(s["correct"] is not False for s in samples)
+        else:
+            assert metrics["vqa_accuracy"] == 0.0 and metrics["grounding_iou"] == 0.0 and metrics["cider"] < 0.1
+            assert set(fewshot.values()) == {0.0}
