@@ -76,3 +76,21 @@ def test_oracle_predictions_score_perfectly_and_wrong_ones_do_not(built, monkeyp
         else:
             assert metrics["vqa_accuracy"] == 0.0 and metrics["grounding_iou"] == 0.0 and metrics["cider"] < 0.1
             assert set(fewshot.values()) == {0.0}
+
+
+def test_baselines_from_the_data_alone(built):
+    from vlm_jax.evaluators import baselines
+
+    root, _ = built
+    vqa_train = generative.read_records(f"{root}/vqa/train", 100, "llava")
+    vqa_val = records(root, "vqa")
+    majority = baselines.majority_answer_accuracy(vqa_train, vqa_val)
+    assert 0.0 <= majority < 1.0
+    assert baselines.majority_answer_accuracy(vqa_val, vqa_val) >= majority - 1e-9  # its own majority can't do worse
+    val = records(root, "captions")
+    own = baselines.nearest_caption_scores(val, val)  # every image's nearest neighbour is itself
+    assert own["bleu4"] > 0.99
+    assert (
+        baselines.nearest_caption_scores(generative.read_records(f"{root}/captions/train", 100, "pairs"), val)["cider"]
+        < own["cider"]
+    )
