@@ -23,6 +23,7 @@ INSTALL_REQUIRES = [
     "tensorboardX>=2.6.5",
     "tqdm>=4.70",
     "pycocoevalcap>=1.2",  # CIDEr and BLEU for captioning evaluation (its Java tokenizer is not used)
+    "matplotlib>=3.11.2",  # the run report's curves (Agg backend, no display needed)
 ]
 
 EXTRAS = {

@@ -6,7 +6,6 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_p
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import random  # noqa: E402
-import struct  # noqa: E402
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -93,20 +92,10 @@ def spm_tokenizer(spm_model_path):
 
 
 def read_tensorboard_scalars(logdir):
-    """{tag: {step: value}} from the TFRecord-framed event files (8-byte length, CRCs, Event proto)."""
-    from tensorboardX.proto import event_pb2
+    """{tag: {step: value}} from the TensorBoard event files (the run report's reader)."""
+    from vlm_jax.report import read_scalars
 
-    scalars = {}
-    for name in os.listdir(logdir):
-        data = open(os.path.join(logdir, name), "rb").read()
-        i = 0
-        while i < len(data):
-            (n,) = struct.unpack("<Q", data[i : i + 8])
-            event = event_pb2.Event.FromString(data[i + 12 : i + 12 + n])
-            i += 12 + n + 4
-            for value in event.summary.value:
-                scalars.setdefault(value.tag, {})[event.step] = value.simple_value
-    return scalars
+    return read_scalars(logdir)
 
 
 def open_flamingo_helpers():
