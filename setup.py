@@ -24,6 +24,8 @@ INSTALL_REQUIRES = [
     "tqdm>=4.70",
     "pycocoevalcap>=1.2",  # CIDEr and BLEU for captioning evaluation (its Java tokenizer is not used)
     "matplotlib>=3.11.2",  # the run report's curves (Agg backend, no display needed)
+    "scikit-learn>=1.9.1",  # its handwritten digits: few-shot episodes on real images (data_pipelines/real_images.py)
+    "scikit-image>=0.26",  # its sample photos (files of the package): few-shot episodes on real images
 ]
 
 EXTRAS = {

@@ -187,6 +187,7 @@ def builtin_main_job(arg):
     `lm_checkpoint` / `vision_checkpoint`). The images are 64 px (the built-in scenes' size: at 32 px small
     shapes blur). Evaluations run on held-out attribute combinations at the end (`eval_every`).
     """
+    from data_pipelines import real_images
     from data_pipelines.builtin import build
 
     root = build.ensure()
@@ -203,6 +204,11 @@ def builtin_main_job(arg):
         dict(train_path=f"{root}/{task}/train", validation_path=f"{root}/{task}/validation", weight=weight)
         for task, weight in MAIN_JOB_MIXTURE.items()
     ]
-    c.eval_tasks = {task: f"{root}/{task}/validation" for task in MAIN_JOB_EVALS}
+    c.eval_tasks = {
+        **{task: f"{root}/{task}/validation" for task in MAIN_JOB_EVALS},
+        # few-shot episodes on real images shipped in scikit-learn and scikit-image (cached on first use)
+        **{f"fewshot/{source}": real_images.ensure(source) for source in real_images.SOURCES},
+    }
+    c.model.lm.cross_attn.gate_init = 1.0
     c.optim.update(lr=2e-3, schedule="cosine", warmup_steps=50, min_lr_ratio=0.05, freeze=())
     return c

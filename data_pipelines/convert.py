@@ -23,7 +23,7 @@ import sys
 from typing import Any, Iterator
 
 from data_pipelines import image_ops
-from data_pipelines.sources import FORMATS, INDEX_FILE, encode_record
+from data_pipelines.sources import FORMATS, write_index, write_shards
 from vlm_jax.errors import UserError
 
 
@@ -144,55 +144,36 @@ def to_record(obj: Any, format: str, base: str, counts: collections.Counter) -> 
 
 def build(format: str, input_path: str, out_dir: str, records_per_shard: int = 10_000, progress: bool = True) -> dict:
     """Converts `input_path` to ArrayRecord shards in `out_dir`; returns the summary (also in index.json)."""
-    from array_record.python.array_record_module import ArrayRecordWriter
     from tqdm import tqdm
 
     if format not in FORMATS:
         raise UserError(f"--format {format!r} is not one of {', '.join(FORMATS)}.")
     if not os.path.isfile(input_path):
         raise UserError(f"the input file {input_path} does not exist.")
-    os.makedirs(out_dir, exist_ok=True)
     base = os.path.dirname(os.path.abspath(input_path))
     counts: collections.Counter = collections.Counter()
-    shards: list[str] = []
-    writer, in_shard, written, images, nbytes = None, 0, 0, 0, 0
-    for obj in tqdm(
-        _lines(input_path, format, counts), desc="records", unit="rec", disable=not progress, file=sys.stderr
-    ):
-        try:
-            record = to_record(obj, format, base, counts)
-        except Skip as e:
-            counts[f"skipped:{e.reason}"] += 1
-            continue
-        if writer is None or in_shard >= records_per_shard:
-            if writer is not None:
-                writer.close()
-            shards.append(f"data-{len(shards):05d}.array_record")
-            writer, in_shard = ArrayRecordWriter(os.path.join(out_dir, shards[-1]), "group_size:1"), 0
-        data = encode_record(record)
-        writer.write(data)
-        in_shard += 1
-        written += 1
-        nbytes += len(data)
-        images += sum(1 for i in record["images"] if i is not None)
-    if writer is not None:
-        writer.close()
-    if not written:
+
+    def records() -> Iterator[dict[str, Any]]:
+        lines = _lines(input_path, format, counts)
+        for obj in tqdm(lines, desc="records", unit="rec", disable=not progress, file=sys.stderr):
+            try:
+                yield to_record(obj, format, base, counts)
+            except Skip as e:
+                counts[f"skipped:{e.reason}"] += 1
+
+    written = write_shards(records(), out_dir, records_per_shard)
+    if not written["records"]:
         raise UserError(
             f"no record of {input_path} could be converted (problems: {_describe(counts) or 'empty file'})."
         )
     summary = {
         "format": format,
-        "records": written,
-        "images": images,
-        "bytes": nbytes,
-        "shards": shards,
+        **written,
         "skipped": {k.split(":", 1)[1]: v for k, v in counts.items() if k.startswith("skipped:")},
         "repaired": {k.split(":", 1)[1]: v for k, v in counts.items() if k.startswith("repaired:")},
         "source": os.path.abspath(input_path),
     }
-    with open(os.path.join(out_dir, INDEX_FILE), "w") as f:
-        json.dump(summary, f, indent=2)
+    write_index(out_dir, summary)
     return summary
 
 

@@ -8,15 +8,15 @@ images as their encoded bytes instead of paths:
 * interleaved: {"texts": [str | None, ...], "images": [bytes | None, ...]}  (aligned lists)
 
 On disk each record is one msgpack message in an ArrayRecord shard; a folder
-written by `vlm-jax data build` holds `index.json` and
-`data-XXXXX-of-YYYYY.array_record` files.
+written by `vlm-jax data build` (`write_shards`, `write_index`) holds
+`index.json` and `data-NNNNN.array_record` files.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import msgpack
 import numpy as np
@@ -35,6 +35,40 @@ def encode_record(record: dict[str, Any]) -> bytes:
 def decode_record(data: bytes) -> dict[str, Any]:
     """Inverse of `encode_record`. Text that is not valid UTF-8 comes back as bytes (the pipeline repairs it)."""
     return msgpack.unpackb(data, raw=False, unicode_errors="surrogateescape")
+
+
+def write_shards(records: Iterable[dict[str, Any]], out_dir: str, records_per_shard: int = 10_000) -> dict[str, Any]:
+    """Writes `records` (consumed lazily, in order) as `data-NNNNN.array_record` shards of `out_dir`, one msgpack
+    message per record; returns {"records", "images", "bytes", "shards"}. No record, no shard file. The
+    writer of `vlm-jax data build`, the built-in dataset and the real-image few-shot episodes."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    os.makedirs(out_dir, exist_ok=True)
+    shards: list[str] = []
+    writer, in_shard, written, images, nbytes = None, 0, 0, 0, 0
+    try:
+        for record in records:
+            if writer is None or in_shard >= records_per_shard:
+                if writer is not None:
+                    writer.close()
+                shards.append(f"data-{len(shards):05d}.array_record")
+                writer, in_shard = ArrayRecordWriter(os.path.join(out_dir, shards[-1]), "group_size:1"), 0
+            data = encode_record(record)
+            writer.write(data)
+            in_shard += 1
+            written += 1
+            nbytes += len(data)
+            images += sum(1 for image in record["images"] if image is not None)
+    finally:
+        if writer is not None:
+            writer.close()
+    return {"records": written, "images": images, "bytes": nbytes, "shards": shards}
+
+
+def write_index(out_dir: str, index: dict[str, Any]) -> None:
+    """Writes a folder's `index.json` (format, records, images, bytes, shards, skipped, repaired, source, ...)."""
+    with open(os.path.join(out_dir, INDEX_FILE), "w") as f:
+        json.dump(index, f, indent=2)
 
 
 def shard_paths(directory: str) -> tuple[list[str], dict[str, Any]]:

@@ -1,5 +1,6 @@
 """GATED XATTN-DENSE against open_flamingo's block, its media masks, and isolation of packed segments."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -62,6 +63,20 @@ def test_zero_gates_make_the_block_the_identity_and_text_before_media_gets_nothi
     params = module.init(jax.random.key(0), x, media, mask)
     np.testing.assert_array_equal(np.asarray(module.apply(params, x, media, mask)), np.asarray(x))  # bit for bit
     assert not np.asarray(mask)[0, :2].any() and np.asarray(mask)[0, 2:].all()
+
+
+def test_gate_init_only_changes_the_gates_initial_values():
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(1, 5, 8)), jnp.float32)
+    media = jnp.asarray(np.random.default_rng(2).normal(size=(1, 1, 2, 6)), jnp.float32)
+    mask = media_mask(jnp.array([[1, 2, IMG, 3, 4]]) == IMG, jnp.ones((1, 5), jnp.int32), jnp.ones((1, 1), jnp.int32))
+    closed = nn.unbox(GatedCrossAttention(num_heads=2, head_dim=4).init(jax.random.key(0), x, media, mask))["params"]
+    module = GatedCrossAttention(num_heads=2, head_dim=4, gate_init=0.7)
+    opened = nn.unbox(module.init(jax.random.key(0), x, media, mask))["params"]
+    assert float(opened["attn_gate"]) == float(opened["ff_gate"]) == pytest.approx(0.7)
+    same = {k: v for k, v in opened.items() if not k.endswith("_gate")}
+    assert jax.tree.all(jax.tree.map(np.array_equal, same, {k: closed[k] for k in same}))
+    out = np.asarray(module.apply({"params": opened}, x, media, mask))
+    assert np.abs(out - np.asarray(x)).min(-1).max() > 0  # the open block changes every token (its ff does)
 
 
 def test_masks_are_per_segment_and_packed_rows_equal_separate_rows():

@@ -10,6 +10,7 @@
     vlm-jax data    stats --config CONFIG [--data DIR]
     vlm-jax data    train-tokenizer --input FILE [FILE ...] --out PREFIX --vocab_size N
     vlm-jax data    builtin --out DIR [--image_size N] [--scale F] [--seed S]
+    vlm-jax data    fewshot --source digits|photos --out DIR [--episodes N] [--image_size N] [--seed S]
 
 `--config` and its overrides are ml_collections config flags. A user error
 (`vlm_jax.errors.UserError`: bad config, arguments or inputs; a missing file)
@@ -30,7 +31,8 @@ commands:
   forward   run a checkpoint on inputs from an .npz file and write the outputs to another
   generate  continue prompts (text and images) with a checkpoint: greedy, temperature, top-k, top-p
   convert-hf  import a transformers (CLIP, SigLIP, LLaMA, Qwen2, Gemma, MPT, IDEFICS) or timm (NFNet) directory
-  data      build (user JSONL -> ArrayRecord), stats (run the pipeline), train-tokenizer, builtin
+  data      build (user JSONL -> ArrayRecord), stats (run the pipeline), train-tokenizer, builtin,
+            fewshot (few-shot episodes on real images shipped with scikit-learn / scikit-image)
 
 `vlm-jax COMMAND --help` lists a command's flags."""
 
@@ -114,6 +116,11 @@ def cmd_eval(argv: list[str]) -> int:
     for k, v in metrics.items():
         print(f"{k}: {v:.4f}")
     print(json.dumps({"step": step, **metrics}))
+    from vlm_jax.report import write_report
+
+    samples = getattr(run.system, "eval_samples", [])
+    path = write_report(fv.workdir, fv.config, {f"eval/{k}": v for k, v in metrics.items()}, samples)
+    print(f"Report: {path}")
     return 0
 
 
@@ -220,9 +227,9 @@ def cmd_generate(argv: list[str]) -> int:
 
 
 def cmd_data(argv: list[str]) -> int:
-    """`vlm-jax data build|builtin|stats|train-tokenizer`."""
-    usage = "usage: vlm-jax data build|builtin|stats|train-tokenizer [flags]   (vlm-jax data SUBCOMMAND --help)"
-    if not argv or argv[0] not in ("build", "builtin", "stats", "train-tokenizer"):
+    """`vlm-jax data build|builtin|fewshot|stats|train-tokenizer`."""
+    usage = "usage: vlm-jax data build|builtin|fewshot|stats|train-tokenizer [flags]   (vlm-jax data SUBCOMMAND --help)"
+    if not argv or argv[0] not in ("build", "builtin", "fewshot", "stats", "train-tokenizer"):
         print(usage, file=sys.stderr)
         return 2
     sub, rest = argv[0], argv[1:]
@@ -251,6 +258,23 @@ def cmd_data(argv: list[str]) -> int:
 
         manifest = build.build(args.out, seed=args.seed, image_size=args.image_size, scale=args.scale)
         print(build.summary_text(manifest, args.out))
+        return 0
+    if sub == "fewshot":
+        parser = argparse.ArgumentParser(
+            prog="vlm-jax data fewshot",
+            description="Writes few-shot episodes on real images (scikit-learn digits, scikit-image photos) as an "
+            "ArrayRecord folder for the generative fewshot evaluation.",
+        )
+        parser.add_argument("--source", required=True, choices=["digits", "photos"])
+        parser.add_argument("--out", required=True, help="output folder")
+        parser.add_argument("--episodes", type=int, default=400, help="episodes; k cycles 0, 1, 2, 4")
+        parser.add_argument("--image_size", type=int, default=64, help="image side in pixels (>= 8)")
+        parser.add_argument("--seed", type=int, default=0)
+        args = parser.parse_args(rest)
+        from data_pipelines import real_images
+
+        summary = real_images.write(args.source, args.out, args.episodes, args.seed, args.image_size)
+        print(real_images.summary_text(summary, args.out))
         return 0
     if sub == "stats":
         if "--help" in rest or "-h" in rest:

@@ -11,9 +11,13 @@ and scores the continuation:
 | grounding | llava with metadata "box" | `<s><image>Question:{q} Short answer:` -> `<ref>..</ref><box>..</box>` | mean IoU, acc@0.5 |
 | fewshot | interleaved with metadata "k", "answer", "query_prefix" | the k examples, then `<image>{query_prefix}` -> word | accuracy per k |
 
-Prompts are left-padded to one length and batches to one size, so each task
-compiles once. Every task returns (metrics, samples); samples (images,
-prompt, prediction, reference, correct) feed the run report.
+`evaluate` runs {task: folder}; a task is one of these kinds or a named
+variant "KIND/NAME" ("fewshot/digits", "fewshot/photos": the few-shot
+episodes on real images of `data_pipelines/real_images.py`), whose metrics
+are prefixed with NAME ("digits/fewshot_2shot_accuracy"). Prompts are
+left-padded to one length and batches to one size, so each task compiles
+once. Every task returns (metrics, samples); samples (images, prompt,
+prediction, reference, correct, task) feed the run report.
 """
 
 from __future__ import annotations
@@ -51,6 +55,11 @@ class Generator:
 
     def image(self, data: bytes) -> np.ndarray:
         return generate.preprocess_image(data, self.image_size, self.image_settings)
+
+    def prompt(self, tokens: list[int], encoded_images: Sequence[bytes]) -> dict:
+        """A prompt: its token ids, its images preprocessed, and the encoded images (for the run report)."""
+        encoded = [b for b in encoded_images if b is not None]
+        return {"tokens": tokens, "images": [self.image(b) for b in encoded], "encoded": encoded}
 
     def __call__(self, prompts: Sequence[dict], max_new_tokens: int) -> list[str]:
         """Texts generated for prompts {"tokens": [...], "images": [arrays]} (stop tokens removed)."""
@@ -90,14 +99,14 @@ def question_prompt(gen: Generator, record: dict) -> tuple[dict, str, str]:
     first = [next(t for t in turns if t["from"] == "human"), next(t for t in turns if t["from"] == "gpt")]
     answer = record.get("answer") or first[1]["value"]
     question = first[0]["value"].replace(IMAGE_MARKER, "").strip()
-    images = [gen.image(b) for b in record["images"][: first[0]["value"].count(IMAGE_MARKER)]]
-    tokens = _prompt_ids(gen, {"images": record["images"][: len(images)], "conversations": first})
-    return {"tokens": tokens, "images": images}, question, answer
+    images = record["images"][: first[0]["value"].count(IMAGE_MARKER)]
+    tokens = _prompt_ids(gen, {"images": images, "conversations": first})
+    return gen.prompt(tokens, images), question, answer
 
 
 def _sample(prompt: dict, text: str, prediction: str, reference: Any, correct: bool | None, task: str) -> dict:
     return dict(
-        images=prompt["images"], prompt=text, prediction=prediction, reference=reference, correct=correct, task=task
+        images=prompt["encoded"], prompt=text, prediction=prediction, reference=reference, correct=correct, task=task
     )
 
 
@@ -118,7 +127,7 @@ def vqa(gen: Generator, records: Sequence[dict]) -> tuple[dict[str, float], list
 
 def caption_prompt(gen: Generator, record: dict) -> dict:
     """`<s><image>` of a pairs record (the caption follows in training)."""
-    return {"tokens": _prompt_ids(gen, record), "images": [gen.image(b) for b in record["images"]]}
+    return gen.prompt(_prompt_ids(gen, record), record["images"])
 
 
 def captions(gen: Generator, records: Sequence[dict]) -> tuple[dict[str, float], list[dict]]:
@@ -166,7 +175,7 @@ def fewshot_prompt(gen: Generator, record: dict) -> dict:
     texts[last_text] = record["query_prefix"]
     rendered = templates.render("flamingo", gen.tokenizer, {"texts": texts, "images": record["images"]}, 1)
     tokens = [int(i) for i in rendered.ids[:-2]]  # drop <|endofchunk|> and </s>
-    return {"tokens": tokens, "images": [gen.image(b) for b in record["images"] if b is not None]}
+    return gen.prompt(tokens, record["images"])
 
 
 def fewshot(gen: Generator, records: Sequence[dict]) -> tuple[dict[str, float], list[dict]]:
@@ -200,13 +209,22 @@ TASKS: dict[str, tuple[str, Callable]] = {
 
 
 def evaluate(gen: Generator, tasks: dict[str, str], limit: int) -> tuple[dict[str, float], list[dict]]:
-    """Runs each task {name: folder} on the first `limit` records; (all metrics, a few samples per task)."""
+    """Runs each task {name: folder} on the first `limit` records; (all metrics, a few samples per task).
+
+    A name is a kind of `TASKS` ("fewshot") or a named variant "KIND/NAME" ("fewshot/digits"), so one run
+    can score several folders of one kind: a variant's metrics are prefixed with its name
+    ("digits/fewshot_2shot_accuracy"), and its samples' task is the whole name."""
+    for name in tasks:  # every name checked before anything runs
+        kind, slash, variant = name.partition("/")
+        if kind not in TASKS or (slash and not variant.strip()):
+            raise UserError(
+                f"evaluation task {name!r} is not one of {', '.join(TASKS)} (or KIND/NAME, e.g. 'fewshot/digits')."
+            )
     metrics, samples = {}, []
     for name, path in tasks.items():
-        if name not in TASKS:
-            raise UserError(f"evaluation task {name!r} is not one of {', '.join(TASKS)}.")
-        fmt, run = TASKS[name]
+        kind, _, variant = name.partition("/")
+        fmt, run = TASKS[kind]
         task_metrics, task_samples = run(gen, read_records(path, limit, fmt))
-        metrics.update(task_metrics)
-        samples += task_samples[:8]
+        metrics.update({f"{variant}/{k}" if variant else k: v for k, v in task_metrics.items()})
+        samples += [dict(sample, task=name) for sample in task_samples[:8]]
     return metrics, samples

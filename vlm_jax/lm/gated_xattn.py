@@ -9,12 +9,16 @@ ReLU as in the Flamingo paper (`ff_act="sqrelu"`). IDEFICS's variant is
 optional per-channel gates (`gate_shape="vector"`) and RMSNorms of queries and
 keys per head (`qk_norm`).
 
-Both gates start at 0, so at initialisation the block is the identity and a
-Flamingo model's logits equal its frozen LM's. Media masking follows the
-Flamingo paper and open_flamingo: a text token's "time" is the number of
-media placeholders at or before it; with `only_attend_immediate_media` it
-sees only the latest media (time equal), otherwise every earlier one (time
-greater or equal). Here times count within the token's own packed segment and
+Both gates start at 0 (`gate_init`), so at initialisation the block is the
+identity and a Flamingo model's logits equal its frozen LM's. A model trained
+from scratch has no LM to preserve: there a gate that starts at 0 also stalls
+learning (the cross-attention weights get gradients only in proportion to
+tanh(gate)), and `gate_init` opens the gates from the start.
+
+Media masking follows the Flamingo paper and open_flamingo: a text token's
+"time" is the number of media placeholders at or before it; with
+`only_attend_immediate_media` it sees only the latest media (time equal),
+otherwise every earlier one (time greater or equal). Here times count within the token's own packed segment and
 a token only ever sees media slots of its segment (`image_segment_ids`), so no
 example reaches another example's images. A token with no visible media (text
 before the first image) gets exactly zero cross-attention output.
@@ -80,6 +84,7 @@ class GatedCrossAttention(nn.Module):
     ff_dim: int = 0  # feed-forward width; 0 = ff_mult * width
     gate_shape: str = "scalar"  # or "vector": one gate per channel
     qk_norm: bool = False
+    gate_init: float = 0.0  # both gates' initial value (before tanh); 0 = Flamingo's identity at init
 
     @nn.compact
     def __call__(self, x: jax.Array, media: jax.Array, mask: jax.Array) -> jax.Array:
@@ -89,8 +94,8 @@ class GatedCrossAttention(nn.Module):
         if self.gate_shape not in ("scalar", "vector"):
             raise UserError(f"gate_shape {self.gate_shape!r} is not 'scalar' or 'vector'.")
         gate_dims, gate_axes = ((), ()) if self.gate_shape == "scalar" else ((width,), ("embed",))
-        gate = lambda name: self.param(name, nn.with_logical_partitioning(nn.initializers.zeros, gate_axes), gate_dims)  # noqa: E731
-        attn_gate, ff_gate = gate("attn_gate"), gate("ff_gate")
+        init = nn.with_logical_partitioning(nn.initializers.constant(self.gate_init), gate_axes)
+        attn_gate, ff_gate = (self.param(name, init, gate_dims) for name in ("attn_gate", "ff_gate"))
         h = Norm(self.norm, self.norm_eps, dtype=self.dtype, name="norm")(x)
         kv = media.reshape(b, m * n, media.shape[-1]).astype(self.dtype)
         proj = dict(kernel_axes=("embed", "heads", "head_dim"), dtype=self.dtype)

@@ -31,7 +31,7 @@ from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec
 
 import data_pipelines
-from vlm_jax import config_lib, models, sharding
+from vlm_jax import config_lib, models, report, sharding
 from vlm_jax.train import optimizer as optim_lib
 from vlm_jax.train.checkpoint import Checkpointer, abstract_like
 from vlm_jax.train.metrics import Reporter, ThroughputWindow, peak_flops
@@ -257,12 +257,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     )
     start = time.perf_counter()
     compiled = trainer.train_step.lower(trainer.abstract_state, trainer.abstract_batch).compile()
-    reporter.message(f"Compiled the train step in {time.perf_counter() - start:.1f}s.")
+    compile_s = time.perf_counter() - start
+    reporter.message(f"Compiled the train step in {compile_s:.1f}s.")
     peak, peak_source = peak_flops(jax.devices(), float(config.get("peak_tflops", 0.0)))
     window = ThroughputWindow(config.batch_size, system.flops_per_example() * config.batch_size, peak)
 
     metrics: dict[str, float] = {}
     eval_metrics: dict[str, float] = {}
+    windows: list[dict[str, float]] = []  # every logged window's throughput, for the report
+    eval_s = 0.0
+    loop_start = time.perf_counter()
     saved_step = latest
     with _StopOnSignal() as stop:
         while step < config.total_steps and stop.signum is None:
@@ -276,6 +280,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
 
             if config.log_every and (step % config.log_every == 0 or step == config.total_steps):
                 metrics = window.summary()
+                windows.append(metrics)
                 reporter.write(step, metrics)
                 if hasattr(data, "stats"):
                     reporter.write(step, data.stats(), prefix="data")
@@ -287,6 +292,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
                 eval_metrics = evaluate(trainer, state.params)
                 reporter.write(step, eval_metrics, prefix="eval")
                 window.exclude(time.perf_counter() - eval_start)
+                eval_s += time.perf_counter() - eval_start
         if saved_step != step:
             ckpt.save(step, state, data.get_state(), config, force=True)
         ckpt.close()
@@ -297,6 +303,19 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
                 "run the same command to resume."
             )
     reporter.message(f"Done at step {step}; peak FLOP/s for MFU: {peak:.3e} ({peak_source}).")
+    if is_main:
+        names = ("examples_per_s", "tokens_per_s", "mfu") if windows else ()
+        throughput = {k: float(np.mean([w[k] for w in windows])) for k in names}  # means over logged windows
+        throughput.update(
+            compile_s=compile_s,
+            train_loop_s=time.perf_counter() - loop_start - eval_s,
+            eval_s=eval_s,
+            peak_tflop_s=peak / 1e12,
+        )
+        final = {f"train/{k}": v for k, v in metrics.items() if k in ("loss", "accuracy")}
+        final.update({f"eval/{k}": v for k, v in eval_metrics.items()})
+        path = report.write_report(workdir, config, final, getattr(system, "eval_samples", []), throughput)
+        reporter.message(f"Report: {path}")
     reporter.close()
     return TrainResult(step=step, metrics=metrics, eval_metrics=eval_metrics, stopped_by_signal=stop.signum)
 
