@@ -209,6 +209,5 @@ def builtin_main_job(arg):
         # few-shot episodes on real images shipped in scikit-learn and scikit-image (cached on first use)
         **{f"fewshot/{source}": real_images.ensure(source) for source in real_images.SOURCES},
     }
-    c.model.lm.cross_attn.gate_init = 1.0
     c.optim.update(lr=2e-3, schedule="cosine", warmup_steps=50, min_lr_ratio=0.05, freeze=())
     return c

@@ -367,6 +367,10 @@ class GrainPipeline(BatchIteratorBase):
         batches = self.rows.batch(config.batch_size // process_count, drop_remainder=True)
         workers = int(data.get("worker_count", 0))
         if workers:
+            from absl import flags
+
+            if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags; a library caller never parsed them
+                flags.FLAGS.mark_as_parsed()
             batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
         self._iterator = iter(batches)
 

@@ -117,3 +117,11 @@ def test_renders_in_headless_chromium(written, tmp_path):
     band = pixels[rows.min() : rows.max() + 1]
     assert band.std() > 20  # the curve area is a plot, not a uniform block
     assert (pixels[1000:] != 255).any(-1).mean() > 0.05  # content reaches the lower half of the window
+
+
+def test_evaluation_tags_of_one_family_share_a_panel():
+    panel = report.eval_panel
+    assert panel("eval/fewshot_0shot_accuracy") == panel("eval/fewshot_4shot_accuracy") != panel("eval/cider")
+    assert panel("eval/digits/fewshot_2shot_accuracy") == "eval/digits/fewshot_k-shot_accuracy"
+    assert panel("eval/vqa_accuracy/colour") == panel("eval/vqa_accuracy") == "eval/vqa_accuracy"
+    assert panel("eval/bleu1") == panel("eval/bleu4") == "eval/bleu"

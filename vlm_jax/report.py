@@ -12,19 +12,31 @@ import html
 import io
 import json
 import os
+import re
 import struct
 
 import numpy as np
 
 THUMBNAIL_PX = 128  # small images are upscaled (nearest neighbour, integer factor) to at least this size
 
-# (file stem, title, tag predicate, whether the tags share one axes). Tags are "prefix/name".
+# (file stem, title, tag predicate, panel of a tag). Tags are "prefix/name"; tags with the same panel share axes.
 CURVE_GROUPS = (
-    ("loss", "Loss", lambda tag: tag.endswith("/loss"), True),
-    ("accuracy", "Training accuracy", lambda tag: tag == "train/accuracy", True),
-    ("eval", "Evaluation metrics", lambda tag: tag.startswith("eval/") and tag != "eval/loss", False),
-    ("throughput", "Throughput", lambda tag: tag.rsplit("/", 1)[-1] in ("tokens_per_s", "mfu", "step_time_s"), False),
-)
+    ("loss", "Loss", lambda tag: tag.endswith("/loss"), lambda tag: "loss"),
+    ("accuracy", "Training accuracy", lambda tag: tag == "train/accuracy", lambda tag: "accuracy"),
+    ("eval", "Evaluation metrics", lambda tag: tag.startswith("eval/") and tag != "eval/loss" and "/gates/" not in tag,
+     lambda tag: eval_panel(tag)),
+    ("throughput", "Throughput", lambda tag: tag.rsplit("/", 1)[-1] in ("tokens_per_s", "mfu", "step_time_s"),
+     lambda tag: tag),
+)  # fmt: skip
+
+
+def eval_panel(tag: str) -> str:
+    """Evaluation tags of one family share a panel: every k of `.../fewshot_{k}shot_accuracy`, every question type
+    of `eval/vqa_accuracy/{type}` (with the overall accuracy), every n of BLEU-n."""
+    tag = re.sub(r"_\d+shot_", "_k-shot_", tag)
+    tag = re.sub(r"bleu\d$", "bleu", tag)
+    return "eval/vqa_accuracy" if tag.startswith("eval/vqa_accuracy") else tag
+
 
 CSS = """
 body { font-family: system-ui, -apple-system, 'Segoe UI', sans-serif; margin: 24px; color: #1d2330; background: #fff; }
@@ -91,11 +103,11 @@ def plot_curves(scalars: dict[str, dict[int, float]]) -> list[tuple[str, str, by
     from matplotlib import pyplot as plt
 
     out = []
-    for stem, title, wanted, shared in CURVE_GROUPS:
+    for stem, title, wanted, panel_of in CURVE_GROUPS:
         tags = sorted(tag for tag in scalars if wanted(tag))
         if not tags:
             continue
-        panels = [tags] if shared else [[tag] for tag in tags]
+        panels = list({panel_of(tag): [t for t in tags if panel_of(t) == panel_of(tag)] for tag in tags}.values())
         cols = min(3, len(panels))
         rows = -(-len(panels) // cols)
         figure, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 3.4 * rows), squeeze=False)
@@ -104,14 +116,14 @@ def plot_curves(scalars: dict[str, dict[int, float]]) -> list[tuple[str, str, by
                 steps = sorted(scalars[tag])
                 ax.plot(steps, [scalars[tag][s] for s in steps], marker="o" if len(steps) < 20 else None, label=tag)
             ax.set_xlabel("step")
-            ax.set_title(", ".join(panel), fontsize=10)
+            ax.set_title(panel_of(panel[0]), fontsize=10)
             ax.grid(alpha=0.3)
             if len(panel) > 1:
                 ax.legend(fontsize=8)
         for ax in list(axes.flat)[len(panels) :]:
             ax.axis("off")
         figure.suptitle(title)
-        figure.tight_layout()
+        figure.tight_layout(rect=(0, 0, 1, 1 - 0.3 / (3.4 * rows)))  # keep the title clear of the first row
         out.append((stem, title, _png_bytes(figure)))
         plt.close(figure)
     return out

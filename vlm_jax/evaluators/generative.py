@@ -36,6 +36,8 @@ from vlm_jax.evaluators.answers import exact_match, grounding_scores, normalize_
 from vlm_jax.evaluators.captioning import caption_scores
 
 EOC = "<|endofchunk|>"
+# Generation budget per task kind: enough for every reference of the built-in data (tests/test_generative_eval.py).
+MAX_NEW_TOKENS = {"vqa": 8, "captions": 64, "grounding": 32, "fewshot": 8}
 
 
 class Generator:
@@ -112,7 +114,7 @@ def _sample(prompt: dict, text: str, prediction: str, reference: Any, correct: b
 
 def vqa(gen: Generator, records: Sequence[dict]) -> tuple[dict[str, float], list[dict]]:
     prompts, questions, answers = zip(*(question_prompt(gen, r) for r in records))
-    predictions = gen(prompts, max_new_tokens=8)
+    predictions = gen(prompts, max_new_tokens=MAX_NEW_TOKENS["vqa"])
     metrics = {"vqa_accuracy": exact_match(predictions, answers)}
     types = [r.get("question_type") for r in records]
     for kind in sorted({t for t in types if t}):
@@ -132,7 +134,7 @@ def caption_prompt(gen: Generator, record: dict) -> dict:
 
 def captions(gen: Generator, records: Sequence[dict]) -> tuple[dict[str, float], list[dict]]:
     prompts = [caption_prompt(gen, r) for r in records]
-    predictions = gen(prompts, max_new_tokens=40)
+    predictions = gen(prompts, max_new_tokens=MAX_NEW_TOKENS["captions"])
     references = [[r["caption"]] for r in records]
     scores = caption_scores(predictions, references)
     metrics = {"cider": scores["cider"], "bleu4": scores["bleu4"], "bleu1": scores["bleu1"]}
@@ -145,7 +147,7 @@ def captions(gen: Generator, records: Sequence[dict]) -> tuple[dict[str, float],
 
 def grounding(gen: Generator, records: Sequence[dict]) -> tuple[dict[str, float], list[dict]]:
     prompts, questions, answers = zip(*(question_prompt(gen, r) for r in records))
-    predictions = gen(prompts, max_new_tokens=24)
+    predictions = gen(prompts, max_new_tokens=MAX_NEW_TOKENS["grounding"])
     sides = [_image_side(r) for r in records]  # boxes are in the source image's pixels
     scores = grounding_scores(predictions, [r["box"] for r in records], [(s, s) for s in sides])
     metrics = {"grounding_iou": scores["mean_iou"], "grounding_acc@0.5": scores["acc@0.5"]}
@@ -182,7 +184,7 @@ def fewshot(gen: Generator, records: Sequence[dict]) -> tuple[dict[str, float], 
     prompts = [fewshot_prompt(gen, r) for r in records]
     references = [r["answer"] for r in records]
     shots = [int(r["k"]) for r in records]
-    predictions = [_first_word(t) for t in gen(prompts, max_new_tokens=4)]
+    predictions = [_first_word(t) for t in gen(prompts, max_new_tokens=MAX_NEW_TOKENS["fewshot"])]
     correct = [p == normalize_answer(a) for p, a in zip(predictions, references)]
     metrics = {}
     for k in sorted(set(shots)):
