@@ -100,6 +100,21 @@ def test_same_seed_same_batches_other_seed_other_batches(spm_model_path):
     assert not np.array_equal(next(GrainPipeline(other, "train"))["tokens"], a[0]["tokens"])
 
 
+def test_a_worker_process_makes_the_same_batches_and_resumes(spm_model_path):
+    """data.worker_count=1 (the main job's setting) moves the pipeline to a Grain worker process: same batches."""
+    records = [pair(i) for i in range(40)]
+    local = GrainPipeline(config_for(records, spm_model_path), "train")
+    want = [next(local) for _ in range(4)]
+    worker = GrainPipeline(config_for(records, spm_model_path, worker_count=1), "train")
+    got = [next(worker) for _ in range(2)]
+    resumed = GrainPipeline(config_for(records, spm_model_path, worker_count=1), "train")
+    resumed.set_state(json.loads(json.dumps(worker.get_state())))
+    got += [next(resumed) for _ in range(2)]
+    for x, y in zip(want, got):
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+
+
 def test_resume_from_state_reproduces_the_batch_sequence(spm_model_path):
     config = config_for([pair(i) for i in range(40)], spm_model_path)
     reference = GrainPipeline(config, "train")
