@@ -1,7 +1,8 @@
 """Flamingo (Alayrac et al. 2022): frozen vision encoder and LM, trained Perceiver resampler and GATED XATTN-DENSE.
 
 Variants (`--config configs/flamingo.py:variant=NAME[,data=DIR,tokenizer=FILE.model][,train_new_tokens=True]`
-[`,lm_checkpoint=DIR,vision_checkpoint=DIR`]; `configs/flamingo.py:data=builtin` is the README's main job):
+[`,lm_checkpoint=DIR,vision_checkpoint=DIR`]; `configs/flamingo.py:data=builtin[,scale=S]` is the README's main
+job, S scaling the built-in dataset's size):
   tiny  a small CLIP-style ViT, a 4-layer LM with cross-attention every 2 layers: CPU tests and the quick start
   3B    NFNet-F6 + the 1.4B Chinchilla-family LM (24 layers, width 2048), cross-attention every layer
   9B    NFNet-F6 + the 7.1B LM (32 layers, width 4096), cross-attention every 4th layer
@@ -60,6 +61,7 @@ def get_config(arg=None):
         train_new_tokens=False,
         lm_checkpoint="",
         vision_checkpoint="",
+        scale=1.0,
     )
     if arg.variant != "tiny" and arg.variant not in LMS:
         raise ConfigError(f"variant {arg.variant!r} is not one of tiny, {', '.join(LMS)}.")
@@ -190,7 +192,8 @@ def builtin_main_job(arg):
     from data_pipelines import real_images
     from data_pipelines.builtin import build
 
-    root = build.ensure()
+    scale = float(arg.scale)  # of the built-in dataset's record counts (and of the real-image episodes); tests use less
+    root = build.ensure(scale=scale)
     tokenizer = f"{root}/{build.TOKENIZER}.model"
     c = get_config(f"variant=tiny,tokenizer={tokenizer},data={root}")
     c.total_steps, c.batch_size, c.log_every = 1000, 16, 50
@@ -207,7 +210,12 @@ def builtin_main_job(arg):
     c.eval_tasks = {
         **{task: f"{root}/{task}/validation" for task in MAIN_JOB_EVALS},
         # few-shot episodes on real images shipped in scikit-learn and scikit-image (cached on first use)
-        **{f"fewshot/{source}": real_images.ensure(source) for source in real_images.SOURCES},
+        **{
+            f"fewshot/{source}": real_images.ensure(
+                source, episodes=max(4, round(real_images.DEFAULT_EPISODES * scale))
+            )
+            for source in real_images.SOURCES
+        },
     }
     c.optim.update(lr=2e-3, schedule="cosine", warmup_steps=50, min_lr_ratio=0.05, freeze=())
     return c

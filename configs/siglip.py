@@ -8,6 +8,10 @@ Variants (`--config configs/siglip.py:variant=NAME`):
   tiny       a few hundred thousand params on the procedural shapes dataset
   B/16       SigLIP B/16 at 224: text 12 x 768, embed 768
   So400m/14  SigLIP So400m/14 at 384: text 27 x 1152 (MLP 4304), embed 1152
+
+`configs/siglip.py:data=builtin` trains the tiny SigLIP on the built-in dataset's captions instead (64 px,
+the dataset's own tokenizer; built and cached on first use) and evaluates it at the end on held-out
+(colour, shape) combinations, scikit-learn's digits and scikit-image's photos (`builtin_job`).
 """
 
 import math
@@ -21,7 +25,11 @@ PAPER = {"B/16": ("B/16", 224, 768, 12, 12, 3072), "So400m/14": ("So400m/14", 38
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, variant="tiny")
+    arg = parse_arg(arg, variant="tiny", data="")
+    if arg.data not in ("", "builtin"):
+        raise ConfigError(f"data={arg.data!r}: use data=builtin, or leave it out for the procedural shapes.")
+    if arg.data and arg.variant != "tiny":
+        raise ConfigError("data=builtin trains the tiny variant.")
     c = ConfigDict()
     c.seed = 0
     c.mesh = "data=-1,fsdp=1,tensor=1"
@@ -78,4 +86,25 @@ def get_config(arg=None):
             lr_mults=(),
         )
     )
+    return builtin_job(c) if arg.data == "builtin" else c
+
+
+def builtin_job(c):
+    """The tiny SigLIP on the built-in captions (`data_pipelines/builtin`), evaluated at the end by
+    `evaluators/dual_encoder_tasks.py`: retrieval and 40-class zero-shot on validation scenes of held-out
+    (colour, shape) combinations, k-shot handwritten digits, scikit-image photos (docs/evaluation.md)."""
+    from data_pipelines.builtin import build
+    from data_pipelines.pairs import builtin_captions_config
+    from data_pipelines.tokenizer import Tokenizer
+    from vlm_jax.evaluators.dual_encoder_tasks import builtin_eval_tasks
+
+    root = build.ensure()
+    size, text_len = 64, 56  # the scenes' size; the longest caption is 51 ids + bos + eos
+    c.data = ConfigDict(builtin_captions_config(root, size, text_len, "siglip"))
+    c.model.vision.image_size = size
+    c.model.text.update(max_len=text_len, vocab_size=Tokenizer(c.data.tokenizer).vocab_size)
+    del c.zero_shot  # the shapes' colour labels; eval_tasks replaces it
+    c.eval_tasks = builtin_eval_tasks(root)
+    c.eval_examples = 256
+    c.total_steps, c.log_every, c.eval_every, c.checkpoint_every = 1000, 50, 1000, 500
     return c

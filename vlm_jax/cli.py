@@ -113,14 +113,14 @@ def cmd_eval(argv: list[str]) -> int:
     state, _ = ckpt.restore(step, run.abstract_state)
     ckpt.close()
     metrics = trainer.evaluate(run, state.params)
-    for k, v in metrics.items():
-        print(f"{k}: {v:.4f}")
-    print(json.dumps({"step": step, **metrics}))
     from vlm_jax.report import write_report
 
     samples = getattr(run.system, "eval_samples", [])
     path = write_report(fv.workdir, fv.config, {f"eval/{k}": v for k, v in metrics.items()}, samples)
     print(f"Report: {path}")
+    for k, v in metrics.items():
+        print(f"{k}: {v:.4f}")
+    print(json.dumps({"step": step, **metrics}))  # the last line is JSON
     return 0
 
 

@@ -123,15 +123,28 @@ class DualEncoder(System):
         }
 
     def evaluate(self, trainer, params) -> dict[str, float]:
-        """Retrieval recall@1/5/10 on `config.eval_examples` validation pairs; zero-shot accuracy if configured.
+        """The tasks of `config.eval_tasks` if any, else retrieval and zero-shot on validation batches.
 
-        `config.zero_shot = dict(classes=[...], prompts=["a photo of a {}.", ...])`
-        classifies the same images by their `labels` with CLIP's prompt ensemble.
+        `config.eval_tasks = {task: source}` runs `evaluators/dual_encoder_tasks.py` (retrieval on a pairs
+        folder, zero-shot on the built-in data, few-shot digits from scikit-learn, scikit-image photos); its
+        samples stay in `self.eval_samples` for the run report. Without it: retrieval recall@1/5/10 on
+        `config.eval_examples` validation pairs of the pipeline, and with `config.zero_shot = dict(classes=[...],
+        prompts=["a photo of a {}.", ...])` zero-shot accuracy of the same images by their `labels` with CLIP's
+        prompt ensemble.
         """
         from data_pipelines import build as build_data
         from vlm_jax.evaluators.contrastive import class_embeddings, retrieval_recall, zero_shot_accuracy
 
         config = trainer.config
+        tasks = dict(config.get("eval_tasks") or {})
+        if tasks:
+            from vlm_jax.evaluators import dual_encoder_tasks
+
+            embedder = dual_encoder_tasks.Embedder(self, params, config, mesh=trainer.mesh, rules=trainer.rules)
+            options = {k: dict(v) for k, v in dict(config.get("eval_options") or {}).items()}
+            limit = int(config.get("eval_examples", 256))
+            metrics, self.eval_samples = dual_encoder_tasks.evaluate(embedder, tasks, limit, options)
+            return metrics
         data = build_data(config, "validation", jax.process_index(), jax.process_count())
         steps = max(1, math.ceil(int(config.get("eval_examples", 256)) / config.batch_size))
         embed = jax.jit(lambda p, b: self.embed(p, b))
