@@ -16,9 +16,9 @@ image: its class "label" and where its pixels come from).
 Each episode draws two classes and two made-up words (`tasks.NONSENSE`) and
 pairs them at random, so the query's word can only be read from the
 episode's own examples; each image's class is drawn uniformly from the two.
-k cycles over `tasks.EVAL_SHOTS` (0, 1, 2, 4) with the episode index, so
-k = 0 is a coin flip and copying the word of a matching example scores
-1 - 0.5 ** (k + 1) in expectation. The images of an episode are distinct
+k cycles over `tasks.EVAL_SHOTS` (0, 1, 2, 4) with the episode index; with
+k = 0 the word cannot be known, and copying the word of an example of the
+query's class scores 1 - 0.5 ** k in expectation. The images of an episode are distinct
 samples (never the same picture twice).
 
 Sources:

@@ -198,20 +198,20 @@ def test_fewshot_answers_follow_the_episode_mapping_which_varies(built):
         if split != "train":
             assert [r["k"] for r in records] == [0, 1, 2, 4] * 2
         for record in records:
-            shapes = [s["objects"][0]["shape"] for s in record["scenes"]]
+            colours = [s["objects"][0]["colour"] for s in record["scenes"]]
             words = [t[len("This is a ") : -1] for t in record["texts"] if t is not None]
-            assert len(shapes) == len(words) == record["k"] + 1
-            assert all(record["mapping"][s] == w for s, w in zip(shapes, words))
-            assert record["answer"] == words[-1] == record["mapping"][shapes[-1]]
+            assert len(colours) == len(words) == record["k"] + 1
+            assert all(record["mapping"][c] == w for c, w in zip(colours, words))
+            assert record["answer"] == words[-1] == record["mapping"][colours[-1]]
             assert sorted(record["candidates"]) == sorted(record["mapping"].values())
             assert record["texts"][-1] == f"{record['query_prefix']} {record['answer']}."
             mappings.add(tuple(sorted(record["mapping"].items())))
     assert len(mappings) > 30  # a fresh mapping per episode
-    by_shape = {}
+    by_colour = {}
     for mapping in mappings:
-        for shape, word in mapping:
-            by_shape.setdefault(shape, set()).add(word)
-    assert all(len(words) > 1 for words in by_shape.values())
+        for colour, word in mapping:
+            by_colour.setdefault(colour, set()).add(word)
+    assert all(len(words) > 1 for words in by_colour.values())
 
 
 def pipeline_config(path, tokenizer, template):
