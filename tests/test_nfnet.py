@@ -285,7 +285,7 @@ def test_nonlinearity_constants(timm):
     x = torch.linspace(-6, 6, 1001)
     for name, fn in [("gelu", torch.nn.functional.gelu), ("relu", torch.relu), ("silu", torch.nn.functional.silu)]:
         ours = np.asarray(scaled_activation(name)(jnp.asarray(x.numpy())))
-        np.testing.assert_allclose(ours, fn(x).numpy() * published[name], rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(ours, fn(x).numpy() * published[name], rtol=1e-6, atol=2e-6)  # float32 erf: ~1e-6
     # What gamma is for: act(x) * gamma has ~unit second moment about its mean for x ~ N(0, 1).
     nodes, weights = np.polynomial.hermite_e.hermegauss(80)
     weights = weights / weights.sum()
