@@ -83,9 +83,6 @@ class PairsPipeline(BatchIteratorBase):
     def __init__(self, config, split: str, process_index: int = 0, process_count: int = 1, repeat: bool | None = None):
         self.source = pairs_source(config, split)
         self.preprocessor = PairsPreprocessor(config.data)
-        self.tokenizer = self.preprocessor.tokenizer
-        self.size, self.text_len = self.preprocessor.size, self.preprocessor.text_len
-        self.normalization = self.preprocessor.normalization
         training = split == "train"
         ds = records_dataset(config, self.source, process_index, process_count, training if repeat is None else repeat)
         examples = CountSkips(

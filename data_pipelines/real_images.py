@@ -173,29 +173,14 @@ def episode(source: str, index: int, seed: int = 0, image_size: int = 64) -> dic
     labels = classes(source)
     chosen = [labels[i] for i in rng.choice(len(labels), size=2, replace=False)]
     words = [tasks.NONSENSE[i] for i in rng.choice(len(tasks.NONSENSE), size=2, replace=False)]
-    mapping = dict(zip(chosen, words))
     draw = _digit if source == "digits" else _photo
-    texts: list[str | None] = []
-    images: list[bytes | None] = []
-    items: list[dict[str, Any]] = []
+    shots, items = [], []
     used: set = set()
     for _ in range(k + 1):
         png, item = draw(rng, chosen[int(rng.integers(2))], image_size, used)
-        texts += [None, f"{tasks.FEWSHOT_PREFIX} {mapping[item['label']]}."]
-        images += [png, None]
+        shots.append((png, item["label"]))
         items.append(item)
-    return {
-        "texts": texts,
-        "images": images,
-        "task": "fewshot",
-        "k": k,
-        "candidates": words,
-        "answer": mapping[items[-1]["label"]],
-        "query_prefix": tasks.FEWSHOT_PREFIX,
-        "mapping": mapping,
-        "source": source,
-        "items": items,
-    }
+    return tasks.fewshot_record(shots, words, dict(zip(chosen, words)), source=source, items=items)
 
 
 def write(

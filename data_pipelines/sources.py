@@ -14,9 +14,10 @@ written by `vlm-jax data build` (`write_shards`, `write_index`) holds
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import msgpack
 import numpy as np
@@ -69,6 +70,20 @@ def write_index(out_dir: str, index: dict[str, Any]) -> None:
     """Writes a folder's `index.json` (format, records, images, bytes, shards, skipped, repaired, source, ...)."""
     with open(os.path.join(out_dir, INDEX_FILE), "w") as f:
         json.dump(index, f, indent=2)
+
+
+def iter_records(path: str, want_format: str) -> Iterator[dict[str, Any]]:
+    """The records of a `vlm-jax data build` folder in order (for evaluators); it must hold `want_format` records."""
+    source = ArrayRecordSource(path)
+    if source.format != want_format:
+        raise UserError(f"{path} holds {source.format} records; this evaluation reads {want_format} records.")
+    for i in range(len(source)):
+        yield source[i]
+
+
+def read_records(path: str, limit: int, want_format: str) -> list[dict[str, Any]]:
+    """The first `limit` records of a folder, which must hold `want_format` records."""
+    return list(itertools.islice(iter_records(path, want_format), limit))
 
 
 def shard_paths(directory: str) -> tuple[list[str], dict[str, Any]]:

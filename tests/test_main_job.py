@@ -26,7 +26,6 @@ EVAL_METRICS = (
 )
 
 
-
 def TB_TAG(name):
     return "eval/" + name.replace("@", "_")  # TensorBoard's tag rules turn "@" into "_"
 

@@ -213,34 +213,42 @@ def interleaved(rng: np.random.Generator, split: str, index: int, image_size: in
     return {"texts": texts, "images": images, "task": "interleaved", "scenes": described}
 
 
+def fewshot_record(shots: list[tuple[bytes, str]], words: list[str], mapping: dict[str, str], **metadata) -> dict:
+    """An episode from its images in order as (PNG, class) — the last is the query — each followed by
+    "This is a {word of its class}."; `metadata` (the images' descriptions) goes last. Shared with the
+    real-image episodes of `data_pipelines/real_images.py`."""
+    texts: list[str | None] = []
+    images: list[bytes | None] = []
+    for png, label in shots:
+        texts += [None, f"{FEWSHOT_PREFIX} {mapping[label]}."]
+        images += [png, None]
+    return {
+        "texts": texts,
+        "images": images,
+        "task": "fewshot",
+        "k": len(shots) - 1,
+        "candidates": words,
+        "answer": mapping[shots[-1][1]],
+        "query_prefix": FEWSHOT_PREFIX,
+        "mapping": mapping,
+        **metadata,
+    }
+
+
 def fewshot(rng: np.random.Generator, split: str, index: int, image_size: int) -> dict[str, Any]:
     k = int(rng.integers(1, 5)) if split == "train" else EVAL_SHOTS[index % len(EVAL_SHOTS)]
     colours = [list(scenes.COLOURS)[i] for i in rng.choice(len(scenes.COLOURS), size=2, replace=False)]
     words = [NONSENSE[i] for i in rng.choice(len(NONSENSE), size=2, replace=False)]
-    mapping = dict(zip(colours, words))
     allowed = TRAIN_COMBOS if split == "train" else ALL_COMBOS
-    texts: list[str | None] = []
-    images: list[bytes | None] = []
-    described = []
+    shots, described = [], []
     for shot in range(k + 1):
         colour = colours[int(rng.integers(2))]
         combos = [c for c in allowed if c[0] == colour]
         first = [c for c in HELD_OUT if c[0] == colour] if shot == k and split != "train" else combos
         png, scene = scenes.generate(rng, image_size, num_objects=1, combos=combos, first_combos=first, text=False)
-        texts += [None, f"{FEWSHOT_PREFIX} {mapping[colour]}."]
-        images += [png, None]
+        shots.append((png, colour))
         described.append(scene)
-    return {
-        "texts": texts,
-        "images": images,
-        "task": "fewshot",
-        "k": k,
-        "candidates": words,
-        "answer": mapping[described[-1]["objects"][0]["colour"]],
-        "query_prefix": FEWSHOT_PREFIX,
-        "mapping": mapping,
-        "scenes": described,
-    }
+    return fewshot_record(shots, words, dict(zip(colours, words)), scenes=described)
 
 
 TASKS: dict[str, tuple[str, Callable[..., dict[str, Any]]]] = {

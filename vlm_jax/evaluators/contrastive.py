@@ -12,22 +12,11 @@ def retrieval_recall(
 
     image->text: an image counts as found at k if any of its texts is among its
     k most similar texts; text->image: if its image is among the k most
-    similar images.
+    similar images (`retrieval_recall_relevant` with one image per text).
     """
-    sims = np.asarray(image_embeds, np.float64) @ np.asarray(text_embeds, np.float64).T  # [images, texts]
     text_to_image = np.asarray(text_to_image)
-    metrics = {}
-    # Rank of the best matching text for each image.
-    order = np.argsort(-sims, axis=1, kind="stable")
-    matches = text_to_image[order] == np.arange(sims.shape[0])[:, None]
-    first_hit = matches.argmax(axis=1)
-    # Rank of the right image for each text.
-    image_order = np.argsort(-sims.T, axis=1, kind="stable")
-    image_rank = (image_order == text_to_image[:, None]).argmax(axis=1)
-    for k in ks:
-        metrics[f"i2t_recall@{k}"] = float(np.mean(first_hit < k))
-        metrics[f"t2i_recall@{k}"] = float(np.mean(image_rank < k))
-    return metrics
+    relevant = text_to_image[None, :] == np.arange(np.shape(image_embeds)[0])[:, None]
+    return retrieval_recall_relevant(image_embeds, text_embeds, relevant, ks)
 
 
 def class_embeddings(prompt_embeds: np.ndarray) -> np.ndarray:
@@ -53,9 +42,8 @@ def retrieval_recall_relevant(
 
     image->text: image i counts as found at k if any text relevant to it is
     among its k most similar texts; text->image: if any image relevant to it is
-    among its k most similar images. Ties keep the lower index first. With
-    `relevant[i, t] = text_to_image[t] == i` this is `retrieval_recall`; it
-    also scores texts shared by several images (equal captions of different
+    among its k most similar images. Ties keep the lower index first. It also
+    scores texts shared by several images (equal captions of different
     records) fairly.
     """
     sims = np.asarray(image_embeds, np.float64) @ np.asarray(text_embeds, np.float64).T  # [images, texts]

@@ -30,6 +30,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from data_pipelines.sources import iter_records, read_records
 from vlm_jax.errors import UserError
 from vlm_jax.evaluators.contrastive import class_embeddings, retrieval_recall_relevant, zero_shot_accuracy
 
@@ -97,17 +98,6 @@ def _sample(image: Any, prompt: str, prediction: str, reference: str, task: str)
         images=[image], prompt=prompt, prediction=prediction, reference=reference, correct=prediction == reference,
         task=task,
     )  # fmt: skip
-
-
-def iter_records(path: str, want_format: str) -> Iterator[dict]:
-    """The records of a `vlm-jax data build` folder in order; the folder must hold `want_format` records."""
-    from data_pipelines.sources import ArrayRecordSource
-
-    source = ArrayRecordSource(path)
-    if source.format != want_format:
-        raise UserError(f"{path} holds {source.format} records; this evaluation reads {want_format} records.")
-    for i in range(len(source)):
-        yield source[i]
 
 
 # ----------------------------------------------------------------------------------------------- retrieval
@@ -385,7 +375,7 @@ def evaluate(
             run = digits if kind == "digits" else photos
             task_metrics, task_samples = run(embedder, **_options(run, name, opts))
         elif kind == "retrieval":
-            records = [r for r, _ in zip(iter_records(source, "pairs"), range(limit))]
+            records = read_records(source, limit, "pairs")
             task_metrics, task_samples = retrieval(embedder, records, **_options(retrieval, name, opts))
         else:
             records = single_object_records(iter_records(source, "pairs"), limit)

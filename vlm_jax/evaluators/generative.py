@@ -28,7 +28,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from data_pipelines import templates
-from data_pipelines.sources import ArrayRecordSource
+from data_pipelines.sources import read_records
 from data_pipelines.templates import IMAGE_MARKER
 from vlm_jax import generate
 from vlm_jax.errors import UserError
@@ -78,14 +78,6 @@ class Generator:
                 ids = [int(t) for t in row if t != generate.PAD and t not in self.stop]
                 texts.append(self.tokenizer.decode(ids, skip_control=True).strip())
         return texts
-
-
-def read_records(path: str, limit: int, want_format: str) -> list[dict]:
-    """The first `limit` records of a folder, which must hold `want_format` records."""
-    source = ArrayRecordSource(path)
-    if source.format != want_format:
-        raise UserError(f"{path} holds {source.format} records; this evaluation reads {want_format} records.")
-    return [source[i] for i in range(min(limit, len(source)))]
 
 
 def _prompt_ids(gen: Generator, record: dict) -> list[int]:
