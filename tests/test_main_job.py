@@ -26,7 +26,7 @@ EVAL_METRICS = (
 )
 
 
-def TB_TAG(name):
+def tb_tag(name):
     return "eval/" + name.replace("@", "_")  # TensorBoard's tag rules turn "@" into "_"
 
 
@@ -48,7 +48,7 @@ def test_the_main_job_builds_its_data_trains_evaluates_and_reports(main_job):
     scalars = read_tensorboard_scalars(os.path.join(workdir, "tensorboard"))
     assert set(scalars["train/loss"]) == {2, 4}
     for name in EVAL_METRICS:
-        tag = TB_TAG(name)
+        tag = tb_tag(name)
         assert set(scalars[tag]) == {4}, name
         assert 0.0 <= scalars[tag][4] <= (10.0 if name == "cider" else 1.0)
     page = open(os.path.join(workdir, "report", "index.html"), encoding="utf-8").read()
@@ -70,4 +70,4 @@ def test_eval_command_scores_the_checkpoint_again(main_job, capsys):
     assert result["step"] == 4
     trained = read_tensorboard_scalars(os.path.join(workdir, "tensorboard"))
     for name in EVAL_METRICS:  # the same checkpoint and records: the same scores
-        assert result[name] == pytest.approx(trained[TB_TAG(name)][4], abs=1e-6), name
+        assert result[name] == pytest.approx(trained[tb_tag(name)][4], abs=1e-6), name
