@@ -200,9 +200,11 @@ def builtin_main_job(arg):
     root = build.ensure(scale=scale)
     tokenizer = f"{root}/{build.TOKENIZER}.model"
     c = get_config(f"variant=tiny,tokenizer={tokenizer},data={root}")
-    c.total_steps, c.batch_size, c.log_every = 1400, 16, 50
-    c.checkpoint_every, c.eval_every, c.eval_examples = 700, 1400, 200
+    c.total_steps, c.batch_size, c.log_every = 1000, 16, 50
+    c.checkpoint_every, c.eval_every, c.eval_examples = 500, 1000, 200
     c.model.image_size = c.model.encoder_kwargs.image_size = c.data.image.size = 64
+    c.model.encoder_kwargs.update(stem="conv", stem_width=16)
+    c.model.lm.remat = "full"
     c.model.resampler = None  # the LM attends to the 64 patch tokens: see the docstring
     c.data.seq_len = c.data.interleaved.max_tokens = 128
     c.data.max_images = c.data.interleaved.max_images = 6

@@ -30,8 +30,12 @@ def pixels(png):
 
 
 def object_mask(image, scene, colour):
-    """Pixels of exactly `colour`, outside the text's box (anti-aliased text may hit any colour)."""
-    mask = np.all(image == scenes.COLOURS[colour], axis=-1)
+    """Pixels of exactly the scene's shade of `colour` (none if no object has it), outside the text's box
+    (anti-aliased text may hit any colour)."""
+    shades = [o["rgb"] for o in scene["objects"] if o["colour"] == colour]
+    if not shades:
+        return np.zeros(image.shape[:2], bool)
+    mask = np.all(image == shades[0], axis=-1)
     if scene["text_box"] is not None:
         x0, y0, x1, y1 = scene["text_box"]
         mask[y0:y1, x0:x1] = False
@@ -81,6 +85,24 @@ def test_records_and_builds_are_deterministic(built, tmp_path):
             open(os.path.join(out, task, split, name), "rb").read()
             == open(os.path.join(again, task, split, name), "rb").read()
         )
+
+
+def test_shades_keep_their_colour_names():
+    # Every object is painted in its own shade, which is nearest to its named palette colour; the background
+    # is a shade of its named background; the pixels are those shades.
+    rng = np.random.default_rng(0)
+    shades = {name: [scenes.shade(rng, rgb) for _ in range(200)] for name, rgb in scenes.COLOURS.items()}
+    assert all(len({tuple(s) for s in values}) > 100 for values in shades.values())  # shades vary
+    for i in range(100):
+        record = tasks.make_record("captions", "train", i)
+        scene, image = record["scene"], pixels(record["images"][0])
+        assert list(image[0, 0]) == scene["background_rgb"]
+        base = np.array(scenes.BACKGROUNDS[scene["background"]])
+        assert np.all(np.abs(np.array(scene["background_rgb"]) - base) <= 0.15 * base + scenes.CHANNEL_JITTER + 1)
+        for obj in scene["objects"]:
+            assert scenes.nearest_colour(obj["rgb"]) == obj["colour"]
+            x0, y0, x1, y1 = obj["box"]
+            assert list(image[(y0 + y1) // 2, (x0 + x1) // 2]) == obj["rgb"]
 
 
 def test_held_out_pairs_never_in_train_and_lead_every_evaluation_scene(built):
@@ -143,14 +165,19 @@ def test_vqa_answers_are_true_of_the_pixels():
             assert record["conversations"][1]["value"] == answer
             if kind == "colour":
                 cx, cy = (box[0] + box[2]) // 2, (box[1] + box[3]) // 2
-                assert tuple(image[cy, cx]) == scenes.COLOURS[answer]
+                assert list(image[cy, cx]) == target["rgb"] and scenes.nearest_colour(image[cy, cx]) == answer
                 assert target["shape"] in record["question"]
             elif kind == "shape":
                 assert shape_from_pixels(mask, box) == answer
             elif kind == "size":
                 assert box[2] - box[0] == round(scene["size"] * scenes.SIZES[answer])
             elif kind == "count":
-                present = [c for c in scenes.COLOURS if object_mask(image, scene, c).sum() > 10]
+                outside_text = image.copy()
+                if scene["text_box"] is not None:
+                    x0, y0, x1, y1 = scene["text_box"]
+                    outside_text[y0:y1, x0:x1] = scene["background_rgb"]
+                values, counts = np.unique(outside_text.reshape(-1, 3), axis=0, return_counts=True)
+                present = [v for v, n in zip(values, counts) if n > 10 and list(v) != scene["background_rgb"]]
                 assert tasks.NUMBERS[len(present)] == answer
             elif kind == "relation":
                 words = re.fullmatch(
@@ -166,7 +193,7 @@ def test_vqa_answers_are_true_of_the_pixels():
                 x0, y0, x1, y1 = scene["text_box"]
                 alone = pixels(scenes.render({**scene, "objects": []}))  # the word on the plain background
                 assert np.array_equal(image[y0:y1, x0:x1], alone[y0:y1, x0:x1])
-                assert (alone != scenes.BACKGROUNDS[scene["background"]]).any() and answer in scenes.WORDS
+                assert (alone != scene["background_rgb"]).any() and answer in scenes.WORDS
     assert kinds == set(tasks.QUESTION_TYPES)
 
 
@@ -199,12 +226,13 @@ def test_fewshot_answers_follow_the_episode_mapping_which_varies(built):
             assert [r["k"] for r in records] == [0, 1, 2, 4] * 2
         for record in records:
             colours = [s["objects"][0]["colour"] for s in record["scenes"]]
-            words = [t[len("This is a ") : -1] for t in record["texts"] if t is not None]
-            assert len(colours) == len(words) == record["k"] + 1
+            sentences = [re.fullmatch(r"This is a (\w+) (\w+)\.", t) for t in record["texts"] if t is not None]
+            named, words = [m.group(1) for m in sentences], [m.group(2) for m in sentences]
+            assert len(colours) == len(words) == record["k"] + 1 and named == colours  # each names its colour
             assert all(record["mapping"][c] == w for c, w in zip(colours, words))
             assert record["answer"] == words[-1] == record["mapping"][colours[-1]]
             assert sorted(record["candidates"]) == sorted(record["mapping"].values())
-            assert record["texts"][-1] == f"{record['query_prefix']} {record['answer']}."
+            assert record["texts"][-1] == f"{record['query_prefix']} {colours[-1]} {record['answer']}."
             mappings.add(tuple(sorted(record["mapping"].items())))
     assert len(mappings) > 30  # a fresh mapping per episode
     by_colour = {}

@@ -46,7 +46,11 @@ def test_prompts_are_the_training_prefixes(built):
         assert continuation(gen, record, generative.caption_prompt(gen, record)["tokens"]).startswith(record["caption"])
     for record in records(root, "fewshot"):
         prompt = generative.fewshot_prompt(gen, record)
-        assert re.findall(r"[a-z]+", continuation(gen, record, prompt["tokens"]))[0] == record["answer"]
+        # The query's sentence follows: its colour, then its word (the answer).
+        assert re.findall(r"[a-z]+", continuation(gen, record, prompt["tokens"]))[:2] == [
+            record["scenes"][-1]["objects"][0]["colour"],
+            record["answer"],
+        ]
         assert len(prompt["images"]) == sum(image is not None for image in record["images"])
 
 
@@ -56,7 +60,7 @@ def reference_outputs(root, gen, task):
         return [generative.question_prompt(gen, r)[2] for r in records(root, task)]
     if task == "captions":
         return [r["caption"] for r in records(root, task)]
-    return [r["answer"] + "." for r in records(root, task)]
+    return [r["texts"][-1][len(r["query_prefix"]) :] for r in records(root, task)]  # " red dax."
 
 
 def test_oracle_predictions_score_perfectly_and_wrong_ones_do_not(built, monkeypatch):
@@ -98,3 +102,26 @@ def test_baselines_from_the_data_alone(built):
         baselines.nearest_caption_scores(generative.read_records(f"{root}/captions/train", 100, "pairs"), val)["cider"]
         < own["cider"]
     )
+
+
+def test_fewshot_scores_the_first_episode_word_generated(built, monkeypatch):
+    # "red dax." scores the word, not the colour before it; the other episode word, or no episode word, is wrong.
+    root, gen = built
+    episodes = records(root, "fewshot")
+
+    def other(r):
+        return next(c for c in r["candidates"] if c != r["answer"])
+
+    def colour(r):
+        return r["scenes"][-1]["objects"][0]["colour"]
+
+    for make, expected in (
+        (lambda r: f" {colour(r)} {r['answer']}.", 1.0),
+        (lambda r: f" {r['answer']} {other(r)}.", 1.0),  # the first episode word counts
+        (lambda r: f" {colour(r)} {other(r)} {r['answer']}.", 0.0),
+        (lambda r: f" {colour(r)} shape.", 0.0),
+    ):
+        outputs = [make(r) for r in episodes]
+        monkeypatch.setattr(generative.Generator, "__call__", lambda self, prompts, max_new_tokens: outputs)
+        metrics, _ = generative.fewshot(gen, episodes)
+        assert set(metrics.values()) == {expected}

@@ -1,4 +1,5 @@
-"""ViT: variant table, published parameter counts, position embeddings, pooling, QK-norm, layer scale, taps."""
+"""ViT: variant table, published parameter counts, position embeddings, pooling, QK-norm, layer scale, taps,
+the convolutional stem."""
 
 import math
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from vlm_jax.encoders.vit import ViT, decode_variant, posemb_sincos_2d, resample_posemb
+from vlm_jax.encoders.vit import ConvStem, ViT, decode_variant, posemb_sincos_2d, resample_posemb
 from vlm_jax.errors import UserError
 
 TINY = dict(variant="", width=48, depth=2, mlp_dim=64, num_heads=3, patch_size=8, image_size=32)
@@ -177,3 +178,52 @@ def test_remat_and_taps_equal_unrematted():
     np.testing.assert_allclose(np.asarray(a["taps"][-2]), np.asarray(b["taps"][-2]), atol=1e-6)
     # The last tap is the pre-norm hidden state whose final norm gives the tokens.
     assert float(jnp.max(jnp.abs(a["taps"][-1] - a["tokens"]))) > 1e-3
+
+
+def test_conv_stem_matches_torch_convolutions():
+    # torch's conv2d is the reference: 4x4 stride-4 (no padding), exact GELU, 3x3 padding 1, exact GELU.
+    images = np.random.default_rng(4).normal(size=(2, 24, 16, 3)).astype(np.float32)
+    stem = ConvStem(channels=5)
+    params = nn.unbox(_init(stem, images)["params"])
+    out = np.asarray(jax.jit(stem.apply)({"params": params}, images))
+
+    def conv(x, layer, padding, stride):
+        kernel = torch.from_numpy(np.asarray(params[layer]["kernel"])).permute(3, 2, 0, 1)  # HWIO -> OIHW
+        bias = torch.from_numpy(np.asarray(params[layer]["bias"]))
+        return torch.nn.functional.gelu(torch.nn.functional.conv2d(x, kernel, bias, stride, padding))
+
+    x = torch.from_numpy(images).permute(0, 3, 1, 2)
+    ref = conv(conv(x, "conv1", 0, 4), "conv2", 1, 1).permute(0, 2, 3, 1).numpy()
+    assert out.shape == (2, 6, 4, 5)
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+
+
+def test_conv_stem_vit_keeps_the_patch_grid():
+    # stem="conv" tokenises the same grid as stem="patch": patch_embed reads (p/4)x(p/4) stem cells.
+    images = np.random.default_rng(5).normal(size=(2, 40, 24, 3)).astype(np.float32)
+    model = ViT(**TINY, stem="conv", stem_width=12, pool="gap")
+    variables = _init(model, images)
+    params = nn.unbox(variables["params"])
+    assert params["patch_embed"]["kernel"].shape == (2, 2, 12, 48)
+    assert params["stem"]["conv1"]["kernel"].shape == (4, 4, 3, 12)
+    assert params["pos_embedding"].shape == (1, 16, 48)  # image_size 32 / patch 8
+    out = _apply(model, variables, images)
+    assert out["tokens"].shape == _apply(ViT(**TINY, pool="gap"), _init(ViT(**TINY, pool="gap"), images), images)[
+        "tokens"
+    ].shape == (2, 15, 48)
+    boxes = jax.tree.leaves(variables["params"]["stem"], is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    assert all(isinstance(b, nn.Partitioned) and len(b.names) == b.value.ndim for b in boxes)
+    # A token sees only its own patch through the stem's 3x3 conv and its neighbours' border cells: changing
+    # pixels of the last patch row leaves the first patch row's patch embeddings unchanged.
+    no_blocks = ViT(**TINY, stem="conv", stem_width=12, pool="gap", final_norm=False, layer_scale=0.0)
+    v = nn.unbox(_init(no_blocks, images)["params"])
+    for name in ("ls1", "ls2"):
+        v["layers"][name] = jnp.zeros_like(v["layers"][name])
+    changed = images.copy()
+    changed[:, 32:] += 1.0
+    a, b = (np.asarray(_apply(no_blocks, {"params": v}, x)["tokens"]) for x in (images, changed))
+    np.testing.assert_allclose(a[:, :3 * 3], b[:, :3 * 3], atol=1e-6)
+    assert np.abs(a[:, -3:] - b[:, -3:]).max() > 1e-3
+    for bad in (dict(stem="conv", patch_size=6), dict(stem="pixels")):
+        with pytest.raises(UserError):
+            jax.eval_shape(ViT(**{**TINY, **bad}).init, jax.random.key(0), images)

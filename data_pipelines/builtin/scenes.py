@@ -3,15 +3,20 @@
 `sample(rng, ...)` draws a scene description (a plain dict, msgpack/JSON-safe),
 `render(scene)` draws it as PNG bytes, `generate` does both. A description::
 
-    {"size": 64, "background": "gray",
-     "objects": [{"colour": "red", "shape": "circle", "size": "small", "box": [x0, y0, x1, y1]}, ...],
+    {"size": 64, "background": "gray", "background_rgb": [r, g, b],
+     "objects": [{"colour": "red", "rgb": [r, g, b], "shape": "circle", "size": "small",
+                  "box": [x0, y0, x1, y1]}, ...],
      "text": "cat" | None, "text_box": [x0, y0, x1, y1] | None}
 
 Boxes are in pixels, `x1`/`y1` exclusive: the drawn pixels of an object lie in
 `[x0, x1) x [y0, y1)` and touch all four sides. Within one scene the objects
 have distinct colours AND distinct shapes, never overlap (nor the text), so
 "the square", "the red object" and "the red square" each name one object, and
-the spatial relation of two objects (`relation`) is unambiguous. The word is
+the spatial relation of two objects (`relation`) is unambiguous. Every object
+and background is painted in its own shade of its named colour (`shade`:
+brightness x0.85-1.15 and up to +-10 per channel; the palette colour stays the
+nearest one): a model cannot tie a shape to one exact RGB value, which
+measurably helps it name shapes in colour combinations it never saw. The word is
 drawn with PIL's built-in font (`ImageFont.load_default`), black or white for
 contrast. Everything is a function of the numpy Generator's state.
 """
@@ -40,6 +45,8 @@ SHAPES = ("circle", "square", "triangle", "cross", "diamond")
 SIZES = {"small": 0.2, "large": 0.34}  # side of the object's box as a fraction of the image side
 WORDS = ("cat", "dog", "sun", "box", "hat", "pen", "cup", "key", "map", "egg", "fox", "bus")
 OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+BRIGHTNESS = (0.85, 1.15)  # range of a shade's brightness factor
+CHANNEL_JITTER = 10  # and of its per-channel offset
 _MARGIN = 2  # pixels kept free between items and from the border
 MIN_IMAGE_SIZE = 40  # below it a small object (8 px) no longer shows its shape
 
@@ -48,6 +55,19 @@ MIN_IMAGE_SIZE = 40  # below it a small object (8 px) no longer shows its shape
 def font(image_size: int) -> ImageFont.ImageFont:
     """PIL's built-in font at a size that scales with the image (10 px minimum)."""
     return ImageFont.load_default(size=max(10, round(image_size * 0.19)))
+
+
+def shade(rng: np.random.Generator, rgb: Sequence[int]) -> list[int]:
+    """A random shade of a palette colour: brightness and per-channel jitter (`BRIGHTNESS`, `CHANNEL_JITTER`)."""
+    factor = rng.uniform(*BRIGHTNESS)
+    offset = rng.integers(-CHANNEL_JITTER, CHANNEL_JITTER + 1, size=3)
+    return [int(v) for v in np.clip(np.round(np.asarray(rgb) * factor) + offset, 0, 255)]
+
+
+def nearest_colour(rgb: Sequence[int]) -> str:
+    """The palette colour (`COLOURS`) nearest to an RGB value."""
+    rgb = [int(v) for v in rgb]  # uint8 pixels would wrap around
+    return min(COLOURS, key=lambda name: sum((a - b) ** 2 for a, b in zip(COLOURS[name], rgb)))
 
 
 def _free(box: Sequence[int], taken: list[Sequence[int]]) -> bool:
@@ -90,6 +110,7 @@ def sample(
     count = int(rng.integers(1, 4)) if num_objects is None else num_objects
     with_text = bool(rng.random() < 0.3) if text is None else text
     background = list(BACKGROUNDS)[int(rng.integers(len(BACKGROUNDS)))]
+    background_rgb = shade(rng, BACKGROUNDS[background])
     word = WORDS[int(rng.integers(len(WORDS)))] if with_text else None
     while True:  # a layout that fits (almost always the first)
         taken: list[list[int]] = []
@@ -112,11 +133,15 @@ def sample(
             if box is None:
                 break
             taken.append(box)
-            objects.append({"colour": colour, "shape": shape, "size": size, "box": box})
+            rgb = shade(rng, COLOURS[colour])
+            while nearest_colour(rgb) != colour:  # rare (~1 in 25,000): keep the colour's name true
+                rgb = shade(rng, COLOURS[colour])
+            objects.append({"colour": colour, "rgb": rgb, "shape": shape, "size": size, "box": box})
         if len(objects) == count:
             return {
                 "size": image_size,
                 "background": background,
+                "background_rgb": background_rgb,
                 "objects": objects,
                 "text": word,
                 "text_box": text_box,
@@ -145,11 +170,11 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: Sequence[int], fill:
 def render(scene: dict[str, Any]) -> bytes:
     """The scene as PNG bytes (deterministic)."""
     size = scene["size"]
-    background = BACKGROUNDS[scene["background"]]
+    background = tuple(scene["background_rgb"])
     image = Image.new("RGB", (size, size), background)
     draw = ImageDraw.Draw(image)
     for obj in scene["objects"]:
-        _draw_shape(draw, obj["shape"], obj["box"], COLOURS[obj["colour"]])
+        _draw_shape(draw, obj["shape"], obj["box"], tuple(obj["rgb"]))
     if scene["text"] is not None:
         f = font(size)
         left, top, _, _ = draw.textbbox((0, 0), scene["text"], f)

@@ -13,7 +13,7 @@ fields its format needs (sources.py) and metadata the templates ignore:
 | grounding | llava | human "<image>\\nWhere is the red circle?", gpt "<ref>the red circle</ref><box>(x1,y1),(x2,y2)</box>" | ref, box (pixels), answer, scene |
 | chat | llava | 2-3 turns of caption / VQA / grounding questions about one image | question_types, answers, scene |
 | interleaved | interleaved | "Here are three pictures." <img> caption <img> caption ... "Altogether there are five shapes." | scenes |
-| fewshot | interleaved | <img> "This is a dax." x k, then <img> "This is a blicket." | k, candidates, answer, query_prefix, mapping, scenes |
+| fewshot | interleaved | <img> "This is a red dax." x k, then <img> "This is a blue blicket." | k, candidates, answer, query_prefix, mapping, scenes |
 
 Question types (vqa, chat): colour, shape, size, count, relation (yes/no:
 the true relation of two objects or its opposite), text (the written word);
@@ -25,13 +25,18 @@ Few-shot episodes: each episode draws two colours and two made-up words
 (`NONSENSE`) and pairs them at random, so the word of a colour can only be
 read from the episode's own examples. k context images (one object each of a
 random shape, its colour drawn uniformly from the two) are followed by a query
-image; its answer is the word of its colour. With k = 0 the answer cannot be
-known; a model that copies the word of a context image of the query's colour
-scores 1 - 0.5 ** k in expectation (0, 50, 75, 94% for k = 0, 1, 2, 4).
+image; every image's sentence names its colour, then its word ("This is a
+red dax."), and the answer is the word of the query's colour. A model
+continuing the query's "This is a" must see the colour (the image) and recall
+which word went with it (the context). With k = 0 the answer cannot be known;
+a model that knows the colour and copies the word that followed it in the
+context scores 1 - 0.5 ** k in expectation (0, 50, 75, 94% for k = 0, 1, 2, 4).
 Training episodes have k = 1..4; validation and test cycle k = 0, 1, 2, 4
-(`EVAL_SHOTS`). The words name colours, not shapes, because a model that
-learns in minutes can see colours: a tiny ViT or CNN trained with labels on
-these scenes' shapes alone is still near chance after 25k images.
+(`EVAL_SHOTS`). The sentences name the colour because the binding is then
+learnable in minutes: with plain "This is a dax." sentences the main job's
+model copied a context word without matching colours (49-52% at every k on
+200 episodes each; docs/evaluation.md), and colours rather than shapes because
+a model that learns in minutes sees colours far better than shapes.
 
 Splits hold out (colour, shape) combinations: `HELD_OUT` pairs never appear in
 train (no object of any train image has one); in validation and test the
@@ -213,14 +218,16 @@ def interleaved(rng: np.random.Generator, split: str, index: int, image_size: in
     return {"texts": texts, "images": images, "task": "interleaved", "scenes": described}
 
 
-def fewshot_record(shots: list[tuple[bytes, str]], words: list[str], mapping: dict[str, str], **metadata) -> dict:
+def fewshot_record(
+    shots: list[tuple[bytes, str]], words: list[str], mapping: dict[str, str], named: bool = False, **metadata
+) -> dict:
     """An episode from its images in order as (PNG, class) — the last is the query — each followed by
-    "This is a {word of its class}."; `metadata` (the images' descriptions) goes last. Shared with the
-    real-image episodes of `data_pipelines/real_images.py`."""
+    "This is a {word of its class}." ("This is a {class} {word}." when `named`); `metadata` (the images'
+    descriptions) goes last. Shared with the real-image episodes of `data_pipelines/real_images.py`."""
     texts: list[str | None] = []
     images: list[bytes | None] = []
     for png, label in shots:
-        texts += [None, f"{FEWSHOT_PREFIX} {mapping[label]}."]
+        texts += [None, f"{FEWSHOT_PREFIX} {label + ' ' if named else ''}{mapping[label]}."]
         images += [png, None]
     return {
         "texts": texts,
@@ -248,7 +255,7 @@ def fewshot(rng: np.random.Generator, split: str, index: int, image_size: int) -
         png, scene = scenes.generate(rng, image_size, num_objects=1, combos=combos, first_combos=first, text=False)
         shots.append((png, colour))
         described.append(scene)
-    return fewshot_record(shots, words, dict(zip(colours, words)), scenes=described)
+    return fewshot_record(shots, words, dict(zip(colours, words)), named=True, scenes=described)
 
 
 TASKS: dict[str, tuple[str, Callable[..., dict[str, Any]]]] = {

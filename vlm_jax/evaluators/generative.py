@@ -9,7 +9,7 @@ and scores the continuation:
 | vqa | llava (first turn; answer = metadata "answer" or the gpt turn) | `<s><image>Question:{q} Short answer:` -> answer | exact match (VQA normalisation), per "question_type" |
 | captions | pairs | `<s><image>` -> caption | CIDEr-D, BLEU-1..4 |
 | grounding | llava with metadata "box" | `<s><image>Question:{q} Short answer:` -> `<ref>..</ref><box>..</box>` | mean IoU, acc@0.5 |
-| fewshot | interleaved with metadata "k", "answer", "query_prefix" | the k examples, then `<image>{query_prefix}` -> word | accuracy per k |
+| fewshot | interleaved with metadata "k", "answer", "candidates", "query_prefix" | the k examples, then `<image>{query_prefix}` -> "[class] word." | accuracy per k (the first candidate word generated) |
 
 `evaluate` runs {task: folder}; a task is one of these kinds or a named
 variant "KIND/NAME" ("fewshot/digits", "fewshot/photos": the few-shot
@@ -37,7 +37,7 @@ from vlm_jax.evaluators.captioning import caption_scores
 
 EOC = "<|endofchunk|>"
 # Generation budget per task kind: enough for every reference of the built-in data (tests/test_generative_eval.py).
-MAX_NEW_TOKENS = {"vqa": 8, "captions": 64, "grounding": 32, "fewshot": 8}
+MAX_NEW_TOKENS = {"vqa": 8, "captions": 64, "grounding": 32, "fewshot": 10}
 
 
 class Generator:
@@ -176,7 +176,8 @@ def fewshot(gen: Generator, records: Sequence[dict]) -> tuple[dict[str, float], 
     prompts = [fewshot_prompt(gen, r) for r in records]
     references = [r["answer"] for r in records]
     shots = [int(r["k"]) for r in records]
-    predictions = [_first_word(t) for t in gen(prompts, max_new_tokens=MAX_NEW_TOKENS["fewshot"])]
+    generated = gen(prompts, max_new_tokens=MAX_NEW_TOKENS["fewshot"])
+    predictions = [_first_candidate(t, r["candidates"]) for t, r in zip(generated, records)]
     correct = [p == normalize_answer(a) for p, a in zip(predictions, references)]
     metrics = {}
     for k in sorted(set(shots)):
@@ -189,9 +190,12 @@ def fewshot(gen: Generator, records: Sequence[dict]) -> tuple[dict[str, float], 
     return metrics, samples
 
 
-def _first_word(text: str) -> str:
+def _first_candidate(text: str, candidates: Sequence[str]) -> str:
+    """The first generated word that is one of the episode's words ("red dax." -> "dax"), else the first word:
+    the built-in episodes name the class before the word, the real-image ones do not."""
     words = re.findall(r"[a-z0-9']+", normalize_answer(text))
-    return words[0] if words else ""
+    known = {normalize_answer(c) for c in candidates}
+    return next((w for w in words if w in known), words[0] if words else "")
 
 
 TASKS: dict[str, tuple[str, Callable]] = {
