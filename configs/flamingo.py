@@ -224,5 +224,6 @@ def builtin_main_job(arg):
             for source in real_images.SOURCES
         },
     }
+    c.eval_baselines = {task: f"{root}/{task}/train" for task in ("vqa", "captions")}  # the bars to clear
     c.optim.update(lr=2e-3, schedule="cosine", warmup_steps=50, min_lr_ratio=0.05, freeze=())
     return c

@@ -125,3 +125,24 @@ def test_fewshot_scores_the_first_episode_word_generated(built, monkeypatch):
         monkeypatch.setattr(generative.Generator, "__call__", lambda self, prompts, max_new_tokens: outputs)
         metrics, _ = generative.fewshot(gen, episodes)
         assert set(metrics.values()) == {expected}
+
+
+def test_baselines_score_the_evaluated_records(built):
+    from vlm_jax.errors import UserError
+    from vlm_jax.evaluators import baselines
+
+    root, _ = built
+    evals = {task: f"{root}/{task}/validation" for task in SIZES}
+    scores = baselines.evaluate({"vqa": f"{root}/vqa/train", "captions": f"{root}/captions/train"}, evals, 5)
+    vqa_train = generative.read_records(f"{root}/vqa/train", 100, "llava")
+    first = generative.read_records(evals["vqa"], 5, "llava")
+    assert scores["baseline/vqa_accuracy"] == baselines.majority_answer_accuracy(vqa_train, first)
+    types = {r["question_type"] for r in first}
+    assert {k for k in scores if k.startswith("baseline/vqa_accuracy/")} == {f"baseline/vqa_accuracy/{t}" for t in types}
+    captions_train = generative.read_records(f"{root}/captions/train", 100, "pairs")
+    expected = baselines.nearest_caption_scores(captions_train, generative.read_records(evals["captions"], 5, "pairs"))
+    assert scores["baseline/cider"] == pytest.approx(expected["cider"])
+    with pytest.raises(UserError, match="no baseline 'fewshot'"):
+        baselines.evaluate({"fewshot": root}, evals, 5)
+    with pytest.raises(UserError, match="which eval_tasks does not evaluate"):
+        baselines.evaluate({"vqa": f"{root}/vqa/train"}, {}, 5)

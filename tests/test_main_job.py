@@ -23,6 +23,8 @@ EVAL_METRICS = (
     "grounding_acc@0.5",
     *(f"fewshot_{k}shot_accuracy" for k in (0, 1, 2, 4)),
     *(f"{source}/fewshot_{k}shot_accuracy" for source in ("digits", "photos") for k in (0, 1, 2, 4)),
+    "baseline/vqa_accuracy",
+    "baseline/cider",
 )
 
 

@@ -125,3 +125,5 @@ def test_evaluation_tags_of_one_family_share_a_panel():
     assert panel("eval/digits/fewshot_2shot_accuracy") == "eval/digits/fewshot_k-shot_accuracy"
     assert panel("eval/vqa_accuracy/colour") == panel("eval/vqa_accuracy") == "eval/vqa_accuracy"
     assert panel("eval/bleu1") == panel("eval/bleu4") == "eval/bleu"
+    assert panel("eval/baseline/cider") == panel("eval/cider") != panel("eval/baseline/vqa_accuracy/size")
+    assert panel("eval/baseline/vqa_accuracy/size") == "eval/vqa_accuracy"

@@ -32,7 +32,9 @@ CURVE_GROUPS = (
 
 def eval_panel(tag: str) -> str:
     """Evaluation tags of one family share a panel: every k of `.../fewshot_{k}shot_accuracy`, every question type
-    of `eval/vqa_accuracy/{type}` (with the overall accuracy), every n of BLEU-n."""
+    of `eval/vqa_accuracy/{type}` (with the overall accuracy), every n of BLEU-n; a model-free baseline
+    (`eval/baseline/NAME`) shares the panel of `eval/NAME`."""
+    tag = tag.replace("eval/baseline/", "eval/")
     tag = re.sub(r"_\d+shot_", "_k-shot_", tag)
     tag = re.sub(r"bleu\d$", "bleu", tag)
     return "eval/vqa_accuracy" if tag.startswith("eval/vqa_accuracy") else tag

@@ -153,6 +153,7 @@ class Flamingo(System):
             project_media=bool(m.get("project_media", False)),
         )
         self.image_size = int(m.image_size)
+        self._baselines: dict[str, float] | None = None  # evaluate()'s model-free scores, computed once
         self.seq_len = int(config.data.seq_len)
         self.max_images = int(config.data.get("max_images", 1))
 
@@ -266,14 +267,21 @@ class Flamingo(System):
 
     def evaluate(self, trainer, params) -> dict[str, float]:
         """Generative evaluations (`evaluators/generative.py`) on `config.eval_tasks` = {task: folder}, each on
-        its first `config.eval_examples` records; the last samples stay in `self.eval_samples` for the report."""
-        from vlm_jax.evaluators import generative
+        its first `config.eval_examples` records; the last samples stay in `self.eval_samples` for the report.
+        `config.eval_baselines` = {kind: train folder} adds the model-free "baseline/..." scores of
+        `evaluators/baselines.py` on the same records."""
+        from vlm_jax.evaluators import baselines, generative
 
         tasks = dict(trainer.config.get("eval_tasks") or {})
         if not tasks:
             return {}
+        limit = int(trainer.config.get("eval_examples", 64))
         generator = generative.Generator(self, params, trainer.config)
-        metrics, self.eval_samples = generative.evaluate(generator, tasks, int(trainer.config.get("eval_examples", 64)))
+        metrics, self.eval_samples = generative.evaluate(generator, tasks, limit)
+        if trainer.config.get("eval_baselines"):  # model-free scores on the same records, computed once
+            if self._baselines is None:
+                self._baselines = baselines.evaluate(dict(trainer.config.eval_baselines), tasks, limit)
+            metrics.update(self._baselines)
         return metrics
 
     def generation_parts(self, params, batch):
