@@ -190,8 +190,12 @@ def builtin_main_job(arg):
     shapes blur). Without a Perceiver resampler the gated cross-attention reads the ViT's 64 patch tokens
     (IDEFICS's option): at 64 patches a resampler saves nothing, and trained from scratch it first averages
     the patches, so the answers could not find objects (measured at 1000 steps: CIDEr 0.86-1.08 with 16
-    latents, 1.35 without; colour questions 18% -> 29%). Evaluations run on held-out (colour, shape)
-    combinations and on real-image few-shot episodes at the end (docs/evaluation.md has the numbers).
+    latents, 1.35 without; colour questions 18% -> 29%). The ViT has a convolutional stem
+    (`stem="conv"`, 16 channels): with the linear patchify a one-layer ViT hardly tells shapes apart in this
+    budget (docs/systems.md). The LM layers are rematerialised (`remat="full"`), which is faster here: the
+    saved attention probabilities cost more memory traffic than recomputing them (0.40 vs 0.45 s/step).
+    Evaluations run on held-out (colour, shape) combinations and on real-image few-shot episodes at the
+    end, beside the model-free baselines (`eval_baselines`; docs/evaluation.md has the numbers).
     """
     from data_pipelines import real_images
     from data_pipelines.builtin import build

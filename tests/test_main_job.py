@@ -7,6 +7,7 @@ job happens and leaves its outputs, not how well 4 steps learn.
 
 import json
 import os
+import re
 
 import pytest
 
@@ -61,6 +62,8 @@ def test_the_main_job_builds_its_data_trains_evaluates_and_reports(main_job):
     for row in ("examples_per_s", "mfu", "compile_s", "train_loop_s", "eval_s"):
         assert f"<td>{row}</td>" in page
     assert os.path.isfile(os.path.join(workdir, "report", "eval.png"))
+    plotted = re.search(r'title="eval.png" data-tags="([^"]*)"', page).group(1).split()
+    assert {tb_tag(name) for name in EVAL_METRICS} <= set(plotted)  # the last evaluation is in the curves too
 
 
 def test_eval_command_scores_the_checkpoint_again(main_job, capsys):

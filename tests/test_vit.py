@@ -188,8 +188,8 @@ def test_conv_stem_matches_torch_convolutions():
     out = np.asarray(jax.jit(stem.apply)({"params": params}, images))
 
     def conv(x, layer, padding, stride):
-        kernel = torch.from_numpy(np.asarray(params[layer]["kernel"])).permute(3, 2, 0, 1)  # HWIO -> OIHW
-        bias = torch.from_numpy(np.asarray(params[layer]["bias"]))
+        kernel = torch.from_numpy(np.array(params[layer]["kernel"])).permute(3, 2, 0, 1)  # HWIO -> OIHW
+        bias = torch.from_numpy(np.array(params[layer]["bias"]))
         return torch.nn.functional.gelu(torch.nn.functional.conv2d(x, kernel, bias, stride, padding))
 
     x = torch.from_numpy(images).permute(0, 3, 1, 2)

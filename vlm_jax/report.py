@@ -97,8 +97,8 @@ def _png_bytes(figure) -> bytes:
     return buffer.getvalue()
 
 
-def plot_curves(scalars: dict[str, dict[int, float]]) -> list[tuple[str, str, bytes]]:
-    """(file stem, title, PNG bytes) for each group of `CURVE_GROUPS` that has at least one tag in `scalars`."""
+def plot_curves(scalars: dict[str, dict[int, float]]) -> list[tuple[str, str, bytes, list[str]]]:
+    """(file stem, title, PNG bytes, plotted tags) for each group of `CURVE_GROUPS` with a tag in `scalars`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -126,7 +126,7 @@ def plot_curves(scalars: dict[str, dict[int, float]]) -> list[tuple[str, str, by
             ax.axis("off")
         figure.suptitle(title)
         figure.tight_layout(rect=(0, 0, 1, 1 - 0.3 / (3.4 * rows)))  # keep the title clear of the first row
-        out.append((stem, title, _png_bytes(figure)))
+        out.append((stem, title, _png_bytes(figure), tags))
         plt.close(figure)
     return out
 
@@ -217,11 +217,13 @@ def write_report(
 
     if scalars:
         curves = plot_curves(scalars)
-        for stem, _, png in curves:
+        for stem, _, png, _ in curves:
             with open(os.path.join(out_dir, f"{stem}.png"), "wb") as f:
                 f.write(png)
         curves_html = "".join(
-            f'<img src="{_data_uri(png)}" alt="{html.escape(title)}" title="{stem}.png">' for stem, title, png in curves
+            f'<img src="{_data_uri(png)}" alt="{html.escape(title)}" title="{stem}.png" '
+            f'data-tags="{html.escape(" ".join(tags))}">'
+            for stem, title, png, tags in curves
         )
         if not curves:
             curves_html = '<p class="note">The TensorBoard logs hold none of the plotted tags.</p>'

@@ -149,11 +149,17 @@ class Reporter:
         else:
             print(text, file=self.stream, flush=True)
 
+    def close_writer(self) -> None:
+        """Closes the TensorBoard writer: tensorboardX writes events from a queue, and only closing waits for
+        all of them to reach the file (the run report reads them right after training)."""
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-        if self.writer is not None:
-            self.writer.close()
+        self.close_writer()
 
 
 def _fmt(v: Any) -> str:

@@ -314,6 +314,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
         )
         final = {f"train/{k}": v for k, v in metrics.items() if k in ("loss", "accuracy")}
         final.update({f"eval/{k}": v for k, v in eval_metrics.items()})
+        reporter.close_writer()  # every scalar on disk before the report plots them
         path = report.write_report(workdir, config, final, getattr(system, "eval_samples", []), throughput)
         reporter.message(f"Report: {path}")
     reporter.close()
