@@ -127,3 +127,22 @@ def test_evaluation_tags_of_one_family_share_a_panel():
     assert panel("eval/bleu1") == panel("eval/bleu4") == "eval/bleu"
     assert panel("eval/baseline/cider") == panel("eval/cider") != panel("eval/baseline/vqa_accuracy/size")
     assert panel("eval/baseline/vqa_accuracy/size") == "eval/vqa_accuracy"
+
+
+def test_a_single_evaluation_is_drawn_as_bars_of_its_values():
+    # Two tags of one panel at one step: two bars of the model colour whose lengths are in the values' ratio;
+    # a baseline's bar is grey.
+    from PIL import Image
+
+    scalars = {"eval/cider": {50: 0.8}, "eval/baseline/cider": {50: 0.4}, "eval/fewshot_1shot_accuracy": {50: 0.2},
+               "eval/fewshot_2shot_accuracy": {50: 0.8}}  # fmt: skip
+    (stem, _, png, tags), = [c for c in report.plot_curves(scalars) if c[0] == "eval"]
+    assert sorted(tags) == sorted(scalars)
+    pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+    half = pixels.shape[1] // 2
+    for region, colour, expected in ((pixels[:, half:], (47, 109, 181), 4.0), (pixels[:, :half], (154, 161, 171), None)):
+        rows = np.all(np.abs(region - colour) <= 2, axis=-1).sum(1)
+        lengths = sorted({int(n) for n in rows if n > 20})
+        assert lengths, colour
+        if expected:  # the few-shot panel: bars 0.2 and 0.8
+            assert lengths[-1] / lengths[0] == pytest.approx(expected, rel=0.08)

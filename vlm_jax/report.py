@@ -114,14 +114,19 @@ def plot_curves(scalars: dict[str, dict[int, float]]) -> list[tuple[str, str, by
         rows = -(-len(panels) // cols)
         figure, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 3.4 * rows), squeeze=False)
         for ax, panel in zip(axes.flat, panels):
-            for tag in panel:
-                steps = sorted(scalars[tag])
-                ax.plot(steps, [scalars[tag][s] for s in steps], marker="o" if len(steps) < 20 else None, label=tag)
-            ax.set_xlabel("step")
+            steps_seen = {step for tag in panel for step in scalars[tag]}
+            if len(steps_seen) == 1 and len(panel) > 1:  # one evaluation: bars read better than lone points
+                _bars(ax, panel, scalars, steps_seen.pop())
+            else:
+                for tag in panel:
+                    steps = sorted(scalars[tag])
+                    values = [scalars[tag][s] for s in steps]
+                    ax.plot(steps, values, marker="o" if len(steps) < 20 else None, label=tag)
+                ax.set_xlabel("step")
+                if len(panel) > 1:
+                    ax.legend(fontsize=8)
             ax.set_title(panel_of(panel[0]), fontsize=10)
             ax.grid(alpha=0.3)
-            if len(panel) > 1:
-                ax.legend(fontsize=8)
         for ax in list(axes.flat)[len(panels) :]:
             ax.axis("off")
         figure.suptitle(title)
@@ -129,6 +134,20 @@ def plot_curves(scalars: dict[str, dict[int, float]]) -> list[tuple[str, str, by
         out.append((stem, title, _png_bytes(figure), tags))
         plt.close(figure)
     return out
+
+
+def _bars(ax, tags: list[str], scalars: dict[str, dict[int, float]], step: int) -> None:
+    """One horizontal bar per tag (its value at `step`); model-free baselines grey, beside their metric."""
+    order = sorted(tags, key=lambda t: (t.replace("eval/baseline/", "eval/"), "/baseline/" in t))
+    values = [scalars[t][step] for t in order]
+    colours = ["#9aa1ab" if "/baseline/" in t else "#2f6db5" for t in order]
+    ax.barh(range(len(order)), values, color=colours)
+    ax.set_yticks(range(len(order)), [t.removeprefix("eval/") for t in order], fontsize=7)
+    ax.invert_yaxis()
+    for i, v in enumerate(values):
+        ax.text(v, i, f" {v:.3g}", va="center", fontsize=7)
+    baseline = " (grey: model-free baseline)" if any("/baseline/" in t for t in order) else ""
+    ax.set_xlabel(f"value at step {step}{baseline}")
 
 
 def thumbnail_png(image) -> bytes:
