@@ -146,3 +146,21 @@ def test_baselines_score_the_evaluated_records(built):
         baselines.evaluate({"fewshot": root}, evals, 5)
     with pytest.raises(UserError, match="which eval_tasks does not evaluate"):
         baselines.evaluate({"vqa": f"{root}/vqa/train"}, {}, 5)
+
+
+def test_per_task_record_counts(built, monkeypatch):
+    from vlm_jax.errors import UserError
+
+    root, gen = built
+    tasks = {task: f"{root}/{task}/validation" for task in ("vqa", "fewshot")}
+    seen = []
+
+    def generated(self, prompts, max_new_tokens):
+        seen.append(len(prompts))
+        return ["nothing"] * len(prompts)
+
+    monkeypatch.setattr(generative.Generator, "__call__", generated)
+    generative.evaluate(gen, tasks, 3, {"fewshot": 5})
+    assert seen == [3, 5]  # vqa reads `limit` records, fewshot its own count
+    with pytest.raises(UserError, match="'captions', which is not one of eval_tasks"):
+        generative.evaluate(gen, tasks, 3, {"captions": 5})

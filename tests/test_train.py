@@ -225,3 +225,19 @@ def test_config_errors_are_one_clear_sentence(change, message, tmp_path):
     change(config)
     with pytest.raises(ConfigError, match=re.escape(message)):
         trainer_lib.train(config, str(tmp_path))
+
+
+def test_validation_loss_stops_where_the_validation_data_ends(monkeypatch, capsys):
+    class FakeTrainer:  # eval_step sums: loss 2.0 per batch over weight 1.0
+        config = tiny_lm()
+        system = object()
+        put_batch = staticmethod(lambda batch: batch)
+        eval_step = staticmethod(lambda params, batch: {"loss": 2.0 * batch, "weight": 1.0 * batch})
+
+    FakeTrainer.config.eval_steps = 4
+    monkeypatch.setattr(data_pipelines, "build", lambda *args: iter([1, 3]))  # two batches, then the end
+    assert trainer_lib.evaluate(FakeTrainer(), None) == {"loss": 2.0}
+    assert "ended after 2 of eval_steps=4 batches" in capsys.readouterr().err
+    monkeypatch.setattr(data_pipelines, "build", lambda *args: iter([]))
+    with pytest.raises(ConfigError, match="the validation data gives no batch of batch_size=16 rows"):
+        trainer_lib.evaluate(FakeTrainer(), None)

@@ -206,12 +206,19 @@ TASKS: dict[str, tuple[str, Callable]] = {
 }
 
 
-def evaluate(gen: Generator, tasks: dict[str, str], limit: int) -> tuple[dict[str, float], list[dict]]:
-    """Runs each task {name: folder} on the first `limit` records; (all metrics, a few samples per task).
+def evaluate(
+    gen: Generator, tasks: dict[str, str], limit: int, limits: dict[str, int] | None = None
+) -> tuple[dict[str, float], list[dict]]:
+    """Runs each task {name: folder} on its first `limit` records (`limits[name]` where given); (all metrics,
+    a few samples per task).
 
     A name is a kind of `TASKS` ("fewshot") or a named variant "KIND/NAME" ("fewshot/digits"), so one run
     can score several folders of one kind: a variant's metrics are prefixed with its name
     ("digits/fewshot_2shot_accuracy"), and its samples' task is the whole name."""
+    limits = dict(limits or {})
+    unknown = sorted(set(limits) - set(tasks))
+    if unknown:
+        raise UserError(f"eval_examples_per_task names {unknown[0]!r}, which is not one of eval_tasks.")
     for name in tasks:  # every name checked before anything runs
         kind, slash, variant = name.partition("/")
         if kind not in TASKS or (slash and not variant.strip()):
@@ -222,7 +229,7 @@ def evaluate(gen: Generator, tasks: dict[str, str], limit: int) -> tuple[dict[st
     for name, path in tasks.items():
         kind, _, variant = name.partition("/")
         fmt, run = TASKS[kind]
-        task_metrics, task_samples = run(gen, read_records(path, limit, fmt))
+        task_metrics, task_samples = run(gen, read_records(path, int(limits.get(name, limit)), fmt))
         metrics.update({f"{variant}/{k}" if variant else k: v for k, v in task_metrics.items()})
         samples += [dict(sample, task=name) for sample in task_samples[:8]]
     return metrics, samples

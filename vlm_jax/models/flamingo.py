@@ -267,7 +267,8 @@ class Flamingo(System):
 
     def evaluate(self, trainer, params) -> dict[str, float]:
         """Generative evaluations (`evaluators/generative.py`) on `config.eval_tasks` = {task: folder}, each on
-        its first `config.eval_examples` records; the last samples stay in `self.eval_samples` for the report.
+        its first `config.eval_examples` records (`config.eval_examples_per_task` = {task: n} overrides); the
+        last samples stay in `self.eval_samples` for the report.
         `config.eval_baselines` = {kind: train folder} adds the model-free "baseline/..." scores of
         `evaluators/baselines.py` on the same records."""
         from vlm_jax.evaluators import baselines, generative
@@ -277,7 +278,8 @@ class Flamingo(System):
             return {}
         limit = int(trainer.config.get("eval_examples", 64))
         generator = generative.Generator(self, params, trainer.config)
-        metrics, self.eval_samples = generative.evaluate(generator, tasks, limit)
+        per_task = dict(trainer.config.get("eval_examples_per_task") or {})
+        metrics, self.eval_samples = generative.evaluate(generator, tasks, limit, per_task)
         if trainer.config.get("eval_baselines"):  # model-free scores on the same records, computed once
             if self._baselines is None:
                 self._baselines = baselines.evaluate(dict(trainer.config.eval_baselines), tasks, limit)

@@ -14,8 +14,10 @@ once, so it gives the same update as one large batch.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Any
@@ -211,15 +213,25 @@ class _StopOnSignal:
 
 
 def evaluate(trainer: Trainer, params: Any) -> dict[str, float]:
-    """Loss and metrics over `config.eval_steps` validation batches (the same every time), plus the system's own evaluators."""
+    """Loss and metrics over `config.eval_steps` validation batches (the same every time; fewer, said on stderr,
+    where the validation data ends sooner), plus the system's own evaluators."""
     config = trainer.config
     data = data_pipelines.build(config, "validation", jax.process_index(), jax.process_count())
     totals: dict[str, float] = {}
-    for _ in range(int(config.get("eval_steps", 4))):
-        sums = jax.device_get(trainer.eval_step(params, trainer.put_batch(next(data))))
+    steps, batches = int(config.get("eval_steps", 4)), 0
+    for batch in itertools.islice(data, steps):
+        sums = jax.device_get(trainer.eval_step(params, trainer.put_batch(batch)))
         for k, v in sums.items():
             totals[k] = totals.get(k, 0.0) + float(v)
-    weight = max(totals.pop("weight"), 1e-9)
+        batches += 1
+    if batches == 0 and steps > 0:
+        raise config_lib.ConfigError(
+            f"the validation data gives no batch of batch_size={config.batch_size} rows: use more validation "
+            "records, a smaller batch_size, or eval_every=0 (no evaluation)."
+        )
+    if batches < steps:
+        print(f"[eval] the validation data ended after {batches} of eval_steps={steps} batches.", file=sys.stderr)
+    weight = max(totals.pop("weight", 0.0), 1e-9)
     metrics = {k: v / weight for k, v in totals.items()}
     if hasattr(trainer.system, "evaluate"):
         metrics.update(trainer.system.evaluate(trainer, params))
