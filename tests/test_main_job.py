@@ -47,6 +47,11 @@ def main_job(tmp_path_factory):
 def test_the_main_job_builds_its_data_trains_evaluates_and_reports(main_job):
     workdir, cache = main_job
     assert sorted(os.listdir(cache)) == ["builtin", "real_images"]  # built on first use, in the cache
+    config = json.load(open(os.path.join(workdir, "config.json")))
+    lm_run = config["model"]["lm_checkpoint"]  # the LM pretrained on the text episodes, kept in the data cache
+    assert lm_run.startswith(os.path.join(cache, "builtin")) and os.path.basename(lm_run).startswith("lm-recall-")
+    assert json.load(open(os.path.join(lm_run, "config.json")))["model"]["name"] == "lm"
+    assert os.path.isdir(os.path.join(lm_run, "checkpoints", "12"))  # 600 steps x scale 0.02
     assert os.path.isdir(os.path.join(workdir, "checkpoints", "4"))
     scalars = read_tensorboard_scalars(os.path.join(workdir, "tensorboard"))
     assert set(scalars["train/loss"]) == {2, 4}

@@ -14,6 +14,7 @@ fields its format needs (sources.py) and metadata the templates ignore:
 | chat | llava | 2-3 turns of caption / VQA / grounding questions about one image | question_types, answers, scene |
 | interleaved | interleaved | "Here are three pictures." <img> caption <img> caption ... "Altogether there are five shapes." | scenes |
 | fewshot | interleaved | <img> "This is a red dax." x k, then <img> "This is a blue blicket." | k, candidates, answer, query_prefix, mapping, scenes |
+| recall | interleaved, text only | "This is a red dax." "This is a blue wug." "This is a red dax." ... (3-9 sentences, 2-3 colours) | mapping |
 
 Question types (vqa, chat): colour, shape, size, count, relation (yes/no:
 the true relation of two objects or its opposite), text (the written word);
@@ -258,6 +259,18 @@ def fewshot(rng: np.random.Generator, split: str, index: int, image_size: int) -
     return fewshot_record(shots, words, dict(zip(colours, words)), named=True, scenes=described)
 
 
+def recall(rng: np.random.Generator, split: str, index: int, image_size: int) -> dict[str, Any]:
+    """A text-only episode in the few-shot sentences' form: 2-3 colours paired with made-up words, then 3-9
+    sentences "This is a {colour} {word}." of colours drawn uniformly from them. The main job pretrains its
+    LM on these, so it comes to the images knowing in-context recall, as a pretrained LM would."""
+    n = int(rng.integers(2, 4))
+    colours = [list(scenes.COLOURS)[i] for i in rng.choice(len(scenes.COLOURS), size=n, replace=False)]
+    words = [NONSENSE[i] for i in rng.choice(len(NONSENSE), size=n, replace=False)]
+    mapping = dict(zip(colours, words))
+    texts = [f"{FEWSHOT_PREFIX} {colour} {mapping[colour]}." for colour in rng.choice(colours, int(rng.integers(3, 10)))]
+    return {"texts": texts, "images": [None] * len(texts), "task": "recall", "mapping": mapping}
+
+
 TASKS: dict[str, tuple[str, Callable[..., dict[str, Any]]]] = {
     "captions": ("pairs", captions),
     "vqa": ("llava", vqa),
@@ -265,6 +278,7 @@ TASKS: dict[str, tuple[str, Callable[..., dict[str, Any]]]] = {
     "chat": ("llava", chat),
     "interleaved": ("interleaved", interleaved),
     "fewshot": ("interleaved", fewshot),
+    "recall": ("interleaved", recall),
 }
 """task -> (record format, fn(rng, split, index, image_size) -> record)."""
 
