@@ -142,6 +142,9 @@ def test_baselines_score_the_evaluated_records(built):
     captions_train = generative.read_records(f"{root}/captions/train", 100, "pairs")
     expected = baselines.nearest_caption_scores(captions_train, generative.read_records(evals["captions"], 5, "pairs"))
     assert scores["baseline/cider"] == pytest.approx(expected["cider"])
+    more = baselines.evaluate({"vqa": f"{root}/vqa/train"}, evals, 5, {"vqa": 8})  # a per-task count, as the model's
+    eight = generative.read_records(evals["vqa"], 8, "llava")
+    assert more["baseline/vqa_accuracy"] == baselines.majority_answer_accuracy(vqa_train, eight)
     with pytest.raises(UserError, match="no baseline 'fewshot'"):
         baselines.evaluate({"fewshot": root}, evals, 5)
     with pytest.raises(UserError, match="which eval_tasks does not evaluate"):

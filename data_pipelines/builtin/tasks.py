@@ -219,6 +219,17 @@ def interleaved(rng: np.random.Generator, split: str, index: int, image_size: in
     return {"texts": texts, "images": images, "task": "interleaved", "scenes": described}
 
 
+def episode_sentence(word: str, label: str | None = None) -> str:
+    """"This is a {word}." or, given the class, "This is a {label} {word}." (few-shot and recall episodes)."""
+    return f"{FEWSHOT_PREFIX} {label + ' ' if label else ''}{word}."
+
+
+def _episode_pairing(rng: np.random.Generator, n: int) -> tuple[list[str], list[str]]:
+    """n distinct colours and n distinct made-up words, colour i paired with word i."""
+    colours = [list(scenes.COLOURS)[i] for i in rng.choice(len(scenes.COLOURS), size=n, replace=False)]
+    return colours, [NONSENSE[i] for i in rng.choice(len(NONSENSE), size=n, replace=False)]
+
+
 def fewshot_record(
     shots: list[tuple[bytes, str]], words: list[str], mapping: dict[str, str], named: bool = False, **metadata
 ) -> dict:
@@ -228,7 +239,7 @@ def fewshot_record(
     texts: list[str | None] = []
     images: list[bytes | None] = []
     for png, label in shots:
-        texts += [None, f"{FEWSHOT_PREFIX} {label + ' ' if named else ''}{mapping[label]}."]
+        texts += [None, episode_sentence(mapping[label], label if named else None)]
         images += [png, None]
     return {
         "texts": texts,
@@ -245,8 +256,7 @@ def fewshot_record(
 
 def fewshot(rng: np.random.Generator, split: str, index: int, image_size: int) -> dict[str, Any]:
     k = int(rng.integers(1, 5)) if split == "train" else EVAL_SHOTS[index % len(EVAL_SHOTS)]
-    colours = [list(scenes.COLOURS)[i] for i in rng.choice(len(scenes.COLOURS), size=2, replace=False)]
-    words = [NONSENSE[i] for i in rng.choice(len(NONSENSE), size=2, replace=False)]
+    colours, words = _episode_pairing(rng, 2)
     allowed = TRAIN_COMBOS if split == "train" else ALL_COMBOS
     shots, described = [], []
     for shot in range(k + 1):
@@ -263,11 +273,9 @@ def recall(rng: np.random.Generator, split: str, index: int, image_size: int) ->
     """A text-only episode in the few-shot sentences' form: 2-3 colours paired with made-up words, then 3-9
     sentences "This is a {colour} {word}." of colours drawn uniformly from them. The main job pretrains its
     LM on these, so it comes to the images knowing in-context recall, as a pretrained LM would."""
-    n = int(rng.integers(2, 4))
-    colours = [list(scenes.COLOURS)[i] for i in rng.choice(len(scenes.COLOURS), size=n, replace=False)]
-    words = [NONSENSE[i] for i in rng.choice(len(NONSENSE), size=n, replace=False)]
+    colours, words = _episode_pairing(rng, int(rng.integers(2, 4)))
     mapping = dict(zip(colours, words))
-    texts = [f"{FEWSHOT_PREFIX} {colour} {mapping[colour]}." for colour in rng.choice(colours, int(rng.integers(3, 10)))]
+    texts = [episode_sentence(mapping[c], c) for c in rng.choice(colours, int(rng.integers(3, 10)))]
     return {"texts": texts, "images": [None] * len(texts), "task": "recall", "mapping": mapping}
 
 

@@ -73,9 +73,12 @@ BASELINES = {"vqa": ("llava", majority_answer_scores), "captions": ("pairs", nea
 """kind -> (record format, fn(train records, evaluation records) -> metrics)."""
 
 
-def evaluate(train_folders: dict[str, str], eval_folders: dict[str, str], limit: int) -> dict[str, float]:
+def evaluate(
+    train_folders: dict[str, str], eval_folders: dict[str, str], limit: int, limits: dict[str, int] | None = None
+) -> dict[str, float]:
     """"baseline/{metric}" for each kind in `train_folders` ({"vqa": DIR, "captions": DIR}: `data build`
-    folders of training records), on the first `limit` records of `eval_folders[kind]`, as the model is."""
+    folders of training records), on the first `limit` (`limits[kind]` where given) records of
+    `eval_folders[kind]`, as the model is."""
     out = {}
     for kind, train_folder in train_folders.items():
         if kind not in BASELINES:
@@ -83,6 +86,6 @@ def evaluate(train_folders: dict[str, str], eval_folders: dict[str, str], limit:
         if kind not in eval_folders:
             raise UserError(f"eval_baselines names {kind!r}, which eval_tasks does not evaluate.")
         fmt, run = BASELINES[kind]
-        scores = run(read_records(train_folder, TRAIN_RECORDS, fmt), read_records(eval_folders[kind], limit, fmt))
+        scores = run(read_records(train_folder, TRAIN_RECORDS, fmt), read_records(eval_folders[kind], int((limits or {}).get(kind, limit)), fmt))
         out.update({f"baseline/{name}": float(value) for name, value in scores.items()})
     return out

@@ -282,7 +282,7 @@ class Flamingo(System):
         metrics, self.eval_samples = generative.evaluate(generator, tasks, limit, per_task)
         if trainer.config.get("eval_baselines"):  # model-free scores on the same records, computed once
             if self._baselines is None:
-                self._baselines = baselines.evaluate(dict(trainer.config.eval_baselines), tasks, limit)
+                self._baselines = baselines.evaluate(dict(trainer.config.eval_baselines), tasks, limit, per_task)
             metrics.update(self._baselines)
         return metrics
 
