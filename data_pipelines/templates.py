@@ -843,3 +843,59 @@ def uses_prefix_mask(name: str) -> bool:
 def supported_formats(name: str) -> tuple[str, ...]:
     """The record formats template `name` renders (others raise RenderError "unsupported_format")."""
     return _spec(name)[3]
+
+
+# Pieces that end a generated answer, besides the tokenizer's eos: where each template's answers stop.
+_STOP_PIECES: dict[str, tuple[str, ...]] = {
+    "flamingo": ("<|endofchunk|>",),  # every text chunk ends with it
+    "qwen_vl": ("<|im_end|>",),  # ChatML turns
+    "internvl": ("<|im_end|>",),
+}
+
+
+def stop_ids(name: str, tokenizer: Tokenizer) -> tuple[int, ...]:
+    """The ids that end a generated answer under template `name`: the tokenizer's eos, then the template's own
+    end-of-turn pieces (Flamingo's `<|endofchunk|>`, ChatML's `<|im_end|>`)."""
+    _spec(name)
+    ids = [tokenizer.eos_id] if tokenizer.eos_id >= 0 else []
+    return tuple(ids + [tokenizer.token_id(piece) for piece in _STOP_PIECES.get(name, ())])
+
+
+def prompt_before_answer(
+    name: str, tokenizer: Tokenizer, example: Mapping[str, Any], image_tokens: int | Sequence[int], **options
+) -> list[int]:
+    """The ids template `name` renders for `example` before its first training target: what a model is given
+    to generate that target (VQA: up to "ASSISTANT:" or "Short answer:"; captions: up to where the caption
+    starts). Raises RenderError if the example has no target."""
+    rendered = render(name, tokenizer, example, image_tokens, **options)
+    if not rendered.predict.any():
+        raise RenderError("nothing_to_predict", f"template {name} renders no target for this record.")
+    return [int(i) for i in rendered.ids[: int(np.argmax(rendered.predict))]]
+
+
+def user_prompt(
+    name: str, tokenizer: Tokenizer, text: str, num_images: int, image_tokens: int | Sequence[int]
+) -> list[int]:
+    """The ids of a user's free-form prompt (`vlm-jax generate --prompt`) under template `name`.
+
+    Chat templates render `text` as the user's turn and end with their
+    generation prompt (LLaVA: "... USER: <image>\\n{text} ASSISTANT:",
+    PaliGemma: "<image>...<bos>{text}\\n"); `<image>` markers in `text` say
+    where the images go (without any, they go first). The "flamingo"
+    template is a document: `<s>` then `text` itself, continued as written
+    (`<image>A photo of` -> the caption's next words)."""
+    markers = text.count(IMAGE_MARKER)
+    if markers not in (0, num_images):
+        raise RenderError("placeholder_mismatch", f"the prompt has {markers} {IMAGE_MARKER} markers for {num_images} images.")
+    if IMAGE_MARKER not in text:
+        text = (IMAGE_MARKER + "\n") * num_images + text if name != "flamingo" else IMAGE_MARKER * num_images + text
+    if name == "flamingo":
+        b = _Builder(tokenizer)
+        b.bos()
+        b.prompt(text)
+        return [int(i) for i in b.build(IMAGE_MARKER, image_tokens, num_images).ids]
+    if name == "paligemma":
+        rendered = paligemma(tokenizer, text.replace(IMAGE_MARKER, "").strip(), None, num_images, image_tokens)
+        return [int(i) for i in rendered.ids]
+    record = {"images": [b""] * num_images, "conversations": [{"from": "human", "value": text}]}
+    return [int(i) for i in render(name, tokenizer, record, image_tokens).ids]

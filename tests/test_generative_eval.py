@@ -9,6 +9,7 @@ from conftest import REPO
 from data_pipelines import templates
 from data_pipelines.builtin import build
 from vlm_jax.config_lib import load_config
+from vlm_jax import models
 from vlm_jax.evaluators import generative
 
 SIZES = {"captions": 6, "vqa": 12, "grounding": 6, "fewshot": 8}
@@ -21,7 +22,7 @@ def built(tmp_path_factory):
     config = load_config(os.path.join(REPO, f"configs/flamingo.py:variant=tiny,tokenizer={root}/spm.model"))
     config.model.image_size = config.data.image.size = 64
     config.data.seq_len, config.data.max_images = 128, 6
-    return root, generative.Generator(None, None, config)
+    return root, generative.Generator(models.build(config), None, config)
 
 
 def records(root, task):

@@ -14,7 +14,7 @@ from conftest import REPO
 from data_pipelines import real_images, templates
 from data_pipelines.builtin import build, tasks
 from data_pipelines.sources import ArrayRecordSource, encode_record
-from vlm_jax import cli
+from vlm_jax import cli, models
 from vlm_jax.errors import UserError
 
 SENTENCE = re.compile(r"This is a ([a-z]+)\.")
@@ -171,7 +171,7 @@ def generator(folders):
     config = load_config(os.path.join(REPO, f"configs/flamingo.py:variant=tiny,tokenizer={spm}"))
     config.model.image_size = config.data.image.size = 64
     config.data.seq_len, config.data.max_images = 128, 6
-    return generative.Generator(None, None, config)
+    return generative.Generator(models.build(config), None, config)
 
 
 def test_prompts_render_like_the_builtin_episodes(folders, generator):

@@ -166,7 +166,9 @@ def cmd_generate(argv: list[str]) -> int:
     """`vlm-jax generate`: a checkpoint continues one prompt (--prompt, --image) or a JSONL batch of them."""
     parser = argparse.ArgumentParser(prog="vlm-jax generate", description="Continues prompts with a checkpoint.")
     parser.add_argument("--checkpoint", required=True, help="a workdir (latest step) or a step directory")
-    parser.add_argument("--prompt", help="one prompt; <image> marks where each --image goes")
+    parser.add_argument(
+        "--prompt", help="one prompt, rendered as the user's turn by the system's template; <image> marks each --image"
+    )
     parser.add_argument("--image", action="append", default=[], help="an image of --prompt (repeat for several)")
     parser.add_argument("--prompts", help='a batch, JSONL: {"text": "<image>A photo of", "images": ["a.png"]}')
     parser.add_argument("--out", help="JSONL to write: tokens and text per prompt (default: print the texts)")
@@ -175,7 +177,11 @@ def cmd_generate(argv: list[str]) -> int:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     parser.add_argument("--top_k", type=int, default=0, help="0 = off")
     parser.add_argument("--top_p", type=float, default=1.0, help="1 = off")
-    parser.add_argument("--stop", default="", help="comma-separated stop tokens (ids or pieces; default: eos)")
+    parser.add_argument(
+        "--stop",
+        default="",
+        help="comma-separated stop tokens (ids or pieces; default: the system template's: eos, <|endofchunk|>, ...)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     import json
@@ -195,19 +201,22 @@ def cmd_generate(argv: list[str]) -> int:
         from data_pipelines.tokenizer import Tokenizer
 
         tokenizer = Tokenizer(tokenizer_path)
-    stop = [s for s in args.stop.split(",") if s] or ([tokenizer.eos_id] if tokenizer else [])
-    stop = [_token_id(s, tokenizer) for s in stop]
-    image_size = int(config.model.get("image_size", 0))
-    image_settings = config.get("data", {}).get("image", {})
+    if args.stop:
+        stop = [_token_id(s, tokenizer) for s in args.stop.split(",") if s]
+    elif tokenizer is not None and config.get("data", {}).get("template"):
+        stop = list(system.stop_tokens(tokenizer))  # the template's end of an answer, e.g. <|endofchunk|> and eos
+    else:
+        stop = [tokenizer.eos_id] if tokenizer else []
+    fmt = generate.PromptFormat.of(system, tokenizer)
     if args.prompt:
         item = {"text": args.prompt, "images": args.image}
-        prompts = [generate.parse_prompt(item, tokenizer, image_size, image_settings, "--prompt", os.getcwd())]
+        prompts = [generate.parse_prompt(item, fmt, "--prompt", os.getcwd())]
     else:
-        prompts = generate.read_prompts(args.prompts, tokenizer, image_size, image_settings)
+        prompts = generate.read_prompts(args.prompts, fmt)
     settings = generate.Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, tuple(stop))
     batch = generate.left_pad([p["tokens"] for p in prompts])
-    if image_size:
-        batch.update(generate.pad_images([p["images"] for p in prompts], image_size))
+    if fmt.image_size:
+        batch.update(generate.pad_images([p["images"] for p in prompts], fmt.image_size))
     elif any(p["images"] for p in prompts):
         raise UserError(f"the {config.model.name} system takes no images, but a prompt has some.")
     lines = []
@@ -215,7 +224,7 @@ def cmd_generate(argv: list[str]) -> int:
         row = [int(t) for t in row if t != generate.PAD]
         lines.append({"tokens": row})
         if tokenizer is not None:
-            lines[-1]["text"] = tokenizer.decode([t for t in row if t not in stop])
+            lines[-1]["text"] = tokenizer.decode([t for t in row if t not in stop])  # without the stop token
     if not args.out:
         for line in lines:
             print(line.get("text", line["tokens"]))

@@ -9,9 +9,12 @@ pass, then one jitted `lax.while_loop` decodes a token per step until every
 row has produced a stop token or `max_new_tokens` tokens. A new token sees
 the same media as the last prompt token (the latest image of its prompt).
 
-A system supports generation by defining `generation_parts(params, batch)`:
-(decoder module, decoder params, media latents or None, prompt media mask
-or None); see `models/lm.py` and `models/flamingo.py`.
+A system supports generation through its `decoding(params, batch, length)`
+(`vlm_jax/models/base.py`): its decoder with a KV cache and the inputs of
+the prompt pass and of each step (Flamingo's media latents and masks,
+LLaVA's image features in place of their placeholders, PaliGemma's prefix
+mask); prompts are rendered with the system's template, image tokens and
+stop tokens (`parse_prompt`).
 """
 
 from __future__ import annotations
@@ -118,20 +121,20 @@ def preprocess_image(data: bytes, size: int, image_settings: Any) -> np.ndarray:
 
 def generate(system: Any, params: Any, batch: dict[str, np.ndarray], settings: Sampling, seed: int = 0) -> np.ndarray:
     """Generated tokens [B, max_new_tokens] for a left-padded prompt batch (`left_pad`, plus `pad_images` for
-    systems with media); steps after a row's stop token hold PAD (-1); the stop token itself is kept."""
-    if not hasattr(system, "generation_parts"):
-        raise UserError(f"the {system.config.model.name} system cannot generate text.")
-    decoder, decoder_params, media, prompt_mask = system.generation_parts(params, batch)
+    systems with images); steps after a row's stop token hold PAD (-1); the stop token itself is kept."""
+    length = batch["tokens"].shape[1] + settings.max_new_tokens
+    d = system.decoding(params, batch, length)
     return np.asarray(
         _decode(
-            _Static(decoder),
+            _Static(d.decoder),
             settings,
-            decoder_params,
+            d.params,
             jnp.asarray(batch["tokens"]),
             jnp.asarray(batch["segment_ids"]),
             jnp.asarray(batch["positions"]),
-            media,
-            prompt_mask,
+            dict(d.prompt_inputs),
+            dict(d.step_inputs),
+            dict(d.cache_inputs),
             jax.random.PRNGKey(seed),
         )
     )
@@ -151,33 +154,27 @@ class _Static:
 
 
 @partial(jax.jit, static_argnums=(0, 1))
-def _decode(static_decoder, settings: Sampling, params, tokens, segment_ids, positions, media, prompt_mask, rng):
+def _decode(
+    static_decoder, settings: Sampling, params, tokens, segment_ids, positions, prompt_inputs, step_inputs,
+    cache_inputs, rng,
+):  # fmt: skip
     decoder = static_decoder.value
     batch, prompt_len = tokens.shape
     total = prompt_len + settings.max_new_tokens
-    step_mask = None if prompt_mask is None else prompt_mask[:, -1:]  # new tokens see the last prompt token's media
 
-    def run(cache, tokens, segment_ids, positions, mask):
+    def run(cache, tokens, segment_ids, positions, inputs):
         logits, variables = decoder.apply(
-            {"params": params, "cache": cache},
-            tokens,
-            segment_ids,
-            positions,
-            media,
-            mask,
-            decode=True,
-            mutable=["cache"],
+            {"params": params, "cache": cache}, tokens, segment_ids, positions, **inputs, decode=True, mutable=["cache"]
         )
         return logits[:, -1], variables["cache"]
 
     # An empty cache of `total` slots: the shapes of an init call, filled with zeros.
-    init_mask = None if prompt_mask is None else jnp.zeros((batch, total, prompt_mask.shape[-1]), bool)
     dummy = jnp.zeros((batch, total), jnp.int32)
     shapes = jax.eval_shape(
-        lambda: decoder.init(jax.random.PRNGKey(0), dummy, dummy, dummy, media, init_mask, decode=True)["cache"]
+        lambda: decoder.init(jax.random.PRNGKey(0), dummy, dummy, dummy, **cache_inputs, decode=True)["cache"]
     )
     cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-    logits, cache = run(cache, tokens, segment_ids, positions, prompt_mask)
+    logits, cache = run(cache, tokens, segment_ids, positions, prompt_inputs)
     stop = jnp.asarray(settings.stop_tokens or (-2,), jnp.int32)
 
     def body(state):
@@ -188,7 +185,7 @@ def _decode(static_decoder, settings: Sampling, params, tokens, segment_ids, pos
         done = done | jnp.isin(token, stop)
         position = position + 1
         ones = jnp.ones((batch, 1), jnp.int32)
-        logits, cache = run(cache, token[:, None], ones, position[:, None], step_mask)
+        logits, cache = run(cache, token[:, None], ones, position[:, None], step_inputs)
         return step + 1, cache, logits, position, done, out, rng
 
     def cond(state):
@@ -201,34 +198,73 @@ def _decode(static_decoder, settings: Sampling, params, tokens, segment_ids, pos
     return jax.lax.while_loop(cond, body, state)[5]
 
 
-def parse_prompt(item: dict, tokenizer: Any, image_size: int, image_settings: Any, where: str, root: str) -> dict:
-    """One prompt {"text": ...} (needs a tokenizer; `<image>` marks an image) or {"input_ids": [...]}, with
-    optional "images" (paths relative to `root`) -> {tokens, images}; `where` names it in error messages."""
+@dataclasses.dataclass(frozen=True)
+class PromptFormat:
+    """How a system's text prompts become ids and its images arrays: the tokenizer, the chat template (None:
+    the text is encoded as written), placeholder ids per image, and the image preprocessing of its data config."""
+
+    tokenizer: Any
+    template: str | None
+    image_tokens: int
+    image_size: int
+    image_settings: Any
+
+    @classmethod
+    def of(cls, system: Any, tokenizer: Any) -> "PromptFormat":
+        """The format of `system` (its config's template, image tokens, image size and preprocessing)."""
+        config = system.config
+        return cls(
+            tokenizer,
+            config.get("data", {}).get("template") or None,
+            system.image_tokens,
+            int(config.model.get("image_size", 0)),
+            config.get("data", {}).get("image", {}),
+        )
+
+
+def parse_prompt(item: dict, fmt: PromptFormat, where: str, root: str) -> dict:
+    """One prompt {"text": ...} or {"input_ids": [...]}, with optional "images" (paths relative to `root`) ->
+    {tokens, images}; `where` names it in error messages.
+
+    A text is rendered by the system's template as the user's turn, ending
+    with the template's generation prompt (`templates.user_prompt`: LLaVA's
+    "USER: <image>\\n{text} ASSISTANT:", Flamingo's document `<s>{text}`);
+    `<image>` marks where each image goes and expands to the system's image
+    tokens. Without a template the text is encoded as written. "input_ids"
+    are used as given."""
     import os
 
-    from data_pipelines import image_ops
+    from data_pipelines import image_ops, templates
 
-    if "input_ids" in item:
-        tokens = [int(i) for i in item["input_ids"]]
-    elif "text" in item:
-        if tokenizer is None:
-            raise UserError(f"{where} has text but no tokenizer is known (give --tokenizer).")
-        tokens = tokenizer.encode(item["text"], add_bos=True)
-    else:
-        raise UserError(f"{where} has neither 'text' nor 'input_ids'.")
     images = []
     for name in item.get("images", []):
         path = os.path.join(root, name)
         if not os.path.isfile(path):
             raise UserError(f"{where}: the image {name} does not exist.")
         try:
-            images.append(preprocess_image(open(path, "rb").read(), image_size, image_settings))
+            images.append(preprocess_image(open(path, "rb").read(), fmt.image_size, fmt.image_settings))
         except image_ops.BadImage as e:
             raise UserError(f"{where}: the image {name} cannot be read ({e.reason}).") from None
+    if "input_ids" in item:
+        tokens = [int(i) for i in item["input_ids"]]
+    elif "text" in item:
+        if fmt.tokenizer is None:
+            raise UserError(f"{where} has text but no tokenizer is known (give --tokenizer).")
+        if fmt.template is None:
+            tokens = fmt.tokenizer.encode(item["text"], add_bos=True)
+        else:
+            try:
+                tokens = templates.user_prompt(
+                    fmt.template, fmt.tokenizer, item["text"], len(images), fmt.image_tokens
+                )
+            except templates.RenderError as e:
+                raise UserError(f"{where}: {e}") from None
+    else:
+        raise UserError(f"{where} has neither 'text' nor 'input_ids'.")
     return {"tokens": tokens, "images": images}
 
 
-def read_prompts(path: str, tokenizer: Any, image_size: int, image_settings: Any) -> list[dict[str, Any]]:
+def read_prompts(path: str, fmt: PromptFormat) -> list[dict[str, Any]]:
     """Prompts from a JSONL file, one `parse_prompt` item per line (image paths relative to the file)."""
     import json
     import os
@@ -243,7 +279,7 @@ def read_prompts(path: str, tokenizer: Any, image_size: int, image_settings: Any
             except json.JSONDecodeError as e:
                 raise UserError(f"{path} line {number} is not JSON ({e.msg}).") from None
             root = os.path.dirname(os.path.abspath(path))
-            prompts.append(parse_prompt(item, tokenizer, image_size, image_settings, f"{path} line {number}", root))
+            prompts.append(parse_prompt(item, fmt, f"{path} line {number}", root))
     if not prompts:
         raise UserError(f"{path} holds no prompts.")
     return prompts

@@ -1,15 +1,18 @@
-"""Generative evaluations of a Flamingo-style system on `vlm-jax data build` folders (and the built-in data).
+"""Generative evaluations of any text-generating system on `vlm-jax data build` folders (and the built-in data).
 
-Each task reads records of one format, builds prompts the way the "flamingo"
-template renders training data, generates greedily (`vlm_jax/generate.py`)
-and scores the continuation:
+Each task reads records of one format, builds prompts the way the system's
+template (`System.template`, with its `image_tokens` per image) renders the
+training data — everything before the first training target —, generates
+greedily (`vlm_jax/generate.py`) until one of the system's stop tokens, and
+scores the continuation. The prompts below are the "flamingo" template's;
+LLaVA's are its chat turns ending in "ASSISTANT:", PaliGemma's its prefix:
 
 | task | records | prompt -> continuation | metrics |
 |---|---|---|---|
 | vqa | llava (first turn; answer = metadata "answer" or the gpt turn) | `<s><image>Question:{q} Short answer:` -> answer | exact match (VQA normalisation), per "question_type" |
 | captions | pairs | `<s><image>` -> caption | CIDEr-D, BLEU-1..4 |
 | grounding | llava with metadata "box" | `<s><image>Question:{q} Short answer:` -> `<ref>..</ref><box>..</box>` | mean IoU, acc@0.5 |
-| fewshot | interleaved with metadata "k", "answer", "candidates", "query_prefix" | the k examples, then `<image>{query_prefix}` -> "[class] word." | accuracy per k (the first candidate word generated) |
+| fewshot | interleaved with metadata "k", "answer", "candidates", "query_prefix" | the k examples, then `<image>{query_prefix}` -> "[class] word." | accuracy per k (the first candidate word generated); interleaved templates only |
 
 `evaluate` runs {task: folder}; a task is one of these kinds or a named
 variant "KIND/NAME" ("fewshot/digits", "fewshot/photos": the few-shot
@@ -35,25 +38,27 @@ from vlm_jax.errors import UserError
 from vlm_jax.evaluators.answers import exact_match, grounding_scores, normalize_answer
 from vlm_jax.evaluators.captioning import caption_scores
 
-EOC = "<|endofchunk|>"
 # Generation budget per task kind: enough for every reference of the built-in data (tests/test_generative_eval.py).
 MAX_NEW_TOKENS = {"vqa": 8, "captions": 64, "grounding": 32, "fewshot": 10}
 
 
 class Generator:
-    """Batched greedy generation for one system, parameters and data config (tokenizer, image preprocessing)."""
+    """Batched greedy generation for one system and its parameters, with the system's template, image tokens
+    and stop tokens and its data config's tokenizer and image preprocessing."""
 
     def __init__(self, system: Any, params: Any, config: Any, batch_size: int = 16, prompt_len: int = 0):
         from data_pipelines.tokenizer import Tokenizer
 
         self.system, self.params = system, params
         self.tokenizer = Tokenizer(config.data.tokenizer)
+        self.template = system.template
+        self.image_tokens = system.image_tokens
         self.image_size = int(config.model.image_size)
         self.image_settings = config.data.get("image", {})
         self.slots = int(config.data.get("max_images", 1))
         self.batch_size = batch_size
         self.prompt_len = prompt_len or int(config.data.seq_len)
-        self.stop = (self.tokenizer.token_id(EOC), self.tokenizer.eos_id)
+        self.stop = system.stop_tokens(self.tokenizer)
 
     def image(self, data: bytes) -> np.ndarray:
         return generate.preprocess_image(data, self.image_size, self.image_settings)
@@ -81,10 +86,8 @@ class Generator:
 
 
 def _prompt_ids(gen: Generator, record: dict) -> list[int]:
-    """The ids the "flamingo" template renders for `record` before its first training target."""
-    rendered = templates.render("flamingo", gen.tokenizer, record, 1)
-    first_target = int(np.argmax(rendered.predict)) if rendered.predict.any() else len(rendered.ids)
-    return [int(i) for i in rendered.ids[:first_target]]
+    """The ids the system's template renders for `record` before its first training target."""
+    return templates.prompt_before_answer(gen.template, gen.tokenizer, record, gen.image_tokens)
 
 
 def question_prompt(gen: Generator, record: dict) -> tuple[dict, str, str]:
@@ -163,12 +166,15 @@ def _image_side(record: dict) -> float:
 
 def fewshot_prompt(gen: Generator, record: dict) -> dict:
     """The episode's examples, then `<image>{query_prefix}` (the query's word follows in training): the template's
-    rendering of the record with the query text cut to its prefix, without the closing `<|endofchunk|></s>`."""
+    rendering of the record with the query text cut to its prefix, without the stop tokens that close it
+    (`<|endofchunk|></s>` in the "flamingo" template)."""
     texts = list(record["texts"])
     last_text = max(i for i, t in enumerate(texts) if t is not None)
     texts[last_text] = record["query_prefix"]
-    rendered = templates.render("flamingo", gen.tokenizer, {"texts": texts, "images": record["images"]}, 1)
-    tokens = [int(i) for i in rendered.ids[:-2]]  # drop <|endofchunk|> and </s>
+    rendered = templates.render(gen.template, gen.tokenizer, {"texts": texts, "images": record["images"]}, gen.image_tokens)
+    tokens = [int(i) for i in rendered.ids]
+    while tokens and tokens[-1] in gen.stop:
+        tokens.pop()
     return gen.prompt(tokens, record["images"])
 
 
@@ -224,6 +230,11 @@ def evaluate(
         if kind not in TASKS or (slash and not variant.strip()):
             raise UserError(
                 f"evaluation task {name!r} is not one of {', '.join(TASKS)} (or KIND/NAME, e.g. 'fewshot/digits')."
+            )
+        if TASKS[kind][0] not in templates.supported_formats(gen.template):
+            raise UserError(
+                f"evaluation task {name!r} reads {TASKS[kind][0]} records, which the {gen.template} template "
+                "cannot render."
             )
     metrics, samples = {}, []
     for name, path in tasks.items():

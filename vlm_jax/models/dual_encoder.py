@@ -30,6 +30,9 @@ LOSSES = ("softmax", "sigmoid")
 class DualEncoder(System):
     """Image and text towers trained so that matching pairs score highest."""
 
+    fusion = "dual_encoder"
+    ignored_batch_keys = {"labels": "class labels are read on the host by the zero-shot evaluation, not by the model"}
+
     def __init__(self, config):
         super().__init__(config)
         m = config.model

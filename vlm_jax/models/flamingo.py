@@ -34,7 +34,7 @@ from vlm_jax.flops import matmul_flops
 from vlm_jax.lm.decoder import DecoderLM, flamingo_layout
 from vlm_jax.lm.gated_xattn import media_mask
 from vlm_jax.models import register
-from vlm_jax.models.base import System
+from vlm_jax.models.base import Decoding, System
 from vlm_jax.models.lm import next_token_loss
 from vlm_jax.nn.layers import DenseGeneral
 
@@ -128,6 +128,8 @@ class FlamingoModel(nn.Module):
 class Flamingo(System):
     """Next-token prediction on packed interleaved rows (batch: tokens, targets, loss_mask, segment_ids, positions,
     images, image_segment_ids)."""
+
+    fusion = "cross_attention"
 
     def __init__(self, config):
         super().__init__(config)
@@ -286,11 +288,19 @@ class Flamingo(System):
             metrics.update(self._baselines)
         return metrics
 
-    def generation_parts(self, params, batch):
-        """For `vlm_jax.generate`: the decoder, its params, the media latents (encoded once) and the prompt's media mask."""
+    def decoding(self, params, batch, length):
+        """For `vlm_jax.generate`: the LM with its media latents (images encoded once), the prompt's media mask,
+        and for each new token the media of the last prompt token (the latest image of its prompt)."""
         latents = self._encode_media({"params": params}, batch["images"])
         mask = self._media_mask({"params": params}, batch["tokens"], batch["segment_ids"], batch["image_segment_ids"])
-        return self.module.decoder, params["decoder"], latents, mask
+        empty = jnp.zeros((mask.shape[0], length, mask.shape[-1]), bool)
+        return Decoding(
+            self.module.decoder,
+            params["decoder"],
+            prompt_inputs={"media": latents, "media_mask": mask},
+            step_inputs={"media": latents, "media_mask": mask[:, -1:]},
+            cache_inputs={"media": latents, "media_mask": empty},
+        )
 
     @functools.cached_property
     def _encode_media(self):

@@ -10,11 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from data_pipelines import templates
 from vlm_jax.config_lib import ConfigError
 from vlm_jax.errors import UserError
 from vlm_jax.lm.decoder import DecoderLM
 from vlm_jax.models import register
-from vlm_jax.models.base import System
+from vlm_jax.models.base import Decoding, System
 
 
 def next_token_loss(logits: jax.Array, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array, dict]:
@@ -30,8 +31,15 @@ class LanguageModel(System):
     """Next-token prediction on packed token rows (batch keys: tokens, targets, loss_mask, segment_ids, positions).
 
     `model.image_tokens` (placeholder tokens per media slot) is read by the data
-    pipeline; the LM itself treats placeholders as ordinary tokens.
+    pipeline; the LM itself treats placeholders as ordinary tokens and reads no
+    image (`ignored_batch_keys`). A template with a prefix-LM mask (PaliGemma's)
+    gives the batch a `prefix_mask`, which the LM follows.
     """
+
+    ignored_batch_keys = {
+        "images": "a language model reads the text of image-text rows only",
+        "image_segment_ids": "a language model reads the text of image-text rows only",
+    }
 
     def __init__(self, config):
         super().__init__(config)
@@ -43,23 +51,31 @@ class LanguageModel(System):
             )
         self.module = DecoderLM(**{k: v for k, v in config.model.items() if k in fields})
         self.seq_len = int(config.data.seq_len)
+        template = config.data.get("template")
+        self.prefix_lm = bool(template) and templates.uses_prefix_mask(template)
 
     def dummy_batch(self, batch_size: int) -> dict[str, np.ndarray]:
         shape = (batch_size, self.seq_len)
-        return {
+        batch = {
             "tokens": np.zeros(shape, np.int32),
             "targets": np.zeros(shape, np.int32),
             "loss_mask": np.zeros(shape, np.float32),
             "segment_ids": np.ones(shape, np.int32),
             "positions": np.broadcast_to(np.arange(self.seq_len, dtype=np.int32), shape).copy(),
         }
+        if self.prefix_lm:
+            batch["prefix_mask"] = np.zeros(shape, bool)
+        return batch
 
     def init(self, rng, batch):
         return self.module.init(rng, batch["tokens"], batch["segment_ids"], batch["positions"])["params"]
 
     def logits(self, params: Any, batch: dict[str, jax.Array]) -> jax.Array:
-        """[B, L, vocab] float32 logits."""
-        return self.module.apply({"params": params}, batch["tokens"], batch["segment_ids"], batch["positions"])
+        """[B, L, vocab] float32 logits (prefix-LM attention where the batch has a `prefix_mask`)."""
+        tokens, segment_ids, positions = batch["tokens"], batch["segment_ids"], batch["positions"]
+        if "prefix_mask" in batch:
+            return self.module.apply({"params": params}, tokens, segment_ids, positions, prefix_mask=batch["prefix_mask"])
+        return self.module.apply({"params": params}, tokens, segment_ids, positions)
 
     def loss(self, params, batch):
         return next_token_loss(self.logits(params, batch), batch)
@@ -78,9 +94,13 @@ class LanguageModel(System):
         forward_per_token = 2 * matmul_params + attention_scores
         return 3.0 * forward_per_token * length
 
-    def generation_parts(self, params, batch):
-        """For `vlm_jax.generate`: the decoder and its params (no media)."""
-        return self.module, params, None, None
+    def decoding(self, params, batch, length):
+        """For `vlm_jax.generate`: the decoder and its params; a prefix-LM sees its whole prompt as the prefix."""
+        if not self.prefix_lm:
+            return Decoding(self.module, params)
+        prefix = np.asarray(batch["segment_ids"]) > 0
+        empty = np.zeros((prefix.shape[0], length), bool)
+        return Decoding(self.module, params, {"prefix_mask": prefix}, {}, {"prefix_mask": empty})
 
     def tokens_in(self, batch):
         return int(np.count_nonzero(batch["segment_ids"]))

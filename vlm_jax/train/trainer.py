@@ -60,6 +60,7 @@ class Trainer:
         self.system = models.build(config)
         self.freeze = list(config.optim.get("freeze", ()))
         self.accum = int(config.get("grad_accum_steps", 1))
+        self._told_ignored = False  # put_batch names the ignored batch keys once
 
         init_batch = self.system.dummy_batch(1)
         boxed = jax.eval_shape(self.system.init, jax.random.key(0), init_batch)
@@ -102,8 +103,10 @@ class Trainer:
     def put_batch(self, host_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """This process's rows -> global arrays sharded over the data-parallel axes.
 
-        Only the keys the system uses are sent to the devices (an LM trained on
-        image-text rows ignores the images).
+        Only the keys the system reads (its `dummy_batch`) are sent to the devices.
+        A key the system does not read is an error unless the system documents
+        it as ignored (`System.ignored_batch_keys`: an LM trained on image-text
+        rows ignores the images), which is said once on stderr.
         """
         missing = [k for k in self.batch_shardings if k not in host_batch]
         if missing:
@@ -111,6 +114,17 @@ class Trainer:
                 f"the data pipeline {self.config.data.name!r} yields no {', '.join(missing)}, "
                 f"which model {self.config.model.name!r} needs."
             )
+        extra = sorted(set(host_batch) - set(self.batch_shardings))
+        unused = [k for k in extra if k not in self.system.ignored_batch_keys]
+        if unused:
+            raise config_lib.ConfigError(
+                f"the data pipeline yields {', '.join(unused)}, which model {self.config.model.name!r} does not "
+                "read; change the data config (e.g. its template) or the model."
+            )
+        if extra and not self._told_ignored:
+            self._told_ignored = True
+            reasons = "; ".join(f"{k}: {self.system.ignored_batch_keys[k]}" for k in extra)
+            print(f"Note: the batches' {', '.join(extra)} are not sent to the model ({reasons}).", file=sys.stderr)
         return {k: jax.make_array_from_process_local_data(s, host_batch[k]) for k, s in self.batch_shardings.items()}
 
     def _loss_and_grads(self, trainable, frozen, batch):
