@@ -22,15 +22,22 @@ learned position embeddings are resampled bicubically as transformers'
 
 from __future__ import annotations
 
-import glob
-import json
 import math
-import os
 from typing import Any
 
 import numpy as np
 
 from vlm_jax.errors import UserError
+from vlm_jax.interop import register_converter, system_config
+from vlm_jax.interop.tensors import (
+    Tensors,
+    heads_bias,
+    heads_kernel,
+    out_kernel,
+    read_config,
+    read_safetensors,
+    stack_layers,
+)
 
 _ACTS = {
     "quick_gelu": "quick_gelu",
@@ -107,54 +114,7 @@ _MODEL_TYPES = {
 
 
 # ---------------------------------------------------------------------------------------------
-# Files.
-
-
-def _read_config(path: str) -> dict:
-    if not os.path.isdir(path):
-        raise UserError(
-            f"{path!r} is not a directory; give a Hugging Face model directory (config.json + *.safetensors)."
-        )
-    cfg_path = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg_path):
-        raise UserError(f"{path!r} has no config.json, so it is not a Hugging Face model directory.")
-    try:
-        with open(cfg_path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{cfg_path!r} is not valid JSON ({e}).") from None
-
-
-def _read_tensors(path: str) -> dict[str, np.ndarray]:
-    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-    if not files:
-        raise UserError(
-            f"{path!r} has no *.safetensors file (PyTorch .bin checkpoints are not read; re-save with safetensors)."
-        )
-    from safetensors.numpy import load_file
-
-    tensors: dict[str, np.ndarray] = {}
-    for name in files:
-        try:
-            tensors.update(load_file(name))
-        except Exception as e:  # noqa: BLE001 - corrupt file or a dtype numpy lacks
-            raise UserError(f"cannot read {name!r} with safetensors ({type(e).__name__}: {e}).") from None
-    return tensors
-
-
-class _Tensors:
-    """Checkpoint tensors with a key prefix; a missing key is a UserError naming it."""
-
-    def __init__(self, tensors: dict[str, np.ndarray], prefix: str, where: str):
-        self.tensors, self.prefix, self.where = tensors, prefix, where
-
-    def __call__(self, key: str) -> np.ndarray:
-        full = self.prefix + key
-        if full not in self.tensors:
-            raise UserError(
-                f"the checkpoint in {self.where!r} lacks tensor {full!r} (absent or tied weights are not supported here)."
-            )
-        return np.asarray(self.tensors[full], dtype=np.float32)
+# Key prefixes.
 
 
 def _find_prefix(tensors: dict, suffix: str, prefer: str, what: str, where: str) -> str:
@@ -171,29 +131,25 @@ def _find_prefix(tensors: dict, suffix: str, prefer: str, what: str, where: str)
 # Weight layouts.
 
 
-def _linear(t: _Tensors, name: str, bias: bool = True) -> dict:
+def _linear(t: Tensors, name: str, bias: bool = True) -> dict:
     out = {"kernel": t(name + ".weight").T}
     if bias:
         out["bias"] = t(name + ".bias")
     return out
 
 
-def _norm(t: _Tensors, name: str) -> dict:
+def _norm(t: Tensors, name: str) -> dict:
     return {"scale": t(name + ".weight"), "bias": t(name + ".bias")}
 
 
 def _attn_from_qkv(w: dict[str, np.ndarray], b: dict[str, np.ndarray], wo, bo, heads: int) -> dict:
     """Torch-layout q/k/v/out weights ([out, in]) -> DenseGeneral kernels with (heads, head_dim) axes."""
-    width = wo.shape[0]
-    hd = width // heads
-    out = {}
-    for name in ("query", "key", "value"):
-        out[name] = {"kernel": w[name].T.reshape(width, heads, hd), "bias": b[name].reshape(heads, hd)}
-    out["out"] = {"kernel": wo.T.reshape(heads, hd, width), "bias": bo}
+    out = {name: {"kernel": heads_kernel(w[name], heads), "bias": heads_bias(b[name], heads)} for name in w}
+    out["out"] = {"kernel": out_kernel(wo, heads), "bias": bo}
     return out
 
 
-def _layer(t: _Tensors, i: int, heads: int) -> dict:
+def _layer(t: Tensors, i: int, heads: int) -> dict:
     p = f"encoder.layers.{i}."
     names = {"query": "q_proj", "key": "k_proj", "value": "v_proj"}
     w = {k: t(f"{p}self_attn.{v}.weight") for k, v in names.items()}
@@ -204,12 +160,6 @@ def _layer(t: _Tensors, i: int, heads: int) -> dict:
         "mlp_norm": _norm(t, p + "layer_norm2"),
         "mlp": {"fc1": _linear(t, p + "mlp.fc1"), "fc2": _linear(t, p + "mlp.fc2")},
     }
-
-
-def _stack(layers: list[dict]) -> dict:
-    import jax
-
-    return jax.tree.map(lambda *xs: np.stack(xs), *layers)
 
 
 def _sub_config(cfg: dict, key: str, defaults: dict, flat_ok: bool) -> dict:
@@ -231,7 +181,13 @@ def _act(name: str) -> str:
 # Towers.
 
 
-def _vision(family: str, vc: dict, t: _Tensors, where: str) -> tuple[dict, dict]:
+def vision_tower(family: str, vc: dict, t: Tensors, where: str) -> tuple[dict, dict]:
+    """(ViT kwargs, params) of a CLIP (`family` "clip") or SigLIP ("siglip") vision tower.
+
+    `vc` is the vision config in transformers' CLIP key names (`hidden_size`,
+    `patch_size`, ...), `t` reads the tower's tensors (`embeddings.*`,
+    `encoder.layers.*`, ...) and `where` names the checkpoint in errors.
+    """
     width, heads, p = vc["hidden_size"], vc["num_attention_heads"], vc["patch_size"]
     if vc.get("num_channels", 3) != 3:
         raise UserError(
@@ -292,12 +248,12 @@ def _vision(family: str, vc: dict, t: _Tensors, where: str) -> tuple[dict, dict]
                 "norm": _norm(t, "head.layernorm"),
                 "mlp": {"fc1": _linear(t, "head.mlp.fc1"), "fc2": _linear(t, "head.mlp.fc2")},
             }
-    params["layers"] = _stack([_layer(t, i, heads) for i in range(vc["num_hidden_layers"])])
+    params["layers"] = stack_layers([_layer(t, i, heads) for i in range(vc["num_hidden_layers"])])
     params["final_norm"] = _norm(t, "post_layernorm")
     return kwargs, params
 
 
-def _text(family: str, tc: dict, t: _Tensors) -> tuple[dict, dict]:
+def _text(family: str, tc: dict, t: Tensors) -> tuple[dict, dict]:
     kwargs = dict(
         vocab_size=tc["vocab_size"],
         width=tc["hidden_size"],
@@ -313,7 +269,7 @@ def _text(family: str, tc: dict, t: _Tensors) -> tuple[dict, dict]:
     params: dict[str, Any] = {
         "token_embed": {"embedding": t("embeddings.token_embedding.weight")},
         "pos_embedding": t("embeddings.position_embedding.weight"),
-        "layers": _stack([_layer(t, i, tc["num_attention_heads"]) for i in range(tc["num_hidden_layers"])]),
+        "layers": stack_layers([_layer(t, i, tc["num_attention_heads"]) for i in range(tc["num_hidden_layers"])]),
         "final_norm": _norm(t, "final_layer_norm"),
     }
     if family == "clip":
@@ -339,15 +295,15 @@ def _classify(cfg: dict, path: str) -> tuple[str, str, str]:
 
 def load_hf_dir(path: str) -> tuple[str, dict, dict]:
     """(kind, module kwargs, params) of a transformers CLIP/SigLIP directory; kind is "two_tower" or "vit"."""
-    cfg = _read_config(path)
+    cfg = read_config(path)
     arch, family, kind = _classify(cfg, path)
-    tensors = _read_tensors(path)
+    tensors = read_safetensors(path)
     vdef, tdef = (_CLIP_VISION, _CLIP_TEXT) if family == "clip" else (_SIGLIP_VISION, _SIGLIP_TEXT)
 
     vc = _sub_config(cfg, "vision_config", vdef, flat_ok=kind == "vit")
     vprefix = _find_prefix(tensors, "embeddings.patch_embedding.weight", "vision_model.", "vision tower", path)
-    vkwargs, vparams = _vision(family, vc, _Tensors(tensors, vprefix, path), path)
-    top = _Tensors(tensors, "", path)
+    vkwargs, vparams = vision_tower(family, vc, Tensors(tensors, vprefix, path), path)
+    top = Tensors(tensors, "", path)
 
     if kind == "vit":
         if arch == "CLIPVisionModelWithProjection":
@@ -357,7 +313,7 @@ def load_hf_dir(path: str) -> tuple[str, dict, dict]:
 
     tc = _sub_config(cfg, "text_config", tdef, flat_ok=False)
     tprefix = _find_prefix(tensors, "embeddings.token_embedding.weight", "text_model.", "text tower", path)
-    tkwargs, tparams = _text(family, tc, _Tensors(tensors, tprefix, path))
+    tkwargs, tparams = _text(family, tc, Tensors(tensors, tprefix, path))
     params: dict[str, Any] = {"image_encoder": vparams, "text_encoder": tparams}
     if family == "clip":
         embed_dim = int(cfg.get("projection_dim", 512))
@@ -393,6 +349,29 @@ def load_hf_dir(path: str) -> tuple[str, dict, dict]:
     return kind, kwargs, params
 
 
+@register_converter(*_ARCHS, *(f"model_type:{m}" for m in _MODEL_TYPES))
+def convert_clip_dir(path: str, raw: dict) -> tuple[Any, dict]:
+    """(system config, params) of a CLIP/SigLIP directory: a `vision_encoder` (ViT) or a `dual_encoder`."""
+    del raw  # load_hf_dir reads config.json itself
+    kind, kwargs, params = load_hf_dir(path)
+    if kind == "vit":
+        return system_config(path, dict(name="vision_encoder", encoder="vit", kwargs=kwargs)), params
+    siglip = kwargs.get("logit_bias_init") is not None
+    model = dict(
+        name="dual_encoder",
+        loss="sigmoid" if siglip else "softmax",
+        chunked_loss=True,
+        projection=kwargs["projection"],
+        embed_dim=kwargs["embed_dim"],
+        # The converted scale and bias are in the params; the inits only matter for new training.
+        logit_scale_init=float(kwargs.get("logit_scale_init", math.log(1 / 0.07))),
+        logit_bias_init=kwargs.get("logit_bias_init"),
+        vision=kwargs["vision"],
+        text=kwargs["text"],
+    )
+    return system_config(path, model), params
+
+
 def build(path: str) -> tuple[Any, dict]:
     """(flax module, params) of a transformers CLIP/SigLIP directory."""
     kind, kwargs, params = load_hf_dir(path)
@@ -405,4 +384,4 @@ def build(path: str) -> tuple[Any, dict]:
     return TwoTower(**kwargs), params
 
 
-__all__ = ["load_hf_dir", "build"]
+__all__ = ["load_hf_dir", "build", "convert_clip_dir", "vision_tower"]

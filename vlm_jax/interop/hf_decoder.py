@@ -15,7 +15,10 @@ import jax
 import numpy as np
 
 from vlm_jax.errors import UserError
-from vlm_jax.interop.hf_clip import _read_config, _read_tensors, _Tensors
+from vlm_jax.interop import register_converter, system_config
+from vlm_jax.interop.tensors import Tensors as _Tensors
+from vlm_jax.interop.tensors import read_config as _read_config
+from vlm_jax.interop.tensors import read_safetensors as _read_tensors
 
 ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "GemmaForCausalLM", "MptForCausalLM")
 
@@ -168,3 +171,11 @@ def _load_mpt(path: str, cfg: dict) -> tuple[dict, dict]:
     if not tied:
         params["lm_head"] = {"kernel": _Tensors(t.tensors, "", path)("lm_head.weight").T}
     return kwargs, params
+
+
+@register_converter(*ARCHITECTURES)
+def convert_decoder_dir(path: str, raw: dict) -> tuple:
+    """(system config, params) of a decoder-LM directory: the `lm` system."""
+    del raw  # load_decoder_dir reads config.json itself
+    kwargs, params = load_decoder_dir(path)
+    return system_config(path, dict(name="lm", **kwargs), {"seq_len": 8}), params

@@ -21,14 +21,16 @@ from typing import Any
 import numpy as np
 
 from vlm_jax.errors import UserError
-from vlm_jax.interop.hf_clip import _read_config, _read_tensors, _stack, _Tensors, _vision
+from vlm_jax.interop import register_converter, system_config
+from vlm_jax.interop.hf_clip import vision_tower
+from vlm_jax.interop.tensors import Tensors, heads_kernel, out_kernel, read_config, read_safetensors, stack_layers
 from vlm_jax.lm.decoder import flamingo_layout
 
 ARCHITECTURE = "IdeficsForVisionText2Text"
 
 
 def _vision_config(vc: dict) -> dict:
-    """IDEFICS's vision config in the CLIP key names `hf_clip._vision` reads."""
+    """IDEFICS's vision config in the CLIP key names `hf_clip.vision_tower` reads."""
     return dict(
         hidden_size=int(vc.get("embed_dim", 768)),
         intermediate_size=int(vc.get("intermediate_size", 5120)),
@@ -42,21 +44,11 @@ def _vision_config(vc: dict) -> dict:
     )
 
 
-def _heads(kernel_t: np.ndarray, heads: int) -> np.ndarray:
-    """A torch [heads*head_dim, in] projection -> DenseGeneral kernel [in, heads, head_dim]."""
-    return kernel_t.T.reshape(kernel_t.shape[1], heads, -1)
-
-
-def _out(kernel_t: np.ndarray, heads: int) -> np.ndarray:
-    """A torch [out, heads*head_dim] projection -> DenseGeneral kernel [heads, head_dim, out]."""
-    return kernel_t.T.reshape(heads, -1, kernel_t.shape[0])
-
-
-def _swiglu(t: _Tensors, p: str) -> dict:
+def _swiglu(t: Tensors, p: str) -> dict:
     return {name: {"kernel": t(f"{p}.{name}_proj.weight").T} for name in ("gate", "up", "down")}
 
 
-def _perceiver(t: _Tensors, pc: dict, depth: int) -> tuple[dict, dict]:
+def _perceiver(t: Tensors, pc: dict, depth: int) -> tuple[dict, dict]:
     heads, qk_norm = int(pc.get("resampler_n_heads", 16)), bool(pc.get("qk_layer_norms_perceiver", False))
 
     def layer(d: int) -> dict:
@@ -65,10 +57,10 @@ def _perceiver(t: _Tensors, pc: dict, depth: int) -> tuple[dict, dict]:
         out = {
             "norm_media": norm(a + "context_layer_norm"),
             "norm_latents": norm(a + "latents_layer_norm"),
-            "query": {"kernel": _heads(t(a + "q_proj.weight"), heads)},
-            "key": {"kernel": _heads(t(a + "k_proj.weight"), heads)},
-            "value": {"kernel": _heads(t(a + "v_proj.weight"), heads)},
-            "out": {"kernel": _out(t(a + "output_proj.weight"), heads)},
+            "query": {"kernel": heads_kernel(t(a + "q_proj.weight"), heads)},
+            "key": {"kernel": heads_kernel(t(a + "k_proj.weight"), heads)},
+            "value": {"kernel": heads_kernel(t(a + "v_proj.weight"), heads)},
+            "out": {"kernel": out_kernel(t(a + "output_proj.weight"), heads)},
             "ff_norm": norm(f + "ln"),
             "ff_in": {"kernel": t(f + "fc.weight").T},
             "ff_out": {"kernel": t(f + "c_proj.weight").T},
@@ -87,7 +79,7 @@ def _perceiver(t: _Tensors, pc: dict, depth: int) -> tuple[dict, dict]:
     )
     params = {
         "latents": t("latents"),
-        "layers": _stack([layer(d) for d in range(depth)]),
+        "layers": stack_layers([layer(d) for d in range(depth)]),
         "norm": {"scale": t("layer_norm.weight"), "bias": t("layer_norm.bias")},
     }
     return kwargs, params
@@ -95,7 +87,7 @@ def _perceiver(t: _Tensors, pc: dict, depth: int) -> tuple[dict, dict]:
 
 def load_idefics_dir(path: str) -> tuple[dict, dict]:
     """(flamingo `config.model` dict, params) of an `IdeficsForVisionText2Text` directory."""
-    cfg = _read_config(path)
+    cfg = read_config(path)
     if ARCHITECTURE not in cfg.get("architectures", []):
         raise UserError(f"{path}: architectures {cfg.get('architectures')} do not include {ARCHITECTURE}.")
     if cfg.get("tie_word_embeddings"):
@@ -105,8 +97,8 @@ def load_idefics_dir(path: str) -> tuple[dict, dict]:
         raise UserError(f"{path}: RoPE scaling {rope.get('rope_type')!r} is not supported (only plain RoPE).")
     if cfg.get("hidden_act", "silu") != "silu":
         raise UserError(f"{path}: IDEFICS hidden_act {cfg.get('hidden_act')!r} is not supported (only silu).")
-    tensors = _read_tensors(path)
-    t = _Tensors(tensors, "model.", path)
+    tensors = read_safetensors(path)
+    t = Tensors(tensors, "model.", path)
     width, heads, layers = int(cfg["hidden_size"]), int(cfg["num_attention_heads"]), int(cfg["num_hidden_layers"])
     every, eps = int(cfg.get("cross_layer_interval", 1)), float(cfg.get("rms_norm_eps", 1e-6))
     if layers % every:
@@ -117,14 +109,14 @@ def load_idefics_dir(path: str) -> tuple[dict, dict]:
         raise UserError(f"{path}: alpha_type {cfg.get('alpha_type')!r} is not 'float' or 'vector'.")
     qk_norm = bool(cfg.get("qk_layer_norms", False))
 
-    vision_kwargs, vision_params = _vision(
-        "clip", _vision_config(cfg.get("vision_config") or {}), _Tensors(tensors, "model.vision_model.", path), path
+    vision_kwargs, vision_params = vision_tower(
+        "clip", _vision_config(cfg.get("vision_config") or {}), Tensors(tensors, "model.vision_model.", path), path
     )
     resampler, perceiver_params = None, None
     if cfg.get("use_resampler", False):
         pc = cfg.get("perceiver_config") or {}
         resampler, perceiver_params = _perceiver(
-            _Tensors(tensors, "model.perceiver_resampler.", path), pc, int(pc.get("resampler_depth", 6))
+            Tensors(tensors, "model.perceiver_resampler.", path), pc, int(pc.get("resampler_depth", 6))
         )
 
     def self_attention_layer(i: int) -> dict:
@@ -133,10 +125,10 @@ def load_idefics_dir(path: str) -> tuple[dict, dict]:
             "attn_norm": {"scale": t(p + "input_layernorm.weight")},
             "mlp_norm": {"scale": t(p + "post_attention_layernorm.weight")},
             "attn": {
-                "query": {"kernel": _heads(t(p + "self_attn.q_proj.weight"), heads)},
-                "key": {"kernel": _heads(t(p + "self_attn.k_proj.weight"), heads)},
-                "value": {"kernel": _heads(t(p + "self_attn.v_proj.weight"), heads)},
-                "out": {"kernel": _out(t(p + "self_attn.o_proj.weight"), heads)},
+                "query": {"kernel": heads_kernel(t(p + "self_attn.q_proj.weight"), heads)},
+                "key": {"kernel": heads_kernel(t(p + "self_attn.k_proj.weight"), heads)},
+                "value": {"kernel": heads_kernel(t(p + "self_attn.v_proj.weight"), heads)},
+                "out": {"kernel": out_kernel(t(p + "self_attn.o_proj.weight"), heads)},
             },
             "mlp": _swiglu(t, p + "mlp"),
         }
@@ -148,10 +140,10 @@ def load_idefics_dir(path: str) -> tuple[dict, dict]:
             "attn_gate": gate(t(p + "alpha_cross_attn")),
             "ff_gate": gate(t(p + "alpha_dense")),
             "norm": {"scale": t(p + "input_layernorm.weight")},
-            "query": {"kernel": _heads(t(p + "cross_attn.q_proj.weight"), heads)},
-            "key": {"kernel": _heads(t(p + "cross_attn.k_proj.weight"), heads)},
-            "value": {"kernel": _heads(t(p + "cross_attn.v_proj.weight"), heads)},
-            "out": {"kernel": _out(t(p + "cross_attn.o_proj.weight"), heads)},
+            "query": {"kernel": heads_kernel(t(p + "cross_attn.q_proj.weight"), heads)},
+            "key": {"kernel": heads_kernel(t(p + "cross_attn.k_proj.weight"), heads)},
+            "value": {"kernel": heads_kernel(t(p + "cross_attn.v_proj.weight"), heads)},
+            "out": {"kernel": out_kernel(t(p + "cross_attn.o_proj.weight"), heads)},
             "ff_norm": {"scale": t(p + "post_attention_layernorm.weight")},
             "ff": _swiglu(t, p + "mlp"),
         }
@@ -160,17 +152,17 @@ def load_idefics_dir(path: str) -> tuple[dict, dict]:
             out["key_norm"] = {"scale": t(p + "cross_attn.k_layer_norm.weight")}
         return out
 
-    stacked = _stack([self_attention_layer(i) for i in range(layers)])
+    stacked = stack_layers([self_attention_layer(i) for i in range(layers)])
     rows = [t("embed_tokens.weight")] + ([t("embed_tokens.additional_embedding.weight")] if extra else [])
     decoder: dict[str, Any] = {
         "embed": {"embedding": np.concatenate(rows)},
         "layer_groups": {
-            "xattn": _stack([cross_attention_layer(j) for j in range(layers // every)]),
+            "xattn": stack_layers([cross_attention_layer(j) for j in range(layers // every)]),
             "layers": flamingo_layout(stacked, every),
         },
         "final_norm": {"scale": t("norm.weight")},
     }
-    head = _Tensors(tensors, "lm_head.", path)
+    head = Tensors(tensors, "lm_head.", path)
     decoder["lm_head"] = {
         "kernel": np.concatenate([head("weight")] + ([head("additional_fc.weight")] if extra else [])).T
     }
@@ -213,3 +205,11 @@ def load_idefics_dir(path: str) -> tuple[dict, dict]:
     if perceiver_params is not None:
         params["perceiver"] = perceiver_params
     return model, params
+
+
+@register_converter(ARCHITECTURE)
+def convert_idefics_dir(path: str, raw: dict) -> tuple:
+    """(system config, params) of an `IdeficsForVisionText2Text` directory: the `flamingo` system."""
+    del raw  # load_idefics_dir reads config.json itself
+    model, params = load_idefics_dir(path)
+    return system_config(path, model, {"seq_len": 8, "max_images": 1}), params

@@ -15,7 +15,6 @@ normalisation itself.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from typing import Any
@@ -23,6 +22,8 @@ from typing import Any
 import numpy as np
 
 from vlm_jax.errors import UserError
+from vlm_jax.interop import register_converter, system_config
+from vlm_jax.interop.tensors import read_config, read_safetensors
 
 _ARCH = re.compile(r"^dm_nfnet_f([0-6])$")
 # timm `model_args` keys and the NFNet field each maps to (None: accepted, no effect on the forward pass).
@@ -75,18 +76,7 @@ def _read(path: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     for f in (config_path, weights_path):
         if not os.path.isfile(f):
             raise UserError(f"{path!r} is not a timm model directory: {os.path.basename(f)} is missing.")
-    try:
-        with open(config_path, encoding="utf-8") as fh:
-            config = json.load(fh)
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"cannot read {config_path!r} as JSON ({e}).") from e
-    from safetensors.numpy import load_file
-
-    try:
-        sd = load_file(weights_path)
-    except Exception as e:  # safetensors raises its own error types for corrupt files
-        raise UserError(f"cannot read {weights_path!r} as safetensors ({e}).") from e
-    return config, {k: np.asarray(v, np.float32) for k, v in sd.items()}
+    return read_config(path), {k: np.asarray(v, np.float32) for k, v in read_safetensors(path).items()}
 
 
 def load_timm_nfnet(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -161,3 +151,11 @@ def _convert(sd: dict[str, np.ndarray], kwargs: dict[str, Any]) -> dict[str, Any
     kwargs["final_width"] = int(params["final_conv"]["bias"].shape[0])
     kwargs["group_size"] = int(params["stage0_block0"]["conv2"]["kernel"].shape[2])
     return params
+
+
+@register_converter(*(f"timm:dm_nfnet_f{i}" for i in range(7)))
+def convert_timm_nfnet_dir(path: str, raw: dict) -> tuple:
+    """(system config, params) of a timm `dm_nfnet_f*` directory: a `vision_encoder` (NFNet)."""
+    kwargs, params = load_timm_nfnet(path)
+    size = int(raw.get("pretrained_cfg", {}).get("input_size", [3, 224, 224])[-1])
+    return system_config(path, dict(name="vision_encoder", encoder="nfnet", kwargs=kwargs, image_size=size)), params
