@@ -14,6 +14,8 @@ import io
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
 
+from vlm_jax.errors import UserError
+
 DEFAULT_MAX_PIXELS = 8192 * 8192
 SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 # Leading bytes of the supported formats: a file that starts like one of them but cannot be read is corrupt,
@@ -320,6 +322,48 @@ def anyres_tiles(image: np.ndarray, grid_pinpoints, patch_size: int, method: str
         for c in range(0, target_w, patch_size)
     ]
     return [resize(image, patch_size, patch_size, method)] + patches
+
+
+def anyres_unpadded_grid(
+    height: int, width: int, grid_pinpoints, tile_size: int, tokens_per_side: int
+) -> tuple[int, int]:
+    """(rows, cols) of LLaVA-NeXT's feature grid for a `height` x `width` image, once the padding is cut off.
+
+    The `anyres_tiles` patches give a grid of (pinpoint_h / tile_size) x (pinpoint_w / tile_size) tiles of
+    `tokens_per_side`^2 features (tile_size // the encoder's patch size); laid side by side that is a
+    feature grid of the padded canvas. LLaVA-NeXT (`unpad_image` in transformers) then drops the rows (or
+    columns) that only cover the black padding: the image spans `size * grid / original` features along its
+    shorter relative side (rounded to 7 decimals, then truncated, as transformers does), and the padding,
+    split evenly, is cut from both ends.
+    """
+    if height < 1 or width < 1 or tile_size < 1 or tokens_per_side < 1:
+        raise UserError(
+            f"AnyRes needs a positive image size, tile size and tokens per side, "
+            f"not {height}x{width}, {tile_size}, {tokens_per_side}."
+        )
+    best_h, best_w = select_best_resolution((height, width), grid_pinpoints)
+    if best_h % tile_size or best_w % tile_size:
+        raise UserError(f"pinpoint {best_h}x{best_w} is not a multiple of tile_size={tile_size}.")
+    rows, cols = best_h // tile_size * tokens_per_side, best_w // tile_size * tokens_per_side
+    if width / height > cols / rows:  # wider than the grid: padded above and below
+        covered = int(round(height * cols / width, 7))
+        rows -= (rows - covered) // 2 * 2
+    else:  # padded left and right (or not at all)
+        covered = int(round(width * rows / height, 7))
+        cols -= (cols - covered) // 2 * 2
+    return rows, cols
+
+
+def anyres_feature_count(height: int, width: int, grid_pinpoints, tile_size: int, tokens_per_side: int) -> int:
+    """How many image features (and `<image>` placeholders) LLaVA-NeXT places for one `height` x `width` image.
+
+    The base view's `tokens_per_side`^2 features, then the unpadded grid (`anyres_unpadded_grid`) with one
+    `image_newline` feature after each of its rows: base + rows * cols + rows. This is the count of
+    transformers' LlavaNextProcessor for features without a class token (vision_feature_select_strategy
+    "default" drops CLIP's; "full" on an encoder that has none, such as SigLIP).
+    """
+    rows, cols = anyres_unpadded_grid(height, width, grid_pinpoints, tile_size, tokens_per_side)
+    return tokens_per_side * tokens_per_side + rows * cols + rows
 
 
 # ----------------------------------------------------------------------------------------------------- video

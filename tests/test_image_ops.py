@@ -15,6 +15,7 @@ from PIL import Image
 
 from data_pipelines import image_ops
 from data_pipelines.image_ops import BadImage
+from vlm_jax.errors import UserError
 
 
 def encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
@@ -529,6 +530,106 @@ def test_anyres_layout_base_first_and_black_padding():
         np.testing.assert_array_equal(patch[36:], 0)
     with pytest.raises(ValueError):
         image_ops.anyres_tiles(image, [[50, 100]], 48)
+
+
+# Real photos (scikit-image's bundled data) cropped to awkward sizes: (photo, top, left, height, width).
+PHOTO_CROPS = [
+    ("coffee", 20, 40, 333, 517),
+    ("rocket", 150, 100, 97, 401),
+    ("hubble_deep_field", 100, 500, 640, 95),
+    ("astronaut", 0, 100, 511, 263),
+    ("chelsea", 0, 0, 300, 451),
+    ("retina", 200, 300, 1000, 333),
+    ("colorwheel", 0, 0, 370, 371),
+    ("astronaut", 250, 250, 21, 37),
+]
+PHOTO_IDS = [f"{name}-{h}x{w}" for name, _, _, h, w in PHOTO_CROPS]
+
+
+def photo_crop(name, top, left, h, w):
+    import skimage.data
+
+    photo = getattr(skimage.data, name)()[top : top + h, left : left + w]
+    assert photo.shape == (h, w, 3) and photo.dtype == np.uint8
+    return np.ascontiguousarray(photo)
+
+
+def llava_next_processor(pinpoints, tile, patch, strategy, extra_tokens):
+    """transformers' LlavaNextProcessor with a one-word tokenizer built in memory (no download)."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    words = Tokenizer(models.WordLevel({"<unk>": 0, "describe": 1}, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>")
+    tokenizer.add_tokens(["<image>"], special_tokens=True)
+    images = LlavaNextImageProcessorPil(
+        image_grid_pinpoints=pinpoints, size={"shortest_edge": tile}, crop_size={"height": tile, "width": tile}
+    )
+    return transformers.LlavaNextProcessor(
+        image_processor=images,
+        tokenizer=tokenizer,
+        patch_size=patch,
+        vision_feature_select_strategy=strategy,
+        num_additional_image_tokens=extra_tokens,
+    )
+
+
+@pytest.mark.parametrize("crop", PHOTO_CROPS, ids=PHOTO_IDS)
+def test_anyres_tiles_match_llava_next_on_real_photos(crop):
+    image = photo_crop(*crop)
+    processor = llava_next_processor(LLAVA_NEXT_PINPOINTS, 336, 14, "default", 1)
+    out = processor(images=image, text="<image> describe", return_tensors="np")
+    assert tuple(out["image_sizes"][0]) == image.shape[:2]
+    theirs = np.moveaxis(out["pixel_values"][0], 1, -1)
+    ours = np.stack([image_ops.normalize(t, "clip") for t in image_ops.anyres_tiles(image, LLAVA_NEXT_PINPOINTS, 336)])
+    assert ours.shape == theirs.shape
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)
+
+
+# (pinpoints, tile size, encoder patch size, vision_feature_select_strategy, extra tokens the encoder adds):
+# LLaVA-NeXT's CLIP ViT-L/14-336 (class token dropped by "default"), and a SigLIP-style 384 tile encoder
+# without a class token ("full") on the LLaVA-OneVision 384-pixel grid.
+COUNT_SETUPS = [
+    (LLAVA_NEXT_PINPOINTS, 336, 14, "default", 1),
+    (PINPOINT_SETS[1], 384, 14, "full", 0),
+]
+
+
+@pytest.mark.parametrize("setup", COUNT_SETUPS, ids=["clip336-default", "siglip384-full"])
+@pytest.mark.parametrize("crop", PHOTO_CROPS, ids=PHOTO_IDS)
+def test_anyres_feature_count_is_the_llava_next_processors_placeholder_count(crop, setup):
+    import torch
+    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+
+    pinpoints, tile, patch, strategy, extra = setup
+    image = photo_crop(*crop)
+    h, w = image.shape[:2]
+    processor = llava_next_processor(pinpoints, tile, patch, strategy, extra)
+    ids = processor(images=image, text="<image> describe", return_tensors="np")["input_ids"]
+    side = tile // patch
+    assert image_ops.anyres_feature_count(h, w, pinpoints, tile, side) == int((ids == processor.image_token_id).sum())
+
+    # The grid is the one the model unpads: its tile grid, `side` features per tile side, padding cut.
+    grid_rows, grid_cols = get_anyres_image_grid_shape((h, w), pinpoints, tile)
+    unpadded = unpad_image(torch.zeros(1, grid_rows * side, grid_cols * side), (h, w))
+    assert image_ops.anyres_unpadded_grid(h, w, pinpoints, tile, side) == tuple(unpadded.shape[1:])
+
+
+def test_anyres_feature_count_by_hand():
+    # 333 x 512 into LLaVA-NeXT's pinpoints: 336 x 672 keeps every pixel with the least waste -> 1 x 2 tiles
+    # of 24 x 24 features = a 24 x 48 grid. The image is narrower than 1:2, so it spans 512 * 24 / 333 =
+    # 36.9 -> 36 columns; padding (48 - 36) // 2 = 6 is cut from each side: 24 x 36. Features: 24^2 base +
+    # 24 * 36 grid + 24 newlines = 1464.
+    assert image_ops.anyres_unpadded_grid(333, 512, LLAVA_NEXT_PINPOINTS, 336, 24) == (24, 36)
+    assert image_ops.anyres_feature_count(333, 512, LLAVA_NEXT_PINPOINTS, 336, 24) == 576 + 864 + 24
+    # A square image on the 672 x 672 pinpoint fills its 48 x 48 grid: nothing is cut.
+    assert image_ops.anyres_unpadded_grid(700, 700, LLAVA_NEXT_PINPOINTS, 336, 24) == (48, 48)
+    with pytest.raises(UserError, match="not a multiple of tile_size=300"):
+        image_ops.anyres_feature_count(333, 512, LLAVA_NEXT_PINPOINTS, 300, 24)
+    with pytest.raises(UserError, match="positive image size"):
+        image_ops.anyres_unpadded_grid(0, 512, LLAVA_NEXT_PINPOINTS, 336, 24)
 
 
 # --------------------------------------------------------------------------------------------------- video
