@@ -13,7 +13,9 @@ def reference(features, placeholders, segment_ids, image_segment_ids, valid):
     placed = np.zeros(placeholders.shape, bool)
     for r in range(b):
         for s in set(segment_ids[r].tolist()) - {0}:
-            feats = [features[r, j, i] for j in range(m) if image_segment_ids[r, j] == s for i in range(n) if valid[r, j, i]]
+            feats = [
+                features[r, j, i] for j in range(m) if image_segment_ids[r, j] == s for i in range(n) if valid[r, j, i]
+            ]
             spots = [t for t in range(placeholders.shape[1]) if placeholders[r, t] and segment_ids[r, t] == s]
             for t, f in zip(spots, feats):
                 values[r, t], placed[r, t] = f, True
@@ -37,7 +39,9 @@ def packed_case(rng, rows=3, length=40, slots=5, n=3, d=4):
                 if slot < slots:
                     image_segment_ids[r, slot] = s
                     slot += 1
-            spots = rng.choice(np.arange(t, end), size=min(end - t, images * n + int(rng.integers(0, 2))), replace=False)
+            spots = rng.choice(
+                np.arange(t, end), size=min(end - t, images * n + int(rng.integers(0, 2))), replace=False
+            )
             placeholders[r, spots] = True
             t, s = end, s + 1
     features = rng.normal(size=(rows, slots, n, d)).astype(np.float32)

@@ -171,7 +171,9 @@ def fewshot_prompt(gen: Generator, record: dict) -> dict:
     texts = list(record["texts"])
     last_text = max(i for i, t in enumerate(texts) if t is not None)
     texts[last_text] = record["query_prefix"]
-    rendered = templates.render(gen.template, gen.tokenizer, {"texts": texts, "images": record["images"]}, gen.image_tokens)
+    rendered = templates.render(
+        gen.template, gen.tokenizer, {"texts": texts, "images": record["images"]}, gen.image_tokens
+    )
     tokens = [int(i) for i in rendered.ids]
     while tokens and tokens[-1] in gen.stop:
         tokens.pop()
@@ -244,3 +246,25 @@ def evaluate(
         metrics.update({f"{variant}/{k}" if variant else k: v for k, v in task_metrics.items()})
         samples += [dict(sample, task=name) for sample in task_samples[:8]]
     return metrics, samples
+
+
+def evaluate_system(system: Any, params: Any, config: Any) -> dict[str, float]:
+    """A text-generating system's evaluations (its `evaluate`, run by `vlm-jax eval` and every `eval_every` steps).
+
+    `config.eval_tasks` = {task: folder}, each on its first `config.eval_examples` records
+    (`config.eval_examples_per_task` = {task: n} overrides); the last samples stay in `system.eval_samples` for
+    the report. `config.eval_baselines` = {kind: train folder} adds the model-free "baseline/..." scores of
+    `evaluators/baselines.py` on the same records (computed once per system)."""
+    from vlm_jax.evaluators import baselines
+
+    tasks = dict(config.get("eval_tasks") or {})
+    if not tasks:
+        return {}
+    limit = int(config.get("eval_examples", 64))
+    per_task = dict(config.get("eval_examples_per_task") or {})
+    metrics, system.eval_samples = evaluate(Generator(system, params, config), tasks, limit, per_task)
+    if config.get("eval_baselines"):
+        if getattr(system, "_baselines", None) is None:
+            system._baselines = baselines.evaluate(dict(config.eval_baselines), tasks, limit, per_task)
+        metrics.update(system._baselines)
+    return metrics

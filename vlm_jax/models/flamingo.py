@@ -27,57 +27,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vlm_jax.config_lib import ConfigError
 from vlm_jax.connectors.perceiver import PerceiverResampler
-from vlm_jax.errors import UserError
-from vlm_jax.flops import matmul_flops
+from vlm_jax.errors import ConfigError, UserError
 from vlm_jax.lm.decoder import DecoderLM, flamingo_layout
 from vlm_jax.lm.gated_xattn import media_mask
-from vlm_jax.models import register
+from vlm_jax.models import parts, register
 from vlm_jax.models.base import Decoding, System
 from vlm_jax.models.lm import next_token_loss
 from vlm_jax.nn.layers import DenseGeneral
-
-ENCODERS = ("vit", "nfnet")
-_KEY = jax.random.PRNGKey(0)
-
-
-def _forward_flops(module: nn.Module, *args) -> float:
-    """Matmul FLOPs of `module.apply` on abstract inputs (`vlm_jax.flops`: scanned layers counted per layer)."""
-    return matmul_flops(module.apply, jax.eval_shape(module.init, _KEY, *args), *args)
-
-
-def _same_shapes(want: Any, got: Any, what: str) -> Any:
-    """`got` if its tree and shapes equal `want`'s; else a ConfigError naming the first difference."""
-    want_flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(want)[0]}
-    got_flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(got)[0]}
-    for key in sorted(set(want_flat) | set(got_flat)):
-        if key not in got_flat or key not in want_flat:
-            side = "lacks" if key not in got_flat else "has an unexpected"
-            raise ConfigError(f"model.{what} {side} parameter {key}; is it the model's architecture?")
-        if np.shape(want_flat[key]) != np.shape(got_flat[key]):
-            raise ConfigError(
-                f"model.{what}{key} has shape {np.shape(got_flat[key])}; the model needs {np.shape(want_flat[key])}."
-            )
-    return got
-
-
-def _output_shape(module: nn.Module, *args) -> Any:
-    """The abstract output of `module.apply` on abstract inputs."""
-    return jax.eval_shape(module.apply, jax.eval_shape(module.init, _KEY, *args), *args)
-
-
-def vision_encoder(encoder: str, kwargs: dict) -> nn.Module:
-    """The ViT or NFNet named by `model.encoder`."""
-    if encoder == "vit":
-        from vlm_jax.encoders.vit import ViT
-
-        return ViT(**kwargs)
-    if encoder == "nfnet":
-        from vlm_jax.encoders.nfnet import NFNet
-
-        return NFNet(**kwargs)
-    raise ConfigError(f"model.encoder {encoder!r} is not one of {', '.join(ENCODERS)}.")
 
 
 class FlamingoModel(nn.Module):
@@ -147,7 +104,7 @@ class Flamingo(System):
                 f"model.image_tokens must be 1 for Flamingo (one <image> marker per image); got {m.image_tokens}."
             )
         self.module = FlamingoModel(
-            vision=vision_encoder(m.encoder, m.encoder_kwargs.to_dict()),
+            vision=parts.vision_encoder(m.encoder, m.encoder_kwargs.to_dict()),
             perceiver=PerceiverResampler(**m.resampler.to_dict()) if m.get("resampler") else None,
             decoder=DecoderLM(**m.lm.to_dict()),
             media_token_id=int(m.media_token_id),
@@ -155,7 +112,6 @@ class Flamingo(System):
             project_media=bool(m.get("project_media", False)),
         )
         self.image_size = int(m.image_size)
-        self._baselines: dict[str, float] | None = None  # evaluate()'s model-free scores, computed once
         self.seq_len = int(config.data.seq_len)
         self.max_images = int(config.data.get("max_images", 1))
 
@@ -205,22 +161,22 @@ class Flamingo(System):
         gradients only)."""
         m = self.module
         images = jax.ShapeDtypeStruct((self.max_images, self.image_size, self.image_size, 3), jnp.float32)
-        vision = _forward_flops(m.vision, images)
-        out = _output_shape(m.vision, images)
+        vision = parts.forward_flops(m.vision, images)
+        out = parts.output_shape(m.vision, images)
         features = out["tokens"] if "tokens" in out else out["features"]
         width, tokens = features.shape[-1], int(np.prod(features.shape[1:-1]))
         resampler = 0.0
         latents = jax.ShapeDtypeStruct((1, self.max_images, tokens, width), jnp.float32)
         if m.perceiver is not None:
             media = jax.ShapeDtypeStruct((1, self.max_images, 1, tokens, width), jnp.float32)
-            resampler = _forward_flops(m.perceiver, media)
-            latents = _output_shape(m.perceiver, media)
+            resampler = parts.forward_flops(m.perceiver, media)
+            latents = parts.output_shape(m.perceiver, media)
         if m.project_media:
             latents = jax.ShapeDtypeStruct(latents.shape[:-1] + (m.decoder.embed_dim,), jnp.float32)
         row = jax.ShapeDtypeStruct((1, self.seq_len), jnp.int32)
         mask = jax.ShapeDtypeStruct((1, self.seq_len, self.max_images), jnp.bool_)
-        full = _forward_flops(m.decoder, row, row, row, latents, mask)
-        plain = _forward_flops(m.decoder.clone(cross_attn_every=0), row, row, row)
+        full = parts.forward_flops(m.decoder, row, row, row, latents, mask)
+        plain = parts.forward_flops(m.decoder.clone(cross_attn_every=0), row, row, row)
         return vision + 3.0 * resampler + 3.0 * (full - plain) + 2.0 * plain
 
     def tokens_in(self, batch):
@@ -230,15 +186,10 @@ class Flamingo(System):
         """Fills the frozen parts from checkpoints at the start of training (called by the trainer, host arrays):
         `model.lm_checkpoint` (an `lm` system: its layers regrouped for the cross-attention groups) and
         `model.vision_checkpoint` (a `vision_encoder`, or a `dual_encoder`'s image tower); "" skips one."""
-        from vlm_jax.train.checkpoint import load_params
-
         m = self.config.model
         params = dict(params)
         if m.get("lm_checkpoint"):
-            config, _, lm = load_params(m.lm_checkpoint)
-            if config.model.name != "lm":
-                raise ConfigError(f"model.lm_checkpoint {m.lm_checkpoint} holds a {config.model.name}, not an lm.")
-            lm = jax.device_get(lm)
+            lm = parts.load_lm(m.lm_checkpoint)
             decoder = dict(params["decoder"])
             every, layers = self.module.decoder.cross_attn_every, lm["layers"]
             depth = jax.tree.leaves(layers)[0].shape[0]
@@ -250,43 +201,21 @@ class Flamingo(System):
                 regrouped["layer_groups_tail"] = jax.tree.map(lambda a: a[full:], layers)
             for name, value in lm.items():
                 if name != "layers":
-                    decoder[name] = _same_shapes(decoder.get(name), value, f"lm_checkpoint {name}")
+                    decoder[name] = parts.same_shapes(decoder.get(name), value, f"lm_checkpoint {name}")
             for group, value in regrouped.items():
                 decoder[group] = dict(
-                    decoder[group], layers=_same_shapes(decoder[group]["layers"], value, "lm_checkpoint layers")
+                    decoder[group], layers=parts.same_shapes(decoder[group]["layers"], value, "lm_checkpoint layers")
                 )
             params["decoder"] = decoder
         if m.get("vision_checkpoint"):
-            config, _, vision = load_params(m.vision_checkpoint)
-            if config.model.name not in ("vision_encoder", "dual_encoder"):
-                raise ConfigError(
-                    f"model.vision_checkpoint {m.vision_checkpoint} holds a {config.model.name}, not a vision encoder."
-                )
-            vision = jax.device_get(vision)
-            vision = vision["image_encoder"] if config.model.name == "dual_encoder" else vision
-            params["vision"] = _same_shapes(params["vision"], vision, "vision_checkpoint")
+            params["vision"] = parts.load_vision(m.vision_checkpoint, params["vision"])
         return params
 
     def evaluate(self, trainer, params) -> dict[str, float]:
-        """Generative evaluations (`evaluators/generative.py`) on `config.eval_tasks` = {task: folder}, each on
-        its first `config.eval_examples` records (`config.eval_examples_per_task` = {task: n} overrides); the
-        last samples stay in `self.eval_samples` for the report.
-        `config.eval_baselines` = {kind: train folder} adds the model-free "baseline/..." scores of
-        `evaluators/baselines.py` on the same records."""
-        from vlm_jax.evaluators import baselines, generative
+        """The generative evaluations of `config.eval_tasks` (`evaluators.generative.evaluate_system`)."""
+        from vlm_jax.evaluators import generative
 
-        tasks = dict(trainer.config.get("eval_tasks") or {})
-        if not tasks:
-            return {}
-        limit = int(trainer.config.get("eval_examples", 64))
-        generator = generative.Generator(self, params, trainer.config)
-        per_task = dict(trainer.config.get("eval_examples_per_task") or {})
-        metrics, self.eval_samples = generative.evaluate(generator, tasks, limit, per_task)
-        if trainer.config.get("eval_baselines"):  # model-free scores on the same records, computed once
-            if self._baselines is None:
-                self._baselines = baselines.evaluate(dict(trainer.config.eval_baselines), tasks, limit, per_task)
-            metrics.update(self._baselines)
-        return metrics
+        return generative.evaluate_system(self, params, trainer.config)
 
     def decoding(self, params, batch, length):
         """For `vlm_jax.generate`: the LM with its media latents (images encoded once), the prompt's media mask,

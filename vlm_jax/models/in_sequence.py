@@ -1,0 +1,343 @@
+"""In-sequence vision-language models: image features take the places of placeholder tokens in the LM's input.
+
+    images [B, M, H, W, 3] -> vision encoder (a tapped layer, class token dropped) -> connector
+      -> features [B, M, n, D_lm] -> the k-th placeholder of each packed example takes its k-th feature
+      (`nn/placement.py`) -> DecoderLM (causal within each example, or prefix-LM with `prefix_mask`)
+
+`InSequenceSystem` holds everything such a system shares with the trainer,
+`generate`, the evaluators and `vlm-jax forward`; a family (LLaVA,
+PaliGemma, ...) is a subclass in its own file that sets its defaults and,
+where it differs, overrides a hook (`feature_scale`, `forward` inputs).
+
+Config (`config.model`): `encoder` ("vit") and `encoder_kwargs` (its fields),
+`feature_layer` (a ViT block index, e.g. -2 for LLaVA's penultimate layer;
+None: the encoder's final tokens), `drop_class_token`, `connector` (a dict:
+`kind` in `CONNECTORS` plus its fields), `lm` (DecoderLM fields),
+`image_token_id`, `image_tokens` (features per image slot: the data pipeline
+writes that many placeholders per slot), `image_size`, and optionally
+`lm_checkpoint` / `vision_checkpoint` (an `lm` and a `vision_encoder` or
+`dual_encoder` checkpoint that start those parts). What trains is the
+optimizer's business (`optim.freeze`, regexes over `vision/`, `connector/`,
+`decoder/`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from data_pipelines import templates
+from vlm_jax.config_lib import ConfigError
+from vlm_jax.errors import UserError
+from vlm_jax.lm.decoder import DecoderLM
+from vlm_jax.models import parts
+from vlm_jax.models.base import Decoding, System
+from vlm_jax.models.lm import next_token_loss
+from vlm_jax.nn.placement import place_features
+
+
+def connector(kind: str, out_dim: int, kwargs: dict) -> nn.Module:
+    """The connector `kind` mapping vision features to the LM width `out_dim` (`vlm_jax/connectors/`)."""
+    from vlm_jax.connectors import projector, token_merge
+
+    kinds = {
+        "linear": projector.LinearProjector,  # LLaVA v1, PaliGemma
+        "mlp": projector.MLPProjector,  # LLaVA-1.5 "mlp2x_gelu" (depth 2)
+        "concat": token_merge.ConcatProjector,  # MiniGPT-v2: 4 adjacent tokens concatenated, then linear
+    }
+    if kind not in kinds:
+        raise ConfigError(f"model.connector.kind {kind!r} is not one of {', '.join(kinds)}.")
+    return kinds[kind](out_dim=out_dim, name="connector", **kwargs)
+
+
+class InSequenceModel(nn.Module):
+    """(tokens, segment_ids, positions, images, image_segment_ids[, prefix_mask]) -> logits [B, L, vocab].
+
+    Sows the number of placeholders that found no image feature ("intermediates", "unplaced"): the trainer
+    reports it, so a data/model mismatch in image tokens is visible, never silent."""
+
+    vision: nn.Module
+    connector: nn.Module
+    decoder: DecoderLM
+    image_token_id: int
+    feature_layer: int | None = -2
+    drop_class_token: bool = True
+    feature_scale: float = 1.0  # PaliGemma divides the projected features by sqrt(LM width)
+
+    def encode_images(self, images: jax.Array) -> jax.Array:
+        """images [B, M, H, W, 3] -> features [B, M, n, D_lm] (the connector's outputs per slot)."""
+        b, m = images.shape[:2]
+        out = self.vision(images.reshape((b * m,) + images.shape[2:]))
+        features = out["tokens"] if self.feature_layer is None else out["taps"][self.feature_layer]
+        if self.drop_class_token:
+            features = features[:, 1:]
+        features = self.connector(features)
+        if self.feature_scale != 1.0:
+            features = features * jnp.asarray(self.feature_scale, features.dtype)
+        return features.reshape((b, m) + features.shape[1:])
+
+    def place(self, tokens, segment_ids, image_segment_ids, features):
+        """(values [B, L, D], placed [B, L]): each example's features at its own placeholders."""
+        return place_features(features, tokens == self.image_token_id, segment_ids, image_segment_ids)
+
+    def __call__(self, tokens, segment_ids, positions, images, image_segment_ids, prefix_mask=None):
+        values, placed = self.place(tokens, segment_ids, image_segment_ids, self.encode_images(images))
+        placeholders = (tokens == self.image_token_id) & (segment_ids > 0)
+        self.sow("intermediates", "unplaced", jnp.sum(placeholders & ~placed))
+        return self.decoder(
+            tokens, segment_ids, positions, prefix_mask=prefix_mask, features=values, feature_mask=placed
+        )
+
+
+class InSequenceSystem(System):
+    """Next-token prediction on packed image-text rows whose image placeholders take the image features (batch:
+    tokens, targets, loss_mask, segment_ids, positions, images, image_segment_ids, and prefix_mask under a
+    prefix-LM template). Subclasses register a name and may override `feature_scale_for`."""
+
+    fusion = "in_sequence"
+
+    def __init__(self, config):
+        super().__init__(config)
+        m = config.model
+        fields = {f.name for f in dataclasses.fields(DecoderLM)} - {"parent", "name"}
+        unknown = set(m.lm) - fields
+        if unknown:
+            raise ConfigError(
+                f"model.lm.{sorted(unknown)[0]} is not a DecoderLM setting ({', '.join(sorted(fields))})."
+            )
+        if m.lm.get("cross_attn_every"):
+            raise ConfigError(f"model.lm.cross_attn_every must be 0 for the {m.name} system (no cross-attention).")
+        connector_args = dict(m.connector)
+        kind = connector_args.pop("kind")
+        feature_layer = m.get("feature_layer", -2)
+        encoder_kwargs = m.encoder_kwargs.to_dict()
+        if feature_layer is not None:
+            encoder_kwargs["taps"] = (int(feature_layer),)
+        self.module = InSequenceModel(
+            vision=parts.vision_encoder(m.encoder, encoder_kwargs),
+            connector=connector(kind, int(m.lm.embed_dim), connector_args),
+            decoder=DecoderLM(**m.lm.to_dict()),
+            image_token_id=int(m.image_token_id),
+            feature_layer=None if feature_layer is None else int(feature_layer),
+            drop_class_token=bool(m.get("drop_class_token", True)),
+            feature_scale=self.feature_scale_for(m),
+        )
+        self.image_size = int(m.image_size)
+        self.seq_len = int(config.data.seq_len)
+        self.max_images = int(config.data.get("max_images", 1))
+        template = config.data.get("template")
+        self.prefix_lm = bool(template) and templates.uses_prefix_mask(template)
+        features = self.features_per_image()
+        if int(m.image_tokens) != features:
+            raise ConfigError(
+                f"model.image_tokens is {m.image_tokens}, but each image gives {features} features "
+                f"(image_size {self.image_size}, its encoder and connector)."
+            )
+
+    def feature_scale_for(self, model_config) -> float:
+        """The factor on the connector's outputs (1; PaliGemma: 1 / sqrt(LM width))."""
+        return 1.0
+
+    def features_per_image(self) -> int:
+        """How many features one image slot gives (abstract evaluation of the encoder and connector)."""
+        images = jax.ShapeDtypeStruct((1, 1, self.image_size, self.image_size, 3), jnp.float32)
+        method = functools.partial(self.module.apply, method=InSequenceModel.encode_images)
+        variables = jax.eval_shape(
+            functools.partial(self.module.init, method=InSequenceModel.encode_images), jax.random.key(0), images
+        )
+        return int(jax.eval_shape(method, variables, images).shape[2])
+
+    # ---------------------------------------------------------------- training
+
+    def dummy_batch(self, batch_size: int) -> dict[str, np.ndarray]:
+        shape = (batch_size, self.seq_len)
+        tokens = np.zeros(shape, np.int32)
+        tokens[:, : min(self.seq_len, self.image_tokens)] = self.module.image_token_id
+        batch = {
+            "tokens": tokens,
+            "targets": np.zeros(shape, np.int32),
+            "loss_mask": np.zeros(shape, np.float32),
+            "segment_ids": np.ones(shape, np.int32),
+            "positions": np.broadcast_to(np.arange(self.seq_len, dtype=np.int32), shape).copy(),
+            "images": np.zeros((batch_size, self.max_images, self.image_size, self.image_size, 3), np.float32),
+            "image_segment_ids": np.ones((batch_size, self.max_images), np.int32),
+        }
+        if self.prefix_lm:
+            batch["prefix_mask"] = np.zeros(shape, bool)
+        return batch
+
+    def _inputs(self, batch):
+        inputs = [batch[k] for k in ("tokens", "segment_ids", "positions", "images", "image_segment_ids")]
+        return inputs + ([batch["prefix_mask"]] if self.prefix_lm else [])
+
+    def init(self, rng, batch):
+        return self.module.init(rng, *self._inputs(batch))["params"]
+
+    def logits(self, params: Any, batch: dict[str, jax.Array]) -> jax.Array:
+        """[B, L, vocab] float32 logits."""
+        return self.module.apply({"params": params}, *self._inputs(batch))
+
+    def loss(self, params, batch):
+        logits, state = self.module.apply({"params": params}, *self._inputs(batch), mutable=["intermediates"])
+        loss, weight, metrics = next_token_loss(logits, batch)
+        # Placeholders without a feature per row (times the weight, which the trainer divides by): should be 0.
+        unplaced = state["intermediates"]["unplaced"][0]
+        metrics["unplaced_image_tokens"] = unplaced.astype(jnp.float32) * weight / batch["tokens"].shape[0]
+        return loss, weight, metrics
+
+    def flops_per_example(self) -> float:
+        """Training FLOPs per row from each part's forward matmul FLOPs (`vlm_jax.flops`): 3x for a part that
+        trains; a frozen vision encoder 1x (nothing below it trains); a frozen LM 2x (activation gradients flow
+        through it to the connector); a frozen connector 2x when the vision encoder trains, else 1x."""
+        m = self.module
+        images = jax.ShapeDtypeStruct((self.max_images, self.image_size, self.image_size, 3), jnp.float32)
+        vision = parts.forward_flops(m.vision, images)
+        out = parts.output_shape(m.vision, images)
+        tokens = out["tokens"] if m.feature_layer is None else out["taps"][m.feature_layer]
+        if m.drop_class_token:
+            tokens = jax.ShapeDtypeStruct((tokens.shape[0], tokens.shape[1] - 1, tokens.shape[2]), tokens.dtype)
+        connector = parts.forward_flops(m.connector, tokens)
+        row = jax.ShapeDtypeStruct((1, self.seq_len), jnp.int32)
+        lm = parts.forward_flops(m.decoder, row, row, row)
+        trains = self._trains
+        vision_x = 3.0 if trains("vision") else 1.0
+        connector_x = 3.0 if trains("connector") else (2.0 if trains("vision") else 1.0)
+        lm_x = 3.0 if trains("decoder") else (2.0 if trains("vision") or trains("connector") else 1.0)
+        return vision_x * vision + connector_x * connector + lm_x * lm
+
+    def _trains(self, part: str) -> bool:
+        """Whether any parameter under `part/` escapes every `optim.freeze` regex."""
+        import re
+
+        from flax import traverse_util
+
+        freeze = list(self.config.get("optim", {}).get("freeze", ()))
+        boxed = jax.eval_shape(self.init, jax.random.key(0), self.dummy_batch(1))
+        paths = ["/".join(k) for k in traverse_util.flatten_dict(nn.unbox(boxed)) if k[0] == part]
+        return any(not any(re.fullmatch(p, path) for p in freeze) for path in paths)
+
+    def tokens_in(self, batch):
+        return int(np.count_nonzero(batch["segment_ids"]))
+
+    def pretrained(self, params: dict) -> dict:
+        """Starts parts from checkpoints when training starts fresh (host arrays): `model.lm_checkpoint` (an
+        `lm`) and `model.vision_checkpoint` (a `vision_encoder`, or a `dual_encoder`'s image tower); "" skips."""
+        m = self.config.model
+        params = dict(params)
+        if m.get("lm_checkpoint"):
+            params["decoder"] = parts.same_shapes(params["decoder"], parts.load_lm(m.lm_checkpoint), "lm_checkpoint")
+        if m.get("vision_checkpoint"):
+            params["vision"] = parts.load_vision(m.vision_checkpoint, params["vision"])
+        return params
+
+    def evaluate(self, trainer, params) -> dict[str, float]:
+        """The generative evaluations of `config.eval_tasks` (`evaluators.generative.evaluate_system`)."""
+        from vlm_jax.evaluators import generative
+
+        return generative.evaluate_system(self, params, trainer.config)
+
+    # ---------------------------------------------------------------- generation
+
+    @functools.cached_property
+    def _placed_features(self):
+        def run(params, tokens, segment_ids, image_segment_ids, images):
+            variables = {"params": params}
+            features = self.module.apply(variables, images, method=InSequenceModel.encode_images)
+            return self.module.apply(
+                variables, tokens, segment_ids, image_segment_ids, features, method=InSequenceModel.place
+            )
+
+        return jax.jit(run)
+
+    def decoding(self, params, batch, length):
+        """For `vlm_jax.generate`: the LM with the prompt's image features in place of its placeholders (images
+        encoded once); under a prefix-LM template the whole prompt is the prefix and new tokens are causal."""
+        values, placed = self._placed_features(
+            params, batch["tokens"], batch["segment_ids"], batch["image_segment_ids"], batch["images"]
+        )
+        prompt = {"features": values, "feature_mask": placed}
+        cache = {}
+        if self.prefix_lm:
+            prompt["prefix_mask"] = jnp.asarray(batch["segment_ids"]) > 0
+            cache["prefix_mask"] = jnp.zeros((values.shape[0], length), bool)
+        return Decoding(self.module.decoder, params["decoder"], prompt, {}, cache)
+
+    # ---------------------------------------------------------------- vlm-jax forward
+
+    def forward(self, params, inputs):
+        """transformers-style inputs -> logits: input_ids [B, L], pixel_values [N, 3, H, W] (all images of the
+        batch in order, as LLaVA takes them: row r's placeholder runs take the next images) or [B, N, 3, H, W],
+        optional attention_mask [B, L] (left padding), position_ids [B, L], and under a prefix-LM template
+        token_type_ids [B, L] (0 = prefix, 1 = suffix: PaliGemma)."""
+        missing = [k for k in ("input_ids", "pixel_values") if k not in inputs]
+        if missing:
+            raise UserError(
+                f"the inputs have no {', '.join(missing)} (found: {', '.join(sorted(inputs)) or 'nothing'})."
+            )
+        known = {"input_ids", "pixel_values", "attention_mask", "position_ids"} | (
+            {"token_type_ids"} if self.prefix_lm else set()
+        )
+        extra = sorted(set(inputs) - known)
+        if extra:
+            raise UserError(f"the {self.config.model.name} system does not read the inputs {', '.join(extra)}.")
+        tokens = np.asarray(inputs["input_ids"], np.int32)
+        if tokens.ndim != 2:
+            raise UserError(f"input_ids must be [batch, length]; got shape {tokens.shape}.")
+        vocab = self.module.decoder.vocab_size
+        if tokens.min() < 0 or tokens.max() >= vocab:
+            raise UserError(f"input_ids must lie in [0, {vocab}); got values from {tokens.min()} to {tokens.max()}.")
+        present = np.asarray(inputs.get("attention_mask", np.ones_like(tokens)), np.int32) > 0
+        positions = inputs.get("position_ids")
+        if positions is None:
+            positions = np.maximum(np.cumsum(present, axis=1) - 1, 0)
+        batch = {
+            "tokens": tokens,
+            "segment_ids": present.astype(np.int32),
+            "positions": np.asarray(positions, np.int32),
+            **self._images_by_row(tokens, present, np.asarray(inputs["pixel_values"], np.float32)),
+        }
+        if self.prefix_lm:
+            if "token_type_ids" not in inputs:
+                raise UserError("the inputs have no token_type_ids (0 = prefix, 1 = suffix) for the prefix-LM mask.")
+            batch["prefix_mask"] = (np.asarray(inputs["token_type_ids"]) == 0) & present
+        return {"logits": np.asarray(jax.jit(self.logits)(params, batch))}
+
+    def _images_by_row(self, tokens, present, pixels) -> dict[str, np.ndarray]:
+        """images [B, M, H, W, 3] and image_segment_ids [B, M] from NCHW pixel_values, each row taking as many
+        images as its placeholder count says (image_tokens placeholders per image)."""
+        counts = np.count_nonzero((tokens == self.module.image_token_id) & present, axis=1)
+        if np.any(counts % self.image_tokens):
+            raise UserError(
+                f"each row's image placeholders must come in runs of {self.image_tokens}; got counts {counts.tolist()}."
+            )
+        per_row = counts // self.image_tokens
+        if pixels.ndim == 5:
+            if pixels.shape[0] != tokens.shape[0]:
+                raise UserError(f"pixel_values [B, N, 3, H, W] has {pixels.shape[0]} rows for {tokens.shape[0]}.")
+            flat = [pixels[r, i] for r in range(tokens.shape[0]) for i in range(per_row[r])]
+        elif pixels.ndim == 4:
+            if pixels.shape[0] != per_row.sum():
+                raise UserError(
+                    f"pixel_values holds {pixels.shape[0]} images; the placeholders ask for {int(per_row.sum())}."
+                )
+            flat = list(pixels)
+        else:
+            raise UserError(f"pixel_values must be [N, 3, H, W] or [B, N, 3, H, W]; got shape {pixels.shape}.")
+        if flat and flat[0].shape != (3, self.image_size, self.image_size):
+            raise UserError(f"images must be 3 x {self.image_size} x {self.image_size}; got {flat[0].shape}.")
+        slots = max(1, int(per_row.max()))
+        images = np.zeros((tokens.shape[0], slots, self.image_size, self.image_size, 3), np.float32)
+        ids = np.zeros((tokens.shape[0], slots), np.int32)
+        start = 0
+        for r, n in enumerate(per_row):
+            for i in range(n):
+                images[r, i] = flat[start + i].transpose(1, 2, 0)
+                ids[r, i] = 1
+            start += n
+        return {"images": images, "image_segment_ids": ids}

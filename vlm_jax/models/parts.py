@@ -1,0 +1,77 @@
+"""Pieces every multimodal system shares: building its vision encoder, counting FLOPs on abstract shapes, and
+starting frozen parts from other checkpoints (checked against the model's own shapes)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from vlm_jax.errors import ConfigError
+from vlm_jax.flops import matmul_flops
+
+ENCODERS = ("vit", "nfnet")
+_KEY = jax.random.PRNGKey(0)
+
+
+def vision_encoder(encoder: str, kwargs: dict) -> nn.Module:
+    """The ViT or NFNet named by `model.encoder`, with its fields."""
+    if encoder == "vit":
+        from vlm_jax.encoders.vit import ViT
+
+        return ViT(**kwargs)
+    if encoder == "nfnet":
+        from vlm_jax.encoders.nfnet import NFNet
+
+        return NFNet(**kwargs)
+    raise ConfigError(f"model.encoder {encoder!r} is not one of {', '.join(ENCODERS)}.")
+
+
+def forward_flops(module: nn.Module, *args) -> float:
+    """Matmul FLOPs of `module.apply` on abstract inputs (`vlm_jax.flops`: scanned layers counted per layer)."""
+    return matmul_flops(module.apply, jax.eval_shape(module.init, _KEY, *args), *args)
+
+
+def output_shape(module: nn.Module, *args) -> Any:
+    """The abstract output of `module.apply` on abstract inputs."""
+    return jax.eval_shape(module.apply, jax.eval_shape(module.init, _KEY, *args), *args)
+
+
+def same_shapes(want: Any, got: Any, what: str) -> Any:
+    """`got` if its tree and shapes equal `want`'s; else a ConfigError naming the first difference."""
+    want_flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(want)[0]}
+    got_flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(got)[0]}
+    for key in sorted(set(want_flat) | set(got_flat)):
+        if key not in got_flat or key not in want_flat:
+            side = "lacks" if key not in got_flat else "has an unexpected"
+            raise ConfigError(f"model.{what} {side} parameter {key}; is it the model's architecture?")
+        if np.shape(want_flat[key]) != np.shape(got_flat[key]):
+            raise ConfigError(
+                f"model.{what}{key} has shape {np.shape(got_flat[key])}; the model needs {np.shape(want_flat[key])}."
+            )
+    return got
+
+
+def load_vision(path: str, want: Any) -> Any:
+    """The vision encoder params of checkpoint `path` (a `vision_encoder`, or a `dual_encoder`'s image tower),
+    checked against `want` (the model's own vision params, host arrays)."""
+    from vlm_jax.train.checkpoint import load_params
+
+    config, _, vision = load_params(path)
+    if config.model.name not in ("vision_encoder", "dual_encoder"):
+        raise ConfigError(f"model.vision_checkpoint {path} holds a {config.model.name}, not a vision encoder.")
+    vision = jax.device_get(vision)
+    vision = vision["image_encoder"] if config.model.name == "dual_encoder" else vision
+    return same_shapes(want, vision, "vision_checkpoint")
+
+
+def load_lm(path: str) -> Any:
+    """The params of the `lm` checkpoint `path` (host arrays)."""
+    from vlm_jax.train.checkpoint import load_params
+
+    config, _, lm = load_params(path)
+    if config.model.name != "lm":
+        raise ConfigError(f"model.lm_checkpoint {path} holds a {config.model.name}, not an lm.")
+    return jax.device_get(lm)
