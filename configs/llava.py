@@ -149,8 +149,10 @@ def builtin(arg):
     c.prerequisites = {"builtin": dict(kind="builtin_data", seed=0, image_size=64, scale=float(arg.scale))}
     c.total_steps, c.batch_size, c.log_every = 300, 16, 50
     c.checkpoint_every, c.eval_every, c.eval_examples = 300, 300, 100
-    c.model.image_size = 64
-    c.data.seq_len = 160
+    c.model.image_size = 64  # 64 image tokens
+    c.data.seq_len = 192
+    # Vicuna's long system message (~110 tokens with the built-in 512-piece vocabulary) would leave little room.
+    c.data.template_options = {"system": "A chat between a user and an assistant."} if arg.stage == 2 else {}
     c.data.image.method = "bilinear"
     tasks = {"captions": 1.0} if arg.stage == 1 else {"captions": 1.0, "vqa": 2.0, "grounding": 0.5}
     c.data.mixture = [

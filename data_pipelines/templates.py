@@ -874,7 +874,7 @@ def prompt_before_answer(
 
 
 def user_prompt(
-    name: str, tokenizer: Tokenizer, text: str, num_images: int, image_tokens: int | Sequence[int]
+    name: str, tokenizer: Tokenizer, text: str, num_images: int, image_tokens: int | Sequence[int], **options
 ) -> list[int]:
     """The ids of a user's free-form prompt (`vlm-jax generate --prompt`) under template `name`.
 
@@ -883,10 +883,13 @@ def user_prompt(
     PaliGemma: "<image>...<bos>{text}\\n"); `<image>` markers in `text` say
     where the images go (without any, they go first). The "flamingo"
     template is a document: `<s>` then `text` itself, continued as written
-    (`<image>A photo of` -> the caption's next words)."""
+    (`<image>A photo of` -> the caption's next words). `options` are the
+    template's (`render`), e.g. the system message."""
     markers = text.count(IMAGE_MARKER)
     if markers not in (0, num_images):
-        raise RenderError("placeholder_mismatch", f"the prompt has {markers} {IMAGE_MARKER} markers for {num_images} images.")
+        raise RenderError(
+            "placeholder_mismatch", f"the prompt has {markers} {IMAGE_MARKER} markers for {num_images} images."
+        )
     if IMAGE_MARKER not in text:
         text = (IMAGE_MARKER + "\n") * num_images + text if name != "flamingo" else IMAGE_MARKER * num_images + text
     if name == "flamingo":
@@ -898,4 +901,4 @@ def user_prompt(
         rendered = paligemma(tokenizer, text.replace(IMAGE_MARKER, "").strip(), None, num_images, image_tokens)
         return [int(i) for i in rendered.ids]
     record = {"images": [b""] * num_images, "conversations": [{"from": "human", "value": text}]}
-    return [int(i) for i in render(name, tokenizer, record, image_tokens).ids]
+    return [int(i) for i in render(name, tokenizer, record, image_tokens, **options).ids]

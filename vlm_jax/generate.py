@@ -208,6 +208,7 @@ class PromptFormat:
     image_tokens: int
     image_size: int
     image_settings: Any
+    template_options: Any = None
 
     @classmethod
     def of(cls, system: Any, tokenizer: Any) -> "PromptFormat":
@@ -219,6 +220,7 @@ class PromptFormat:
             system.image_tokens,
             int(config.model.get("image_size", 0)),
             config.get("data", {}).get("image", {}),
+            system.template_options,
         )
 
 
@@ -255,7 +257,12 @@ def parse_prompt(item: dict, fmt: PromptFormat, where: str, root: str) -> dict:
         else:
             try:
                 tokens = templates.user_prompt(
-                    fmt.template, fmt.tokenizer, item["text"], len(images), fmt.image_tokens
+                    fmt.template,
+                    fmt.tokenizer,
+                    item["text"],
+                    len(images),
+                    fmt.image_tokens,
+                    **(fmt.template_options or {}),
                 )
             except templates.RenderError as e:
                 raise UserError(f"{where}: {e}") from None

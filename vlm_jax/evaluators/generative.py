@@ -51,7 +51,7 @@ class Generator:
 
         self.system, self.params = system, params
         self.tokenizer = Tokenizer(config.data.tokenizer)
-        self.template = system.template
+        self.template, self.template_options = system.template, system.template_options
         self.image_tokens = system.image_tokens
         self.image_size = int(config.model.image_size)
         self.image_settings = config.data.get("image", {})
@@ -87,7 +87,7 @@ class Generator:
 
 def _prompt_ids(gen: Generator, record: dict) -> list[int]:
     """The ids the system's template renders for `record` before its first training target."""
-    return templates.prompt_before_answer(gen.template, gen.tokenizer, record, gen.image_tokens)
+    return templates.prompt_before_answer(gen.template, gen.tokenizer, record, gen.image_tokens, **gen.template_options)
 
 
 def question_prompt(gen: Generator, record: dict) -> tuple[dict, str, str]:
@@ -171,9 +171,8 @@ def fewshot_prompt(gen: Generator, record: dict) -> dict:
     texts = list(record["texts"])
     last_text = max(i for i, t in enumerate(texts) if t is not None)
     texts[last_text] = record["query_prefix"]
-    rendered = templates.render(
-        gen.template, gen.tokenizer, {"texts": texts, "images": record["images"]}, gen.image_tokens
-    )
+    episode = {"texts": texts, "images": record["images"]}
+    rendered = templates.render(gen.template, gen.tokenizer, episode, gen.image_tokens, **gen.template_options)
     tokens = [int(i) for i in rendered.ids]
     while tokens and tokens[-1] in gen.stop:
         tokens.pop()

@@ -105,6 +105,11 @@ class System:
         return str(template)
 
     @property
+    def template_options(self) -> dict[str, Any]:
+        """The template's options (`data.template_options`, e.g. a system message), as training rendered them."""
+        return dict(self.config.get("data", {}).get("template_options", {}) or {})
+
+    @property
     def image_tokens(self) -> int:
         """Placeholder ids per image slot in the token sequence (`model.image_tokens`)."""
         return int(self.config.model.get("image_tokens", 1))

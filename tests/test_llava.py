@@ -1,0 +1,141 @@
+"""LLaVA through the in-sequence system contract: packing isolation, parameter counts, training, eval, generation."""
+
+import json
+import os
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import REPO
+from vlm_jax import cli, models
+from vlm_jax.config_lib import load_config
+
+IMAGE_TOKENS = 16  # the tiny config: 32 px images, patch 8, class token dropped
+
+
+def tiny(template="llava"):
+    config = load_config(os.path.join(REPO, "configs/llava.py:variant=tiny"))
+    config.data.template = template
+    config.data.max_images = 2
+    system = models.build(config)
+    params = nn.unbox(jax.jit(system.init)(jax.random.PRNGKey(0), system.dummy_batch(1)))
+    return system, params
+
+
+def example(rng, system, prefix_lm, text_len):
+    """One example's tokens (image placeholders first, then text), its prefix flags and its image."""
+    tokens = [1] + [system.module.image_token_id] * IMAGE_TOKENS + list(rng.integers(10, 250, size=text_len))
+    prefix = np.zeros(len(tokens), bool)
+    if prefix_lm:
+        prefix[: 1 + IMAGE_TOKENS + text_len // 2] = True  # images, bos-like token and half the text
+    image = rng.normal(size=(32, 32, 3)).astype(np.float32)
+    return np.asarray(tokens, np.int32), prefix, image
+
+
+def row(examples, length, slots=2):
+    """A packed batch row of `examples` (tokens, prefix, image) in order: segments 1, 2, ...; padding after."""
+    batch = {
+        "tokens": np.zeros((1, length), np.int32),
+        "segment_ids": np.zeros((1, length), np.int32),
+        "positions": np.zeros((1, length), np.int32),
+        "prefix_mask": np.zeros((1, length), bool),
+        "images": np.zeros((1, slots, 32, 32, 3), np.float32),
+        "image_segment_ids": np.zeros((1, slots), np.int32),
+    }
+    start = 0
+    for s, (tokens, prefix, image) in enumerate(examples, 1):
+        span = slice(start, start + len(tokens))
+        batch["tokens"][0, span], batch["segment_ids"][0, span] = tokens, s
+        batch["positions"][0, span], batch["prefix_mask"][0, span] = np.arange(len(tokens)), prefix
+        batch["images"][0, s - 1], batch["image_segment_ids"][0, s - 1] = image, s
+        start += len(tokens)
+    return batch
+
+
+@pytest.mark.parametrize("template", ["llava", "paligemma"])  # causal, and prefix-LM attention
+def test_a_packed_row_equals_its_examples_run_alone(template):
+    system, params = tiny(template)
+    assert system.prefix_lm == (template == "paligemma")
+    rng = np.random.default_rng(0)
+    a, b = example(rng, system, system.prefix_lm, 9), example(rng, system, system.prefix_lm, 14)
+    length = len(a[0]) + len(b[0]) + 3
+    logits = jax.jit(system.logits)
+    if not system.prefix_lm:
+        for batch in (row([a], length), row([b], length), row([a, b], length)):
+            del batch["prefix_mask"]
+    packed = np.asarray(logits(params, row([a, b], length)))[0]
+    alone_a = np.asarray(logits(params, row([a], length)))[0]
+    alone_b = np.asarray(logits(params, row([b], length)))[0]
+    na, nb = len(a[0]), len(b[0])
+    np.testing.assert_allclose(packed[:na], alone_a[:na], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(packed[na : na + nb], alone_b[:nb], atol=1e-5, rtol=0)
+    assert np.abs(alone_a[:na] - alone_b[:na]).max() > 1e-2  # the two examples do differ
+
+    # Another image for example b: nothing of example a moves, b's text does.
+    b2 = (b[0], b[1], rng.normal(size=(32, 32, 3)).astype(np.float32))
+    changed = np.asarray(logits(params, row([a, b2], length)))[0]
+    np.testing.assert_array_equal(changed[:na], packed[:na])
+    assert np.abs(changed[na : na + nb] - packed[na : na + nb]).max() > 1e-3
+
+
+def test_placeholders_without_features_are_reported():
+    system, params = tiny()
+    rng = np.random.default_rng(1)
+    a = example(rng, system, False, 5)
+    batch = row([a], len(a[0]) + 2)
+    del batch["prefix_mask"]
+    batch["image_segment_ids"][:] = 0  # the example's image slot is empty: its 16 placeholders get nothing
+    batch["targets"], batch["loss_mask"] = np.zeros_like(batch["tokens"]), np.ones(batch["tokens"].shape, np.float32)
+    _, weight, metrics = system.loss(params, batch)
+    assert float(metrics["unplaced_image_tokens"] / weight) == IMAGE_TOKENS
+
+
+def param_count(variant):
+    system = models.build(load_config(os.path.join(REPO, f"configs/llava.py:variant={variant}")))
+    shapes = nn.unbox(jax.eval_shape(system.init, jax.random.PRNGKey(0), system.dummy_batch(1)))
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
+
+
+# Published totals: the Hugging Face Hub's safetensors parameter counts of llava-hf/llava-1.5-7b-hf ("7.06B") and
+# llava-hf/llava-1.5-13b-hf ("13.4B"), the conversions of the LLaVA-1.5 checkpoints of Liu et al. 2023
+# (arXiv:2310.03744): CLIP ViT-L/14-336 (304M) + 2-layer MLP + Vicuna-1.5 with 32064 vocabulary rows.
+@pytest.mark.parametrize("variant, published", [("1.5-7b", 7.06e9), ("1.5-13b", 13.4e9)])
+def test_paper_size_parameter_counts(variant, published):
+    assert abs(param_count(variant) / published - 1) < 0.02
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The tiny LLaVA trained for a few steps on a small built-in dataset through `vlm-jax train`."""
+    cache = str(tmp_path_factory.mktemp("cache"))
+    workdir = str(tmp_path_factory.mktemp("llava_run"))
+    argv = [
+        "train", "--config", f"{REPO}/configs/llava.py:data=builtin,scale=0.02", "--workdir", workdir,
+        "--config.total_steps=4", "--config.batch_size=8", "--config.eval_every=4", "--config.eval_examples=8",
+        "--config.checkpoint_every=4", "--config.log_every=2",
+    ]  # fmt: skip
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VLM_JAX_CACHE", cache)
+        status = cli.main(argv)
+    return str(workdir), status
+
+
+def test_tiny_llava_trains_evaluates_and_answers(trained, tmp_path, capsys):
+    workdir, status = trained
+    assert status == 0
+    scalars = open(os.path.join(workdir, "report", "index.html")).read()
+    assert "vqa_accuracy" in scalars and "cider" in scalars
+    image = tmp_path / "red.png"
+    Image.new("RGB", (64, 64), (220, 20, 20)).save(image)
+    capsys.readouterr()
+    argv = ["generate", "--checkpoint", workdir, "--image", str(image), "--prompt", "What colour is the shape?"]
+    assert cli.main(argv + ["--max_new_tokens", "6"]) == 0
+    answer = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "</s>" not in answer and "<image>" not in answer
+    out = tmp_path / "out.jsonl"
+    assert cli.main(argv + ["--max_new_tokens", "6", "--out", str(out)]) == 0
+    line = json.loads(out.read_text())
+    assert 1 <= len(line["tokens"]) <= 6
