@@ -1,0 +1,111 @@
+"""MiniGPT-v2 (Chen et al. 2023, arXiv:2310.09478): EVA ViT-g/14 at 448 px, 4 adjacent tokens concatenated and
+projected by one linear layer into LLaMA-2-7B-chat.
+
+Variants (`--config configs/minigpt_v2.py:variant=NAME[,data=DIR,tokenizer=FILE.model]`):
+  tiny  a 2-layer ViT (patch 8, 32 px: 16 patches -> 4 tokens), a 2-layer LM: CPU tests
+  7b    EVA ViT-g/14 as MiniGPT-4 / BLIP-2 use it (39 blocks of width 1408, the last of EVA-CLIP's 40 removed,
+        then `ln_vision`), 448 px -> 1024 patches -> 256 tokens of width 5632 -> linear -> LLaMA-2-7B (4096 wide)
+
+The paper trains in three stages, the vision encoder always frozen: (1) pretraining on weakly labelled and
+fine-grained data, (2) multi-task training on fine-grained data, (3) multi-modal instruction tuning; the linear
+layer and the LM (with LoRA in the paper; here the whole LM unless `optim.freeze` says otherwise) train.
+Prompts follow MiniGPT's "minigpt4" template (`<ImageHere>` placeholders; the paper adds task identifiers such
+as "[vqa]" to the instruction, which is text).
+"""
+
+from ml_collections import FieldReference
+
+from vlm_jax import sharding
+from vlm_jax.config_lib import ConfigDict, ConfigError, module_defaults, parse_arg
+from vlm_jax.encoders.vit import ViT
+from vlm_jax.lm.decoder import DecoderLM
+
+GROUP = 4  # tokens concatenated into one
+
+
+def get_config(arg=None):
+    arg = parse_arg(arg, variant="tiny", data="", tokenizer="")
+    if arg.variant not in ("tiny", "7b"):
+        raise ConfigError(f"variant {arg.variant!r} is not one of tiny, 7b.")
+    tiny = arg.variant == "tiny"
+    c = ConfigDict()
+    c.seed = 0
+    c.total_steps = 60 if tiny else 400_000
+    c.batch_size = 8 if tiny else 96
+    c.grad_accum_steps = 1
+    c.mesh = "data=-1,fsdp=1,tensor=1" if tiny else "data=-1,fsdp=8,tensor=1"
+    c.logical_axis_rules = sharding.DEFAULT_RULES
+    c.log_every = 10
+    c.checkpoint_every = 1000
+    c.keep_checkpoints = 3
+    c.eval_every = 0
+    c.eval_steps = 2
+    c.peak_tflops = 0.0
+
+    vit = module_defaults(ViT)
+    lm = dict(module_defaults(DecoderLM, exclude=("cross_attn_every",)), head_dim=0)
+    if tiny:
+        image_size, patch, seq_len = FieldReference(32), 8, FieldReference(64)
+        vit.update(variant="", width=32, depth=2, mlp_dim=64, num_heads=2, patch_size=patch)
+        lm.update(vocab_size=256, embed_dim=64, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=128)
+    else:
+        image_size, patch, seq_len = FieldReference(448), 14, FieldReference(1024)
+        vit.update(variant="g/14", depth=39)  # EVA ViT-g without its last block
+        lm.update(
+            vocab_size=32000, embed_dim=4096, num_layers=32, num_heads=32, num_kv_heads=32, mlp_dim=11008,
+            norm_eps=1e-5,
+        )  # fmt: skip
+    vit.update(image_size=image_size, norm_eps=1e-6, mlp_act="gelu", pool="cls")
+    c.model = ConfigDict(
+        dict(
+            name="minigpt_v2",
+            encoder="vit",
+            encoder_kwargs=vit,
+            feature_layer=None,  # the final tokens, after the ViT's final LayerNorm (MiniGPT's ln_vision)
+            drop_class_token=True,
+            connector=dict(kind="concat", group=GROUP),
+            lm=lm,
+            image_size=image_size,
+            image_tokens=(image_size // patch) * (image_size // patch) // GROUP,
+            image_token_id=3,  # the tokenizer's "<ImageHere>" once resolved; 3 without one (tests)
+            lm_checkpoint="",
+            vision_checkpoint="",
+        )
+    )
+    c.data = ConfigDict(
+        dict(
+            name="grain",
+            source="array_record",
+            train_path=arg.data,
+            validation_path=arg.data,
+            tokenizer=arg.tokenizer,
+            template="minigpt4",
+            seq_len=seq_len,
+            max_images=1,
+            packing_bins=32,
+            shuffle=True,
+            worker_count=0,
+            interleaved=dict(max_tokens=seq_len, max_images=1),
+            image=dict(mode="fixed", size=image_size, method="bicubic", normalization="clip", max_aspect_ratio=20.0),
+        )
+    )
+    if arg.tokenizer:
+        c.from_tokenizer = (("model.lm.vocab_size", "vocab_size"), ("model.image_token_id", "<ImageHere>"))
+    c.optim = ConfigDict(
+        dict(
+            name="adamw",
+            lr=3e-3 if tiny else 1e-4,
+            schedule="cosine",
+            warmup_steps=5 if tiny else 1000,
+            min_lr_ratio=0.1,
+            b1=0.9,
+            b2=0.999,
+            eps=1e-8,
+            weight_decay=0.05,
+            wd_exclude=(),
+            clip_norm=1.0,
+            freeze=("vision/.*",),  # the vision encoder stays frozen in every stage
+            lr_mults=(),
+        )
+    )
+    return c

@@ -1,0 +1,49 @@
+"""MiniGPT-v2: its configuration builds and trains a step on CPU; the paper size has the published parts' sizes."""
+
+import os
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from conftest import REPO
+from vlm_jax import models
+from vlm_jax.config_lib import load_config
+
+
+def build(variant):
+    return models.build(load_config(os.path.join(REPO, f"configs/minigpt_v2.py:variant={variant}")))
+
+
+def test_paper_size_parts_match_the_published_sizes():
+    system = build("7b")
+    assert system.image_tokens == 256  # 448 / 14 = 32, 32^2 = 1024 patches, 4 per token (notes: "-75%")
+    shapes = nn.unbox(jax.eval_shape(system.init, jax.random.PRNGKey(0), system.dummy_batch(1)))
+    count = {k: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(v)) for k, v in shapes.items()}
+    # LLaMA-2-7B: 6.74B parameters (Touvron et al. 2023, arXiv:2307.09288, table 1 and the released checkpoint).
+    assert abs(count["decoder"] / 6.74e9 - 1) < 0.02
+    # EVA ViT-g/14: "1.0B" parameters (Fang et al. 2023, EVA, arXiv:2211.07636, table 1; MiniGPT-v2 sec. 3.1).
+    assert abs(count["vision"] / 1.0e9 - 1) < 0.02
+    # One linear layer from 4 x 1408 to 4096 (with bias).
+    assert count["connector"] == 4 * 1408 * 4096 + 4096
+
+
+def test_tiny_merges_four_tokens_and_learns():
+    system = build("tiny")
+    assert system.image_tokens == 4  # 32 / 8 = 4, 16 patches -> 4 tokens
+    batch = system.dummy_batch(2)
+    batch["targets"] = np.roll(batch["tokens"], -1, axis=1)
+    batch["loss_mask"][:] = 1.0
+    params = nn.unbox(jax.jit(system.init)(jax.random.PRNGKey(0), batch))
+
+    def loss(p):
+        total, weight, _ = system.loss(p, batch)
+        return total / weight
+
+    value, grads = jax.value_and_grad(loss)(params)
+    assert np.isfinite(float(value))
+    assert float(jnp_norm(grads["connector"])) > 0  # the projector gets gradients through the LM
+
+
+def jnp_norm(tree):
+    return np.sqrt(sum(float(np.sum(np.square(x))) for x in jax.tree.leaves(tree)))
