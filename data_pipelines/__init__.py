@@ -12,7 +12,7 @@ from typing import Any, Iterator, Protocol
 import ml_collections
 import numpy as np
 
-from vlm_jax.config_lib import ConfigError
+from vlm_jax.errors import ConfigError
 
 
 class BatchIterator(Protocol):

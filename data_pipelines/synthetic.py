@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from vlm_jax.config_lib import ConfigError
+from vlm_jax.errors import ConfigError
 
 _SPLIT_IDS = {"train": 0, "validation": 1}
 

@@ -105,3 +105,16 @@ def test_masks_are_per_segment_and_packed_rows_equal_separate_rows():
     alone_b, _ = run(b_tokens, b_x, b_media, np.ones(4, int), np.ones(1, int))
     np.testing.assert_allclose(packed[:6], alone_a, atol=1e-5)
     np.testing.assert_allclose(packed[6:10], alone_b, atol=1e-5)
+
+
+def test_text_before_media_gets_exactly_zero_cross_attention_with_open_gates():
+    module = GatedCrossAttention(num_heads=2, head_dim=4)
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(1, 5, 8)), jnp.float32)
+    media = jnp.asarray(np.random.default_rng(2).normal(size=(1, 1, 2, 6)), jnp.float32)
+    tokens = jnp.array([[1, 2, IMG, 3, 4]])
+    mask = media_mask(tokens == IMG, jnp.ones((1, 5), jnp.int32), jnp.ones((1, 1), jnp.int32))
+    params = module.init(jax.random.key(0), x, media, mask)
+    params = {"params": {**params["params"], "attn_gate": jnp.asarray(1.0)}}  # ff_gate stays 0
+    out = np.asarray(module.apply(params, x, media, mask))
+    np.testing.assert_array_equal(out[0, :2], np.asarray(x)[0, :2])  # bit for bit: no media, nothing added
+    assert np.abs(out[0, 2:] - np.asarray(x)[0, 2:]).min() > 1e-4  # tokens after the image do attend

@@ -42,7 +42,8 @@ def _parse_config_flags(argv: list[str], extra: dict[str, str]):
     from absl import flags
     from ml_collections import config_flags
 
-    from vlm_jax.config_lib import ConfigError, load_config
+    from vlm_jax.config_lib import load_config
+    from vlm_jax.errors import ConfigError
 
     rest, spec = [], None
     args = iter(argv)

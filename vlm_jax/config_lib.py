@@ -15,13 +15,9 @@ from typing import Any, Iterable
 import ml_collections
 
 from vlm_jax import sharding
-from vlm_jax.errors import UserError
+from vlm_jax.errors import ConfigError  # defined there; configs/*.py import it from here
 
 ConfigDict = ml_collections.ConfigDict
-
-
-class ConfigError(UserError):
-    """A config that cannot work, explained in one sentence."""
 
 
 def parse_arg(arg: str | None, **defaults: Any) -> ConfigDict:
@@ -86,7 +82,7 @@ def from_json(text: str) -> ConfigDict:
 
 def validate(config: ConfigDict, num_devices: int) -> None:
     """Checks a training config against the registry and the device count."""
-    from vlm_jax import models  # local: models import this module's helpers
+    from vlm_jax import models  # local: loading a config should not import every system
 
     required = (
         "seed",

@@ -7,3 +7,7 @@ any other exception is a bug and keeps its traceback.
 
 class UserError(ValueError):
     """A problem with what the user gave us, explained in one sentence."""
+
+
+class ConfigError(UserError):
+    """A config that cannot work, explained in one sentence."""

@@ -18,9 +18,9 @@ import jax
 import jax.numpy as jnp
 
 from vlm_jax import sharding
-from vlm_jax.encoders.vit import Norm
-from vlm_jax.lm.gated_xattn import FF_ACTIVATIONS
-from vlm_jax.nn.layers import DenseGeneral
+from vlm_jax.nn.activations import activation
+from vlm_jax.nn.attention import attend
+from vlm_jax.nn.layers import DenseGeneral, Norm
 
 
 class PerceiverLayer(nn.Module):
@@ -47,15 +47,15 @@ class PerceiverLayer(nn.Module):
         if self.qk_norm:
             q = Norm("layernorm", self.norm_eps, ("head_dim",), self.dtype, name="query_norm")(q)
             k = Norm("layernorm", self.norm_eps, ("head_dim",), self.dtype, name="key_norm")(k)
-        scores = jnp.einsum("btqhd,btkhd->bthqk", q, k) * self.head_dim**-0.5
-        attn = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(self.dtype)
-        out = jnp.einsum("bthqk,btkhd->btqhd", attn, v)
+        b, t = q.shape[:2]
+        out = attend(q.reshape(b * t, *q.shape[2:]), k.reshape(b * t, *k.shape[2:]), v.reshape(b * t, *v.shape[2:]))
+        out = out.reshape(q.shape)
         latents = latents + DenseGeneral(
             width, ("heads", "head_dim", "embed"), in_dims=2, dtype=self.dtype, name="out"
         )(out)
         h = Norm("layernorm", self.norm_eps, dtype=self.dtype, name="ff_norm")(latents)
         h = DenseGeneral(width * self.ff_mult, ("embed", "mlp"), dtype=self.dtype, name="ff_in")(h)
-        h = DenseGeneral(width, ("mlp", "embed"), dtype=self.dtype, name="ff_out")(FF_ACTIVATIONS[self.ff_act](h))
+        h = DenseGeneral(width, ("mlp", "embed"), dtype=self.dtype, name="ff_out")(activation(self.ff_act)(h))
         return sharding.constrain(latents + h, ("batch", None, "latents", "embed")), None
 
 

@@ -7,9 +7,9 @@ import jax
 import jax.numpy as jnp
 
 from vlm_jax import sharding
-from vlm_jax.encoders.vit import Norm, encoder_stack
 from vlm_jax.errors import UserError
-from vlm_jax.nn.layers import DenseGeneral
+from vlm_jax.nn.encoder import encoder_stack
+from vlm_jax.nn.layers import DenseGeneral, Norm
 
 
 class TextTransformer(nn.Module):

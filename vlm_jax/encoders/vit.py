@@ -5,7 +5,8 @@ MLP width, head count and patch size (`decode_variant`); explicit fields
 override any of them (tiny test models). The block stack is one `nn.scan`
 (optionally rematerialised), so compile time does not grow with depth. When
 `taps` are requested the scan also returns every block's output, from which the
-requested layers are picked.
+requested layers are picked. The blocks (`EncoderBlock`, `MultiHeadAttention`,
+`Mlp`, `Norm`) are the shared ones of `vlm_jax/nn/`.
 
 Parameter layout (all float32, every leaf logically named)::
 
@@ -33,14 +34,8 @@ import numpy as np
 
 from vlm_jax import sharding
 from vlm_jax.errors import UserError
-from vlm_jax.nn.layers import DenseGeneral
-
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-}
+from vlm_jax.nn.encoder import MultiHeadAttention, encoder_stack
+from vlm_jax.nn.layers import DenseGeneral, Mlp, Norm
 
 # Shapes by size name. Sources: big_vision models/vit.py (Ti..G, So400m), OpenCLIP
 # ViT-bigG-14.json (bigG), OpenGVLab InternViT-6B / InternViT-300M config.json.
@@ -75,175 +70,6 @@ def decode_variant(variant: str) -> dict[str, int]:
     else:
         raise UserError(f"ViT variant {variant!r} lacks a patch size; write it as '{name}/16' (or /14, /32).")
     return dict(VARIANTS[name], patch_size=patch_size)
-
-
-# ---------------------------------------------------------------------------------------------
-# Building blocks shared with the text tower.
-
-
-def activation(name: str):
-    """The MLP nonlinearity by name: exact GELU, CLIP's quick GELU, or tanh-approximated GELU."""
-    if name == "gelu":
-        return lambda x: jax.nn.gelu(x, approximate=False)
-    if name == "gelu_tanh":
-        return lambda x: jax.nn.gelu(x, approximate=True)
-    if name == "quick_gelu":
-        return lambda x: x * jax.nn.sigmoid(1.702 * x)
-    if name == "relu":
-        return jax.nn.relu
-    raise UserError(f"unknown MLP activation {name!r}; use 'gelu', 'quick_gelu' or 'gelu_tanh'.")
-
-
-class Norm(nn.Module):
-    """LayerNorm (scale + bias) or RMSNorm (scale) over the trailing `len(axes)` dims, in float32."""
-
-    kind: str = "layernorm"
-    epsilon: float = 1e-6
-    axes: tuple[str, ...] = ("embed",)
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        n = len(self.axes)
-        shape = x.shape[x.ndim - n :]
-        red = tuple(range(x.ndim - n, x.ndim))
-        x32 = x.astype(jnp.float32)
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, self.axes), shape)
-        if self.kind == "layernorm":
-            mean = jnp.mean(x32, axis=red, keepdims=True)
-            var = jnp.mean(jnp.square(x32 - mean), axis=red, keepdims=True)
-            y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon) * scale
-            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes), shape)
-            y = y + bias
-        elif self.kind == "rmsnorm":
-            y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=red, keepdims=True) + self.epsilon) * scale
-        else:
-            raise UserError(f"unknown norm {self.kind!r}; use 'layernorm' or 'rmsnorm'.")
-        return y.astype(self.dtype)
-
-
-class MultiHeadAttention(nn.Module):
-    """Multi-head attention with biases (ViT/CLIP style); `kv` defaults to `x` (self-attention).
-
-    `mask` is a boolean [B, 1, Lq, Lk] (True = may attend). `qk_norm` normalises
-    queries and keys per head ("head") or over all heads jointly ("all", InternViT).
-    """
-
-    num_heads: int
-    use_bias: bool = True
-    qk_norm: bool = False
-    qk_norm_over: str = "head"
-    norm: str = "layernorm"
-    norm_eps: float = 1e-6
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array, kv: jax.Array | None = None, mask: jax.Array | None = None) -> jax.Array:
-        kv = x if kv is None else kv
-        width = x.shape[-1]
-        if width % self.num_heads:
-            raise UserError(f"width {width} is not divisible by num_heads {self.num_heads}.")
-        head_dim = width // self.num_heads
-        proj = dict(kernel_axes=("embed", "heads", "head_dim"), use_bias=self.use_bias, dtype=self.dtype)
-        q = DenseGeneral((self.num_heads, head_dim), name="query", **proj)(x)
-        k = DenseGeneral((self.num_heads, head_dim), name="key", **proj)(kv)
-        v = DenseGeneral((self.num_heads, head_dim), name="value", **proj)(kv)
-        if self.qk_norm:
-            axes = ("head_dim",) if self.qk_norm_over == "head" else ("heads", "head_dim")
-            q = Norm(self.norm, self.norm_eps, axes, self.dtype, name="query_norm")(q)
-            k = Norm(self.norm, self.norm_eps, axes, self.dtype, name="key_norm")(k)
-        names = ("batch", "length", "heads", "head_dim")
-        q, k, v = (sharding.constrain(t, names) for t in (q, k, v))
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
-        out = sharding.constrain(out, names)
-        return DenseGeneral(
-            width, ("heads", "head_dim", "embed"), in_dims=2, use_bias=self.use_bias, dtype=self.dtype, name="out"
-        )(out)
-
-
-class Mlp(nn.Module):
-    """fc2(act(fc1(x))) with biases."""
-
-    mlp_dim: int
-    act: str = "gelu"
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        h = DenseGeneral(self.mlp_dim, ("embed", "mlp"), use_bias=True, dtype=self.dtype, name="fc1")(x)
-        h = sharding.constrain(activation(self.act)(h), ("batch", "length", "mlp"))
-        return DenseGeneral(x.shape[-1], ("mlp", "embed"), use_bias=True, dtype=self.dtype, name="fc2")(h)
-
-
-class EncoderBlock(nn.Module):
-    """Pre-norm block: x + ls1 * attn(norm(x)), then x + ls2 * mlp(norm(x)).
-
-    Used as the body of `nn.scan`: returns (x, x if `emit` else None).
-    """
-
-    num_heads: int
-    mlp_dim: int
-    norm: str = "layernorm"
-    norm_eps: float = 1e-6
-    mlp_act: str = "gelu"
-    attn_bias: bool = True
-    qk_norm: bool = False
-    qk_norm_over: str = "head"
-    layer_scale: float | None = None
-    emit: bool = False
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array | None):
-        names = ("batch", "length", "embed")
-        h = Norm(self.norm, self.norm_eps, dtype=self.dtype, name="attn_norm")(x)
-        h = MultiHeadAttention(
-            self.num_heads,
-            self.attn_bias,
-            self.qk_norm,
-            self.qk_norm_over,
-            self.norm,
-            self.norm_eps,
-            self.dtype,
-            name="attn",
-        )(h, mask=mask)
-        if self.layer_scale is not None:
-            ls1 = self.param(
-                "ls1",
-                nn.with_logical_partitioning(nn.initializers.constant(self.layer_scale), ("embed",)),
-                (x.shape[-1],),
-            )
-            h = h * ls1.astype(h.dtype)
-        x = sharding.constrain(x + h, names)
-        h = Norm(self.norm, self.norm_eps, dtype=self.dtype, name="mlp_norm")(x)
-        h = Mlp(self.mlp_dim, self.mlp_act, self.dtype, name="mlp")(h)
-        if self.layer_scale is not None:
-            ls2 = self.param(
-                "ls2",
-                nn.with_logical_partitioning(nn.initializers.constant(self.layer_scale), ("embed",)),
-                (x.shape[-1],),
-            )
-            h = h * ls2.astype(h.dtype)
-        x = sharding.constrain(x + h, names)
-        return x, (x if self.emit else None)
-
-
-def encoder_stack(depth: int, remat: str, name: str = "layers", **block_kwargs) -> nn.Module:
-    """`depth` EncoderBlocks as one `nn.scan` (params stacked on a leading 'layers' axis)."""
-    if remat not in REMAT_POLICIES:
-        raise UserError(f"unknown remat policy {remat!r}; use one of {', '.join(REMAT_POLICIES)}.")
-    block = EncoderBlock
-    if REMAT_POLICIES[remat] is not None:
-        block = nn.remat(block, policy=REMAT_POLICIES[remat], prevent_cse=False)
-    stack = nn.scan(
-        block,
-        variable_axes={"params": 0},
-        split_rngs={"params": True},
-        in_axes=(nn.broadcast,),
-        length=depth,
-        metadata_params={nn.PARTITION_NAME: "layers"},
-    )
-    return stack(name=name, **block_kwargs)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,15 +33,10 @@ import jax.numpy as jnp
 from vlm_jax import sharding
 from vlm_jax.errors import UserError
 from vlm_jax.lm.gated_xattn import GatedCrossAttention
+from vlm_jax.nn.activations import ACTIVATIONS
 from vlm_jax.nn.attention import SelfAttention
-from vlm_jax.nn.layers import ACTIVATIONS, MLP, DenseGeneral, LayerNorm, RMSNorm, SwiGLU
-
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-}
+from vlm_jax.nn.layers import MLP, DenseGeneral, LayerNorm, RMSNorm, SwiGLU
+from vlm_jax.nn.remat import remat
 
 
 class DecoderBlock(nn.Module):
@@ -221,9 +216,7 @@ class DecoderLM(nn.Module):
             )
         x = sharding.constrain(x, ("batch", "length", "embed"))
 
-        block = DecoderBlock
-        if REMAT_POLICIES[self.remat] is not None:
-            block = nn.remat(block, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+        block = remat(DecoderBlock, self.remat)
         attn = dict(
             num_heads=self.num_heads,
             num_kv_heads=self.num_kv_heads,

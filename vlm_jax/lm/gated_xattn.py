@@ -32,15 +32,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlm_jax.encoders.vit import Norm
 from vlm_jax.errors import UserError
-from vlm_jax.nn.layers import DenseGeneral, SwiGLU
-
-FF_ACTIVATIONS = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "relu": jax.nn.relu,
-    "sqrelu": lambda x: jnp.square(jax.nn.relu(x)),
-}
+from vlm_jax.nn.activations import activation
+from vlm_jax.nn.attention import attend
+from vlm_jax.nn.layers import DenseGeneral, Norm, SwiGLU
 
 
 def media_mask(
@@ -105,11 +100,8 @@ class GatedCrossAttention(nn.Module):
         if self.qk_norm:
             q = Norm("rmsnorm", self.norm_eps, ("head_dim",), self.dtype, name="query_norm")(q)
             k = Norm("rmsnorm", self.norm_eps, ("head_dim",), self.dtype, name="key_norm")(k)
-        scores = jnp.einsum("blhd,bkhd->bhlk", q, k).astype(jnp.float32) * self.head_dim**-0.5
-        allowed = jnp.repeat(mask, n, axis=-1)[:, None]  # [B, 1, L, M*n]
-        weights = jax.nn.softmax(jnp.where(allowed, scores, -1e30), axis=-1)
-        weights = jnp.where(allowed.any(-1, keepdims=True), weights, 0.0).astype(self.dtype)  # no media: zero
-        out = jnp.einsum("bhlk,bkhd->blhd", weights, v)
+        out = attend(q, k, v, jnp.repeat(mask, n, axis=-1)[:, None])  # mask [B, 1, L, M*n]
+        out = jnp.where(mask.any(-1)[:, :, None, None], out, 0)  # a token with no media: exactly zero
         out = DenseGeneral(width, ("heads", "head_dim", "embed"), in_dims=2, dtype=self.dtype, name="out")(out)
         x = x + jnp.tanh(attn_gate).astype(self.dtype) * out
         h = Norm(self.norm, self.norm_eps, dtype=self.dtype, name="ff_norm")(x)
@@ -118,7 +110,7 @@ class GatedCrossAttention(nn.Module):
             h = SwiGLU(hidden, self.dtype, name="ff")(h)
         elif self.ff == "plain":
             h = DenseGeneral(hidden, ("embed", "mlp"), dtype=self.dtype, name="ff_in")(h)
-            h = DenseGeneral(width, ("mlp", "embed"), dtype=self.dtype, name="ff_out")(FF_ACTIVATIONS[self.ff_act](h))
+            h = DenseGeneral(width, ("mlp", "embed"), dtype=self.dtype, name="ff_out")(activation(self.ff_act)(h))
         else:
             raise UserError(f"cross-attention ff {self.ff!r} is not 'plain' or 'gated'.")
         return x + jnp.tanh(ff_gate).astype(self.dtype) * h

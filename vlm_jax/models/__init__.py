@@ -44,7 +44,7 @@ def names() -> list[str]:
 
 def get(name: str) -> type[System]:
     """The `System` class registered as `name`."""
-    from vlm_jax.config_lib import ConfigError
+    from vlm_jax.errors import ConfigError
 
     _load_all()
     if name not in _REGISTRY:

@@ -16,10 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlm_jax import losses, sharding
-from vlm_jax.config_lib import ConfigError
 from vlm_jax.encoders.two_tower import TwoTower
 from vlm_jax.encoders.vit import ViT
-from vlm_jax.errors import UserError
+from vlm_jax.errors import ConfigError, UserError
 from vlm_jax.models import register
 from vlm_jax.models.base import System
 

@@ -33,8 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from data_pipelines import templates
-from vlm_jax.config_lib import ConfigError
-from vlm_jax.errors import UserError
+from vlm_jax.errors import ConfigError, UserError
 from vlm_jax.lm.decoder import DecoderLM
 from vlm_jax.models import parts
 from vlm_jax.models.base import Decoding, System

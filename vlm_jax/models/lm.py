@@ -11,8 +11,7 @@ import numpy as np
 import optax
 
 from data_pipelines import templates
-from vlm_jax.config_lib import ConfigError
-from vlm_jax.errors import UserError
+from vlm_jax.errors import ConfigError, UserError
 from vlm_jax.lm.decoder import DecoderLM
 from vlm_jax.models import register
 from vlm_jax.models.base import Decoding, System

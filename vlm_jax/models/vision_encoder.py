@@ -12,8 +12,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from vlm_jax.config_lib import ConfigError
-from vlm_jax.errors import UserError
+from vlm_jax.errors import ConfigError, UserError
 from vlm_jax.models import register
 from vlm_jax.models.base import System
 

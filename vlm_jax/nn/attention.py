@@ -1,4 +1,5 @@
-"""Decoder self-attention: grouped KV heads, segment-aware causal masks, position schemes and a KV cache."""
+"""`attend`, the attention function of every module, and the decoder's self-attention: grouped KV heads,
+segment-aware causal masks, position schemes and a KV cache."""
 
 from __future__ import annotations
 
@@ -9,9 +10,13 @@ import jax
 import jax.numpy as jnp
 
 from vlm_jax import sharding
+from vlm_jax.errors import UserError
 from vlm_jax.nn.layers import DenseGeneral
 from vlm_jax.nn.positions import alibi_bias, alibi_slopes, sinusoid
 from vlm_jax.nn.rope import apply_rope
+
+# The logit of a masked pair: finite in float32, so a fully masked row softmaxes to uniform weights, not NaN.
+_MASKED = jnp.finfo(jnp.float32).min
 
 
 def causal_segment_mask(segment_ids: jax.Array, kv_segment_ids: jax.Array | None = None, offset=0) -> jax.Array:
@@ -28,23 +33,38 @@ def causal_segment_mask(segment_ids: jax.Array, kv_segment_ids: jax.Array | None
     return (same & causal)[:, None, :, :]
 
 
-def attend(q, k, v, mask, bias=None, logit_softcap: float = 0.0) -> jax.Array:
+def attend(q, k, v, mask=None, bias=None, logit_softcap: float = 0.0) -> jax.Array:
     """Softmax attention of q [B, T, H, D] over k, v [B, S, K, D] (K divides H; head h reads KV head h // (H / K)).
 
-    mask [B, 1, T, S] bool; bias [B, H, T, S] is added to the scaled logits,
-    then logits are soft-capped (`cap * tanh(logits / cap)`, Gemma 2) if
-    `logit_softcap` > 0. Logits and softmax are float32.
+    The one attention function of every module (decoder, encoders, connectors,
+    gated cross-attention). `mask` [B or 1, 1 or H, T, S] bool (True = may
+    attend); `bias` [B or 1, H, T, S] is added to the logits scaled by
+    D^-1/2. Logits and the softmax are float32 whatever the input dtype; the
+    weights are cast to v's dtype. A fully masked row gets the uniform average
+    of the values (callers that need zero there mask the output).
+
+    Without a soft-cap this is `jax.nn.dot_product_attention` with its default
+    implementation (XLA in jax 0.10; it computes the logits with float32
+    accumulation and the softmax in float32). `logit_softcap` = c > 0 (Gemma 2)
+    maps the logits (bias included) to c * tanh(logits / c) before masking,
+    which `dot_product_attention` cannot do, so that case is an explicit
+    einsum with the same float32 semantics.
     """
     b, t, h, d = q.shape
     kv_heads = k.shape[2]
-    q = q.reshape(b, t, kv_heads, h // kv_heads, d)
-    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * d**-0.5
+    if h % kv_heads:
+        raise UserError(f"attention has {h} query heads, which {kv_heads} key/value heads do not divide.")
+    if not logit_softcap:
+        return jax.nn.dot_product_attention(q, k, v, bias, mask)
+    grouped = q.reshape(b, t, kv_heads, h // kv_heads, d)
+    logits = jnp.einsum("btkgd,bskd->bkgts", grouped, k, preferred_element_type=jnp.float32)
+    logits = logits.reshape(b, h, t, -1) * d**-0.5
     if bias is not None:
-        logits = logits + bias.reshape(b, kv_heads, h // kv_heads, t, -1)
-    if logit_softcap:
-        logits = logit_softcap * jnp.tanh(logits / logit_softcap)
-    logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        logits = logits + bias
+    logits = logit_softcap * jnp.tanh(logits / logit_softcap)
+    if mask is not None:
+        logits = jnp.where(mask, logits, _MASKED)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype).reshape(b, kv_heads, h // kv_heads, t, -1)
     return jnp.einsum("bkgts,bskd->btkgd", weights, v).reshape(b, t, h, d)
 
 

@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 
 from vlm_jax import sharding
+from vlm_jax.errors import UserError
+from vlm_jax.nn.activations import activation
 
 Dtype = Any
 
@@ -90,12 +92,37 @@ class LayerNorm(nn.Module):
         return y.astype(self.dtype)
 
 
-# MLP activations: "silu" (LLaMA's SwiGLU), "gelu" (exact: MPT, GPT-NeoX), "gelu_tanh" (Gemma's GeGLU, GPT-2).
-ACTIVATIONS = {
-    "silu": nn.silu,
-    "gelu": lambda x: nn.gelu(x, approximate=False),
-    "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
-}
+class Norm(nn.Module):
+    """LayerNorm (scale + bias) or RMSNorm (scale) over the trailing `len(axes)` dims, in float32.
+
+    The encoders', connectors' and cross-attention's norm: `axes` names the
+    normalised dims, so it also normalises queries and keys per head
+    (("head_dim",)) or over all heads (("heads", "head_dim"), InternViT).
+    """
+
+    kind: str = "layernorm"
+    epsilon: float = 1e-6
+    axes: tuple[str, ...] = ("embed",)
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n = len(self.axes)
+        shape = x.shape[x.ndim - n :]
+        red = tuple(range(x.ndim - n, x.ndim))
+        x32 = x.astype(jnp.float32)
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, self.axes), shape)
+        if self.kind == "layernorm":
+            mean = jnp.mean(x32, axis=red, keepdims=True)
+            var = jnp.mean(jnp.square(x32 - mean), axis=red, keepdims=True)
+            y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon) * scale
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes), shape)
+            y = y + bias
+        elif self.kind == "rmsnorm":
+            y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=red, keepdims=True) + self.epsilon) * scale
+        else:
+            raise UserError(f"unknown norm {self.kind!r}; use 'layernorm' or 'rmsnorm'.")
+        return y.astype(self.dtype)
 
 
 class SwiGLU(nn.Module):
@@ -112,7 +139,7 @@ class SwiGLU(nn.Module):
         kw = dict(dtype=self.dtype, use_bias=self.use_bias)
         gate = DenseGeneral(self.hidden_dim, ("embed", "mlp"), name="gate", **kw)(x)
         up = DenseGeneral(self.hidden_dim, ("embed", "mlp"), name="up", **kw)(x)
-        h = sharding.constrain(ACTIVATIONS[self.act](gate) * up, ("batch", "length", "mlp"))
+        h = sharding.constrain(activation(self.act)(gate) * up, ("batch", "length", "mlp"))
         return DenseGeneral(embed_dim, ("mlp", "embed"), name="down", **kw)(h)
 
 
@@ -129,5 +156,19 @@ class MLP(nn.Module):
         embed_dim = x.shape[-1]
         kw = dict(dtype=self.dtype, use_bias=self.use_bias)
         h = DenseGeneral(self.hidden_dim, ("embed", "mlp"), name="up", **kw)(x)
-        h = sharding.constrain(ACTIVATIONS[self.act](h), ("batch", "length", "mlp"))
+        h = sharding.constrain(activation(self.act)(h), ("batch", "length", "mlp"))
         return DenseGeneral(embed_dim, ("mlp", "embed"), name="down", **kw)(h)
+
+
+class Mlp(nn.Module):
+    """fc2(act(fc1(x))) with biases (the ViT / CLIP / SigLIP encoder MLP; parameters `fc1`, `fc2`)."""
+
+    mlp_dim: int
+    act: str = "gelu"
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = DenseGeneral(self.mlp_dim, ("embed", "mlp"), use_bias=True, dtype=self.dtype, name="fc1")(x)
+        h = sharding.constrain(activation(self.act)(h), ("batch", "length", "mlp"))
+        return DenseGeneral(x.shape[-1], ("mlp", "embed"), use_bias=True, dtype=self.dtype, name="fc2")(h)

@@ -35,7 +35,7 @@ import ml_collections
 import optax
 from flax import traverse_util
 
-from vlm_jax.config_lib import ConfigError
+from vlm_jax.errors import ConfigError
 
 
 def path_str(path: tuple) -> str:

@@ -34,6 +34,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 import data_pipelines
 from vlm_jax import config_lib, models, report, sharding
+from vlm_jax.errors import ConfigError
 from vlm_jax.train import optimizer as optim_lib
 from vlm_jax.train.checkpoint import Checkpointer, abstract_like
 from vlm_jax.train.metrics import Reporter, ThroughputWindow, peak_flops
@@ -110,14 +111,14 @@ class Trainer:
         """
         missing = [k for k in self.batch_shardings if k not in host_batch]
         if missing:
-            raise config_lib.ConfigError(
+            raise ConfigError(
                 f"the data pipeline {self.config.data.name!r} yields no {', '.join(missing)}, "
                 f"which model {self.config.model.name!r} needs."
             )
         extra = sorted(set(host_batch) - set(self.batch_shardings))
         unused = [k for k in extra if k not in self.system.ignored_batch_keys]
         if unused:
-            raise config_lib.ConfigError(
+            raise ConfigError(
                 f"the data pipeline yields {', '.join(unused)}, which model {self.config.model.name!r} does not "
                 "read; change the data config (e.g. its template) or the model."
             )
@@ -239,7 +240,7 @@ def evaluate(trainer: Trainer, params: Any) -> dict[str, float]:
             totals[k] = totals.get(k, 0.0) + float(v)
         batches += 1
     if batches == 0 and steps > 0:
-        raise config_lib.ConfigError(
+        raise ConfigError(
             f"the validation data gives no batch of batch_size={config.batch_size} rows: use more validation "
             "records, a smaller batch_size, or eval_every=0 (no evaluation)."
         )

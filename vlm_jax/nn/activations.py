@@ -1,0 +1,29 @@
+"""The MLP nonlinearities by name, one table for every tower (ViT, text, decoder, connectors, cross-attention)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from vlm_jax.errors import UserError
+
+# "silu": LLaMA's SwiGLU; "gelu": exact GELU (ViT, MPT, GPT-NeoX, open_flamingo); "gelu_tanh": tanh-approximated
+# GELU (Gemma's GeGLU, GPT-2, SigLIP); "quick_gelu": CLIP's x * sigmoid(1.702 x); "relu" (IDEFICS's resampler);
+# "sqrelu": squared ReLU (the Flamingo paper's feed-forward blocks).
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "silu": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "relu": jax.nn.relu,
+    "sqrelu": lambda x: jnp.square(jax.nn.relu(x)),
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    """The nonlinearity called `name` in `ACTIVATIONS`; an unknown name is a UserError listing the known ones."""
+    if name not in ACTIVATIONS:
+        raise UserError(f"unknown activation {name!r}; known: {', '.join(ACTIVATIONS)}.")
+    return ACTIVATIONS[name]
