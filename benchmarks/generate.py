@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from vlm_jax import generate, models
+from vlm_jax import generate, models, prerequisites
 from vlm_jax.cli import _parse_config_flags
 
 
@@ -34,7 +34,7 @@ def main(argv: list[str]) -> dict:
     parser.add_argument("--images", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     args, rest = parser.parse_known_args(argv)
-    config = _parse_config_flags(rest, {}).config
+    config = prerequisites.resolve(_parse_config_flags(rest, {}).config, train=False)  # random weights: no runs
     system = models.build(config)
     params = nn.unbox(jax.jit(system.init)(jax.random.key(0), system.dummy_batch(1)))
 

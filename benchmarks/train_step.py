@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import data_pipelines
+from vlm_jax import prerequisites
 from vlm_jax.cli import _parse_config_flags
 from vlm_jax.train.metrics import measure_matmul_flops
 from vlm_jax.train.trainer import Trainer
@@ -34,7 +35,8 @@ def main(argv: list[str]) -> dict:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--matmul_size", type=int, default=2048)
     args, rest = parser.parse_known_args(argv)
-    config = _parse_config_flags(rest, {}).config
+    # data prerequisites are built if missing; runs (a pretrained LM) are not: random weights time the same
+    config = prerequisites.resolve(_parse_config_flags(rest, {}).config, train=False)
 
     trainer = Trainer(config)
     state = trainer.init(jax.random.key(config.seed))

@@ -6,15 +6,20 @@ Variants (`--config configs/clip.py:variant=NAME`):
   L/14   CLIP ViT-L/14: image ViT-L/14 at 224, text 12 x 768, embed 768
 
 `configs/clip.py:data=builtin` trains the tiny CLIP on the built-in dataset's captions instead (64 px, the
-dataset's own tokenizer; built and cached on first use) and evaluates it at the end on held-out (colour,
+dataset's own tokenizer; a prerequisite the trainer builds when training starts, once, cached:
+vlm_jax/prerequisites.py) and evaluates it at the end on held-out (colour,
 shape) combinations, scikit-learn's digits and scikit-image's photos (`builtin_job`).
 """
 
 import math
 
+from ml_collections import FieldReference
+
 from data_pipelines import shapes
 from vlm_jax import sharding
-from vlm_jax.config_lib import ConfigDict, ConfigError, parse_arg
+from vlm_jax.config_lib import ConfigDict, ConfigError, module_defaults, parse_arg
+from vlm_jax.encoders.text import TextTransformer
+from vlm_jax.encoders.vit import ViT
 
 # (vision variant, image size, text width, text depth, text heads, embed dim)
 PAPER = {"B/16": ("B/16", 224, 512, 12, 8, 512), "L/14": ("L/14", 224, 768, 12, 12, 768)}
@@ -58,6 +63,10 @@ def get_config(arg=None):
         )
     else:
         raise ConfigError(f"variant {arg.variant!r} is not one of tiny, {', '.join(PAPER)}.")
+    # One source each: model.vision.image_size is data.image_size, model.text.max_len is data.text_len (one
+    # reference each). Every ViT and text-tower setting is a key, at the module's default unless set here.
+    vision = dict(module_defaults(ViT), **dict(vision, image_size=FieldReference(vision["image_size"])))
+    text = dict(module_defaults(TextTransformer), **dict(text, max_len=FieldReference(text["max_len"])))
     c.zero_shot = ConfigDict(shapes.zero_shot_config())
     c.model = ConfigDict(
         dict(
@@ -71,7 +80,9 @@ def get_config(arg=None):
             text=dict(text, causal=True, pool="eos", mlp_act="quick_gelu", norm_eps=1e-5),
         )
     )
-    c.data = ConfigDict(shapes.pairs_data_config(vision["image_size"], text["max_len"], "clip"))
+    c.data = ConfigDict(
+        shapes.pairs_data_config(c.model.vision.get_ref("image_size"), c.model.text.get_ref("max_len"), "clip")
+    )
     c.optim = ConfigDict(
         dict(
             name="adamw",
@@ -96,17 +107,17 @@ def get_config(arg=None):
 def builtin_job(c):
     """The tiny CLIP on the built-in captions (`data_pipelines/builtin`), evaluated at the end by
     `evaluators/dual_encoder_tasks.py` as `configs/siglip.py:data=builtin` is (docs/evaluation.md)."""
-    from data_pipelines.builtin import build
     from data_pipelines.pairs import builtin_captions_config
-    from data_pipelines.tokenizer import Tokenizer
     from vlm_jax.evaluators.dual_encoder_tasks import builtin_eval_tasks
 
-    root = build.ensure()
-    size, text_len = 64, 56  # the scenes' size; the longest caption is 51 ids + bos + eos
+    root = "prerequisite:builtin"  # the built-in dataset's folder, once resolved
+    c.prerequisites = ConfigDict(dict(builtin=dict(kind="builtin_data", seed=0, image_size=64, scale=1.0)))
+    size, text_len = c.model.vision.get_ref("image_size"), c.model.text.get_ref("max_len")
     c.data = ConfigDict(builtin_captions_config(root, size, text_len, "clip"))
-    tokenizer = Tokenizer(c.data.tokenizer)
-    c.model.vision.image_size = size
-    c.model.text.update(max_len=text_len, vocab_size=tokenizer.vocab_size, eos_token_id=tokenizer.eos_id)
+    c.model.vision.image_size = 64  # the scenes' size
+    c.model.text.max_len = 56  # the longest caption is 51 ids + bos + eos
+    c.model.text.vocab_size = c.model.text.eos_token_id = 0  # the tokenizer's, when the config is resolved
+    c.from_tokenizer = (("model.text.vocab_size", "vocab_size"), ("model.text.eos_token_id", "eos_id"))
     del c.zero_shot  # the shapes' colour labels; eval_tasks replaces it
     c.eval_tasks = builtin_eval_tasks(root)
     c.eval_examples = 256

@@ -20,10 +20,28 @@ over a `vlm-jax data build` folder, rendered with the "flamingo" template
 `lm_checkpoint` / `vision_checkpoint` start the frozen parts from checkpoints
 (an `lm` and a `vision_encoder` or `dual_encoder`, e.g. `vlm-jax convert-hf`
 outputs; `model.lm` / `model.encoder_kwargs` must describe the same shapes).
+
+Loading reads and builds nothing: with `tokenizer=FILE` the vocabulary size and
+the `<image>` / `<|endofchunk|>` ids are `from_tokenizer` values, read when the
+config is resolved, and the main job's data and pretrained LM are declared
+prerequisites that the trainer resolves when training starts, once, cached
+(vlm_jax/prerequisites.py; docs/training.md). Every option of the encoder, the
+resampler, the LM and its cross-attention blocks is a key at the module's
+default (`--config.model.lm.cross_attn.gate_init=1.0`), and keys that must agree
+(image size, sequence length, image slots) are one reference.
 """
 
+import os
+
+from ml_collections import FieldReference
+
 from vlm_jax import sharding
-from vlm_jax.config_lib import ConfigDict, ConfigError, parse_arg
+from vlm_jax.config_lib import ConfigDict, ConfigError, load_config, module_defaults, parse_arg
+from vlm_jax.connectors.perceiver import PerceiverResampler
+from vlm_jax.encoders.nfnet import NFNet
+from vlm_jax.encoders.vit import ViT
+from vlm_jax.lm.decoder import DecoderLM
+from vlm_jax.lm.gated_xattn import GatedCrossAttention
 
 # Flamingo paper (Alayrac et al. 2022, arXiv:2204.14198), appendix tables 4 (hyper-parameters) and 5 (parameter
 # counts). All sizes share a frozen NFNet-F6 (435M) and a trained 6-layer resampler of width 1536 (16 heads, 64
@@ -83,42 +101,48 @@ def get_config(arg=None):
     c.eval_steps = 2
     c.peak_tflops = 0.0
 
-    vocab = int(arg.vocab)
+    # Values read from the tokenizer when the config is resolved (vlm_jax/prerequisites.py): loading reads no file.
+    from_tokenizer = ()
+    vocab, media_token_id = int(arg.vocab), 3  # placeholders for configs without a tokenizer (parameter counts, tests)
     if arg.tokenizer:
-        from data_pipelines.tokenizer import Tokenizer
+        vocab = media_token_id = 0
+        from_tokenizer = (("model.lm.vocab_size", "vocab_size"), ("model.media_token_id", "<image>"))
+    elif arg.train_new_tokens:
+        raise ConfigError("train_new_tokens needs tokenizer=FILE.model (it names the <image> and <|endofchunk|> ids).")
 
-        tokenizer = Tokenizer(arg.tokenizer)
-        vocab, media_token_id = tokenizer.vocab_size, tokenizer.token_id("<image>")
-        new_tokens = (media_token_id, tokenizer.token_id("<|endofchunk|>"))
-    else:
-        if arg.train_new_tokens:
-            raise ConfigError(
-                "train_new_tokens needs tokenizer=FILE.model (it names the <image> and <|endofchunk|> ids)."
-            )
-        media_token_id = 3  # placeholder id for configs built without a tokenizer (parameter counts, tests)
-
+    # One source each: model.image_size, model.encoder_kwargs.image_size and data.image.size are one reference,
+    # data.seq_len and data.interleaved.max_tokens another, data.max_images and data.interleaved.max_images a
+    # third, so `--config.data.seq_len=256` (or any of the names) changes every place.
+    # Every setting of the vision encoder, the resampler, the LM and its cross-attention blocks is a key, at the
+    # module's default unless set here (`module_defaults`).
+    xattn_defaults = module_defaults(GatedCrossAttention, exclude=("dtype",))  # the LM's dtype
+    lm_defaults = dict(module_defaults(DecoderLM), head_dim=0)  # 0 = embed_dim // num_heads
     if arg.variant == "tiny":
-        image_size, seq_len = 32, 64
+        image_size, seq_len, max_images = FieldReference(32), FieldReference(64), FieldReference(4)
         encoder = "vit"
         encoder_kwargs = dict(
-            variant="", width=32, depth=1, mlp_dim=64, num_heads=2, patch_size=8, image_size=image_size,
-            pre_norm=True, norm_eps=1e-5, mlp_act="quick_gelu",
+            module_defaults(ViT), variant="", width=32, depth=1, mlp_dim=64, num_heads=2, patch_size=8,
+            image_size=image_size, pre_norm=True, norm_eps=1e-5, mlp_act="quick_gelu",
         )  # fmt: skip
-        resampler = dict(depth=1, num_heads=2, head_dim=16, num_latents=4)
+        resampler = dict(module_defaults(PerceiverResampler), depth=1, num_heads=2, head_dim=16, num_latents=4)
         lm = dict(
-            vocab_size=vocab, embed_dim=64, num_layers=4, num_heads=4, num_kv_heads=2, mlp_dim=128,
-            cross_attn_every=2, cross_attn=dict(num_heads=2, head_dim=16),
+            lm_defaults, vocab_size=vocab, embed_dim=64, num_layers=4, num_heads=4, num_kv_heads=2, mlp_dim=128,
+            cross_attn_every=2, cross_attn=dict(xattn_defaults, num_heads=2, head_dim=16),
         )  # fmt: skip
     else:
         width, layers, heads, every = LMS[arg.variant]
-        image_size, seq_len = 320, 2048  # Flamingo pretrains NFNet-F6 at 288/320 px
+        # Flamingo pretrains NFNet-F6 at 288/320 px
+        image_size, seq_len, max_images = FieldReference(320), FieldReference(2048), FieldReference(5)
         encoder = "nfnet"
-        encoder_kwargs = dict(variant="F6", num_classes=0)
-        resampler = dict(depth=6, num_heads=16, head_dim=128, num_latents=64, ff_act="sqrelu", width=1536)
+        encoder_kwargs = dict(module_defaults(NFNet), variant="F6", num_classes=0)
+        resampler = dict(
+            module_defaults(PerceiverResampler), depth=6, num_heads=16, head_dim=128, num_latents=64,
+            ff_act="sqrelu", width=1536,
+        )  # fmt: skip
         lm = dict(
-            vocab_size=32000, embed_dim=width, num_layers=layers, num_heads=heads, num_kv_heads=heads,
+            lm_defaults, vocab_size=32000, embed_dim=width, num_layers=layers, num_heads=heads, num_kv_heads=heads,
             mlp_dim=4 * width, mlp="plain", mlp_act="gelu", position_embedding="relative", tie_embeddings=True,
-            cross_attn_every=every, cross_attn=dict(num_heads=heads, head_dim=128, ff_act="sqrelu"),
+            cross_attn_every=every, cross_attn=dict(xattn_defaults, num_heads=heads, head_dim=128, ff_act="sqrelu"),
         )  # fmt: skip
     c.model = ConfigDict(
         dict(
@@ -145,11 +169,11 @@ def get_config(arg=None):
             tokenizer=arg.tokenizer,
             template="flamingo",
             seq_len=seq_len,
-            max_images=4 if arg.variant == "tiny" else 5,
+            max_images=max_images,
             packing_bins=32,
             shuffle=True,
             worker_count=0,
-            interleaved=dict(max_tokens=seq_len, max_images=4 if arg.variant == "tiny" else 5),
+            interleaved=dict(max_tokens=seq_len, max_images=max_images),
             image=dict(mode="fixed", size=image_size, method="bicubic", normalization="clip", max_aspect_ratio=20.0),
         )
     )
@@ -172,7 +196,10 @@ def get_config(arg=None):
     )
     if arg.train_new_tokens:  # the embedding trains, but only the rows of <image> and <|endofchunk|>
         c.optim.freeze = tuple(p for p in FROZEN if p != "decoder/embed/.*")
-        c.optim.trainable_rows = (("decoder/embed/embedding", new_tokens),)
+        c.optim.trainable_rows = (("decoder/embed/embedding", ()),)
+        from_tokenizer += (("optim.trainable_rows.0.1", ("<image>", "<|endofchunk|>")),)
+    if from_tokenizer:
+        c.from_tokenizer = from_tokenizer
     return c
 
 
@@ -184,9 +211,11 @@ MAIN_JOB_EVALS = ("vqa", "captions", "grounding", "fewshot")
 def builtin_main_job(arg):
     """The README's first command: the tiny Flamingo trained from scratch on the built-in dataset, then evaluated.
 
-    `data_pipelines/builtin` is built (about 25 s) and cached on first use with its own tokenizer. Nothing
-    pretrained exists offline, so the LM is first pretrained on the built-in text episodes (`pretrained_lm`,
-    cached too), and then the vision encoder and the LM train with the cross-attention (the paper's frozen
+    Its prerequisites are declared in `config.prerequisites` and resolved by the trainer when training starts
+    (vlm_jax/prerequisites.py), each once and cached: the built-in dataset (`builtin`: about 25 s, with its
+    own tokenizer), the real-image few-shot episodes (`digits`, `photos`) and, as nothing pretrained exists
+    offline, an LM pretrained on the built-in text episodes (`lm`, a run of `pretrained_lm`'s config whose
+    checkpoint is `model.lm_checkpoint`). Then the vision encoder and the LM train with the cross-attention (the paper's frozen
     recipe needs a real `lm_checkpoint` / `vision_checkpoint`). The images are 64 px (the built-in scenes' size: at 32 px small
     shapes blur). Without a Perceiver resampler the gated cross-attention reads the ViT's 64 patch tokens
     (IDEFICS's option): at 64 patches a resampler saves nothing, and trained from scratch it first averages
@@ -202,17 +231,15 @@ def builtin_main_job(arg):
     from data_pipelines.builtin import build
 
     scale = float(arg.scale)  # of the built-in dataset's record counts (and of the real-image episodes); tests use less
-    root = build.ensure(scale=scale)
-    tokenizer = f"{root}/{build.TOKENIZER}.model"
-    c = get_config(f"variant=tiny,tokenizer={tokenizer},data={root}")
+    root = "prerequisite:builtin"  # the built-in dataset's folder, once resolved
+    c = get_config(f"variant=tiny,tokenizer={root}/{build.TOKENIZER}.model,data={root}")
     c.total_steps, c.batch_size, c.log_every = 1000, 16, 50
     c.checkpoint_every, c.eval_every, c.eval_examples = 500, 1000, 200
-    c.model.image_size = c.model.encoder_kwargs.image_size = c.data.image.size = 64
+    c.model.image_size = 64  # and so encoder_kwargs.image_size and data.image.size (one reference)
     c.model.encoder_kwargs.update(stem="conv", stem_width=16)
     c.model.lm.remat = "full"
     c.model.resampler = None  # the LM attends to the 64 patch tokens: see the docstring
-    c.data.seq_len = c.data.interleaved.max_tokens = 128
-    c.data.max_images = c.data.interleaved.max_images = 6
+    c.data.seq_len, c.data.max_images = 128, 6  # and so data.interleaved's max_tokens and max_images
     c.data.image.method = "bilinear"
     c.data.worker_count = 1  # a Grain worker process prepares batches while the train step runs
     c.data.mixture = [
@@ -222,49 +249,50 @@ def builtin_main_job(arg):
     c.eval_tasks = {
         **{task: f"{root}/{task}/validation" for task in MAIN_JOB_EVALS},
         # few-shot episodes on real images shipped in scikit-learn and scikit-image (cached on first use)
-        **{
-            f"fewshot/{source}": real_images.ensure(
-                source, episodes=max(4, round(real_images.DEFAULT_EPISODES * scale))
-            )
-            for source in real_images.SOURCES
-        },
+        **{f"fewshot/{source}": f"prerequisite:{source}" for source in real_images.SOURCES},
     }
     c.eval_baselines = {task: f"{root}/{task}/train" for task in ("vqa", "captions")}  # the bars to clear
     # Few-shot accuracy per k moves by a few points: 200 built-in episodes per k (100 per k on real images).
     c.eval_examples_per_task = {"fewshot": 800, **{f"fewshot/{source}": 400 for source in real_images.SOURCES}}
     c.optim.update(lr=2e-3, schedule="cosine", warmup_steps=50, min_lr_ratio=0.05, freeze=())
-    c.model.lm_checkpoint = pretrained_lm(root, c.model.lm, c.data.seq_len, steps=max(4, round(LM_STEPS * scale)))
+    episodes = max(4, round(real_images.DEFAULT_EPISODES * scale))
+    c.prerequisites = ConfigDict(
+        dict(
+            builtin=dict(kind="builtin_data", seed=0, image_size=64, scale=scale),
+            **{
+                source: dict(kind="real_images", source=source, episodes=episodes, seed=0, image_size=64)
+                for source in real_images.SOURCES
+            },
+            lm=dict(kind="run", workdir=f"{root}/lm-recall", config=pretrained_lm(c, max(4, round(LM_STEPS * scale)))),
+        )
+    )
+    c.model.lm_checkpoint = "prerequisite:lm"
     return c
 
 
 LM_STEPS = 600  # of the main job's LM pretraining on the built-in text episodes
 
 
-def pretrained_lm(root: str, lm, seq_len: int, steps: int) -> str:
-    """The workdir of an `lm` run with the Flamingo LM's shapes on the built-in `recall` text episodes, trained
-    on the first call only (about 75 s at 600 steps) and kept in the dataset's cache folder.
+def pretrained_lm(c: ConfigDict, steps: int) -> ConfigDict:
+    """The config of the main job's `lm` prerequisite: an `lm` run with the Flamingo LM's settings on the built-in
+    `recall` text episodes (about 75 s at 600 steps). Every key it shares with `c.model.lm` (but the vocabulary,
+    which both read from the tokenizer) and `data.seq_len` are references to `c`'s, so an override of the main
+    job's LM reaches this run too (and, changing its config, its cache folder).
 
     It stands in for Flamingo's pretrained LM: trained from scratch beside the images, the 4-layer LM copies any
     word of a few-shot episode (49-52% at k = 1, 2, 4 on 200 episodes each) instead of the word that followed the
     query's colour; 600 steps of 16 rows of text episodes first teach that recall (95% on held-out text
     episodes), and the few-shot accuracy of the main job then rises with k (docs/evaluation.md)."""
-    import hashlib
-    import os
-
     from data_pipelines.builtin import build
-    from vlm_jax.config_lib import load_config
-    from vlm_jax.train import trainer
 
+    root = "prerequisite:builtin"
     lm_config = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lm.py")
-    c = load_config(f"{lm_config}:data={root}/recall/train,tokenizer={root}/{build.TOKENIZER}.model")
-    c.model.update({k: v for k, v in lm.items() if k in c.model and k != "vocab_size"})
-    c.data.seq_len = c.data.interleaved.max_tokens = seq_len
-    c.data.validation_path = f"{root}/recall/validation"
-    c.total_steps, c.checkpoint_every, c.keep_checkpoints, c.eval_every, c.log_every = steps, steps, 1, 0, 100
-    key = hashlib.sha1(c.to_json(sort_keys=True).encode()).hexdigest()[:10]
-
-    def train(workdir: str) -> None:
-        print(f"Pretraining the LM on the built-in text episodes: {steps} steps, once (cached).", flush=True)
-        trainer.train(c, workdir)
-
-    return build.cached(f"{root}/lm-recall-{key}", "config.json", train)
+    run = load_config(f"{lm_config}:data={root}/recall/train,tokenizer={root}/{build.TOKENIZER}.model")
+    for key in run.model:
+        if key in c.model.lm and key != "vocab_size":
+            run.model[key] = c.model.lm.get_ref(key)
+    run.data.seq_len = c.data.get_ref("seq_len")
+    run.data.validation_path = f"{root}/recall/validation"
+    run.total_steps, run.keep_checkpoints, run.eval_every, run.log_every = steps, 1, 0, 100
+    run.checkpoint_every = run.get_ref("total_steps")
+    return run

@@ -7,11 +7,19 @@ Variants (`--config configs/lm.py:variant=NAME`):
 
 `data=DIR,tokenizer=FILE.model[,template=NAME]` trains the same LM on the text
 side of a `vlm-jax data build` folder through the Grain pipeline (packed rows;
-the images are decoded and packed but the LM does not use them).
+the images are decoded and packed but the LM does not use them); its
+`model.vocab_size` is the tokenizer's, read when the config is resolved
+(`from_tokenizer`, vlm_jax/prerequisites.py), so loading the config reads no
+file. Every `DecoderLM` setting is a `model` key (`--config.model.remat=full`),
+at the module's default unless set here; `data.interleaved.max_tokens` follows
+`data.seq_len`.
 """
 
+from ml_collections import FieldReference
+
 from vlm_jax import sharding
-from vlm_jax.config_lib import ConfigDict, ConfigError, parse_arg
+from vlm_jax.config_lib import ConfigDict, ConfigError, module_defaults, parse_arg
+from vlm_jax.lm.decoder import DecoderLM
 
 VARIANTS = {
     #       vocab, embed, layers, heads, kv_heads, mlp, seq_len, batch, steps
@@ -43,6 +51,7 @@ def get_config(arg=None):
 
     c.model = ConfigDict(
         dict(
+            module_defaults(DecoderLM, exclude=("cross_attn_every",)),  # remat: none | full | dots | dots_no_batch
             name="lm",
             vocab_size=vocab,
             embed_dim=embed,
@@ -51,19 +60,13 @@ def get_config(arg=None):
             num_kv_heads=kv_heads,
             mlp_dim=mlp,
             head_dim=0,  # 0 = embed_dim // num_heads
-            rope_theta=10000.0,
-            norm_eps=1e-6,
-            tie_embeddings=False,
-            dtype="float32",
-            remat="none",  # none | full | dots | dots_no_batch
         )
     )
     c.data = ConfigDict(dict(name="synthetic_lm", seq_len=seq_len, min_doc_len=8))
     if arg.data != "synthetic":
-        from data_pipelines.tokenizer import Tokenizer
-
-        c.data = grain_data(arg, seq_len)
-        c.model.vocab_size = Tokenizer(arg.tokenizer).vocab_size
+        c.data = grain_data(arg, FieldReference(seq_len))
+        c.model.vocab_size = 0  # the tokenizer's, when the config is resolved
+        c.from_tokenizer = (("model.vocab_size", "vocab_size"),)
         c.model.image_tokens = 1
     c.optim = ConfigDict(
         dict(

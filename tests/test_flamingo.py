@@ -15,6 +15,7 @@ from conftest import REPO, read_tensorboard_scalars
 from vlm_jax import cli, models
 from vlm_jax.config_lib import load_config
 from vlm_jax.lm.decoder import DecoderLM, flamingo_layout
+from vlm_jax.prerequisites import resolve
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
 
@@ -137,9 +138,8 @@ def test_train_new_tokens_trains_only_the_new_token_rows_of_the_embedding(spm_mo
     from vlm_jax.config_lib import validate_patterns
     from vlm_jax.train.optimizer import path_str, split_trainable
 
-    c = load_config(
-        os.path.join(REPO, f"configs/flamingo.py:variant=tiny,tokenizer={spm_model_path},train_new_tokens=True")
-    )
+    spec = f"configs/flamingo.py:variant=tiny,tokenizer={spm_model_path},train_new_tokens=True"
+    c = resolve(load_config(os.path.join(REPO, spec)))  # the rows' ids come from the tokenizer
     rows = (spm_tokenizer.token_id("<image>"), spm_tokenizer.token_id("<|endofchunk|>"))
     assert c.optim.trainable_rows == (("decoder/embed/embedding", rows),)
     system = models.build(c)
@@ -162,7 +162,7 @@ def test_frozen_parts_start_from_lm_and_vision_checkpoints(interleaved_folder, s
     from vlm_jax.train.checkpoint import load_params
 
     spec = f"configs/flamingo.py:variant=tiny,data={interleaved_folder},tokenizer={spm_model_path}"
-    c = load_config(os.path.join(REPO, spec))
+    c = resolve(load_config(os.path.join(REPO, spec)))  # the LM's vocabulary size comes from the tokenizer
     c.total_steps, c.log_every, c.checkpoint_every = 2, 1, 0
     sources = {
         "lm": dict(name="lm", **{k: v for k, v in c.model.lm.items() if not k.startswith("cross_attn")}),

@@ -19,7 +19,10 @@ SIZES = {"captions": 6, "vqa": 12, "grounding": 6, "fewshot": 8}
 def built(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("builtin"))
     build.build(root, sizes={task: {"train": 20, "validation": n} for task, n in SIZES.items()}, workers=1)
-    config = load_config(os.path.join(REPO, f"configs/flamingo.py:variant=tiny,tokenizer={root}/spm.model"))
+    from vlm_jax.prerequisites import resolve
+
+    # resolved: the vocabulary size and the <image> id come from the tokenizer
+    config = resolve(load_config(os.path.join(REPO, f"configs/flamingo.py:variant=tiny,tokenizer={root}/spm.model")))
     config.model.image_size = config.data.image.size = 64
     config.data.seq_len, config.data.max_images = 128, 6
     return root, generative.Generator(models.build(config), None, config)

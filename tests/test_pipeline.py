@@ -16,6 +16,7 @@ from data_pipelines.sources import ListSource
 from vlm_jax import cli
 from vlm_jax.config_lib import ConfigDict, load_config
 from vlm_jax.errors import UserError
+from vlm_jax.prerequisites import resolve
 
 SIZE = 8  # pixels per side of a media slot
 
@@ -283,7 +284,8 @@ def test_lm_trains_on_grain_batches_and_the_checkpoint_carries_the_iterator(spm_
         for i in range(50):
             f.write(json.dumps({"image": "img.png", "caption": f"number {i} " + "cat " * (i % 7)}) + "\n")
     convert.build("pairs", str(tmp_path / "pairs.jsonl"), str(tmp_path / "data"), progress=False)
-    config = load_config(os.path.join(REPO, f"configs/lm.py:data={tmp_path / 'data'},tokenizer={spm_model_path}"))
+    spec = f"configs/lm.py:data={tmp_path / 'data'},tokenizer={spm_model_path}"
+    config = resolve(load_config(os.path.join(REPO, spec)))  # the vocabulary size comes from the tokenizer
     config.total_steps, config.checkpoint_every, config.log_every, config.eval_every, config.peak_tflops = (
         4,
         2,

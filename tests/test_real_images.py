@@ -166,9 +166,10 @@ def test_ensure_writes_once_then_reuses_the_cache(tmp_path, monkeypatch):
 def generator(folders):
     from vlm_jax.config_lib import load_config
     from vlm_jax.evaluators import generative
+    from vlm_jax.prerequisites import resolve
 
     spm = folders / "builtin" / "spm.model"
-    config = load_config(os.path.join(REPO, f"configs/flamingo.py:variant=tiny,tokenizer={spm}"))
+    config = resolve(load_config(os.path.join(REPO, f"configs/flamingo.py:variant=tiny,tokenizer={spm}")))
     config.model.image_size = config.data.image.size = 64
     config.data.seq_len, config.data.max_images = 128, 6
     return generative.Generator(models.build(config), None, config)

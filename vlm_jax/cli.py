@@ -103,6 +103,7 @@ def cmd_eval(argv: list[str]) -> int:
         raise SystemExit("vlm-jax eval: --workdir is required.")
     import json
 
+    from vlm_jax import prerequisites
     from vlm_jax.train import trainer
     from vlm_jax.train.checkpoint import Checkpointer
 
@@ -110,14 +111,16 @@ def cmd_eval(argv: list[str]) -> int:
     step = int(fv.checkpoint) if fv.checkpoint else ckpt.latest_step()
     if step is None:
         raise FileNotFoundError(f"{fv.workdir} holds no complete checkpoint.")
-    run = trainer.Trainer(fv.config)
+    # The evaluation data is built if missing; prerequisite runs are never trained: the checkpoint holds every weight.
+    config = prerequisites.resolve(fv.config, train=False)
+    run = trainer.Trainer(config)
     state, _ = ckpt.restore(step, run.abstract_state)
     ckpt.close()
     metrics = trainer.evaluate(run, state.params)
     from vlm_jax.report import write_report
 
     samples = getattr(run.system, "eval_samples", [])
-    path = write_report(fv.workdir, fv.config, {f"eval/{k}": v for k, v in metrics.items()}, samples)
+    path = write_report(fv.workdir, config, {f"eval/{k}": v for k, v in metrics.items()}, samples)
     print(f"Report: {path}")
     for k, v in metrics.items():
         print(f"{k}: {v:.4f}")
@@ -303,8 +306,9 @@ def cmd_data(argv: list[str]) -> int:
         import json
 
         from data_pipelines.pipeline import data_stats
+        from vlm_jax import prerequisites
 
-        config = fv.config
+        config = prerequisites.resolve(fv.config, train=False)  # builds the config's data if missing, trains nothing
         split = fv.split or "train"
         if fv.data:
             with config.unlocked():

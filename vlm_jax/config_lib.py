@@ -70,6 +70,20 @@ def load_config(spec: str) -> ConfigDict:
     return config
 
 
+def module_defaults(module: type, exclude: Iterable[str] = ()) -> dict[str, Any]:
+    """The settings of a Flax module (a dataclass) whose default is a bool, int, float, str or tuple, with that
+    default: a config lists them so every option of the module is a `--config.` key (None cannot be overridden
+    from the command line) while its default stays written once, in the module."""
+    import dataclasses
+
+    skip = {"parent", "name", *exclude}
+    return {
+        f.name: f.default
+        for f in dataclasses.fields(module)
+        if f.name not in skip and isinstance(f.default, (bool, int, float, str, tuple))
+    }
+
+
 def to_json(config: ConfigDict) -> str:
     """The config as JSON (what checkpoints store beside the state)."""
     return config.to_json_best_effort(sort_keys=True, indent=2)
@@ -99,6 +113,9 @@ def validate(config: ConfigDict, num_devices: int) -> None:
     missing = [k for k in required if k not in config]
     if missing:
         raise ConfigError(f"the config has no {', '.join(missing)} (every training config needs these top-level keys).")
+    from vlm_jax import prerequisites  # local: it imports this module
+
+    prerequisites.check_resolved(config)
     models.get(config.model.name)  # raises ConfigError naming the known systems
     try:
         shape = sharding.mesh_shape(config.mesh, num_devices)

@@ -33,7 +33,7 @@ from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec
 
 import data_pipelines
-from vlm_jax import config_lib, models, report, sharding
+from vlm_jax import config_lib, models, prerequisites, report, sharding
 from vlm_jax.errors import ConfigError
 from vlm_jax.train import optimizer as optim_lib
 from vlm_jax.train.checkpoint import Checkpointer, abstract_like
@@ -254,7 +254,12 @@ def evaluate(trainer: Trainer, params: Any) -> dict[str, float]:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
-    """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one."""
+    """Trains `config` in `workdir`, resuming from its latest checkpoint if there is one.
+
+    The config's prerequisites (data builds, runs such as a pretrained LM) are resolved first, each built or
+    trained once and cached (`vlm_jax/prerequisites.py`); the resolved config, with concrete paths, is the
+    one trained and saved beside the checkpoints."""
+    config = prerequisites.resolve(config)
     os.makedirs(workdir, exist_ok=True)
     trainer = Trainer(config)
     system = trainer.system
