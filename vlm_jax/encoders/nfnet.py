@@ -61,6 +61,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlm_jax import sharding
+from vlm_jax.errors import UserError
+from vlm_jax.nn.activations import activation
 from vlm_jax.nn.layers import DenseGeneral
 
 # F-variants, from the Haiku code's `nfnet_params` (deepmind-research nfnets/base.py):
@@ -93,7 +95,7 @@ SE_RATIO = 0.5
 ALPHA = 0.2
 STAGE_STRIDES = (1, 2, 2, 2)
 
-# Activations with their "gamma" constants baked in, so that act(N(0, 1)) has
+# The "gamma" constant of each activation, baked in so that act(N(0, 1)) has
 # roughly unit variance (Haiku `base.nonlinearities`; the same numbers as timm's `_nonlin_gamma`).
 GAMMA = {
     "identity": 1.0,
@@ -112,32 +114,14 @@ GAMMA = {
     "softplus": 1.9203323125839233,
     "tanh": 1.5939117670059204,
 }
-_ACTS = {
-    "identity": lambda x: x,
-    "celu": jax.nn.celu,
-    "elu": jax.nn.elu,
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "leaky_relu": jax.nn.leaky_relu,
-    "log_sigmoid": jax.nn.log_sigmoid,
-    "relu": jax.nn.relu,
-    "relu6": jax.nn.relu6,
-    "selu": jax.nn.selu,
-    "sigmoid": jax.nn.sigmoid,
-    "silu": jax.nn.silu,
-    "softsign": jax.nn.soft_sign,
-    "softplus": jax.nn.softplus,
-    "tanh": jnp.tanh,
-}
-
 ACT_AXES = ("batch", "height", "width", "conv_out")
 
 
 def scaled_activation(name: str):
-    """`x -> act(x) * gamma` for one of the names in `GAMMA`."""
+    """`x -> act(x) * gamma` for one of the names in `GAMMA` (the functions are `vlm_jax.nn.activations`')."""
     if name not in GAMMA:
-        raise ValueError(f"unknown NFNet activation {name!r}; choose one of {sorted(GAMMA)}.")
-    fn, gamma = _ACTS[name], GAMMA[name]
+        raise UserError(f"unknown NFNet activation {name!r}; choose one of {', '.join(sorted(GAMMA))}.")
+    fn, gamma = activation(name), GAMMA[name]
     return lambda x: fn(x) * jnp.asarray(gamma, x.dtype)
 
 

@@ -11,7 +11,8 @@ from vlm_jax.errors import UserError
 
 # "silu": LLaMA's SwiGLU; "gelu": exact GELU (ViT, MPT, GPT-NeoX, open_flamingo); "gelu_tanh": tanh-approximated
 # GELU (Gemma's GeGLU, GPT-2, SigLIP); "quick_gelu": CLIP's x * sigmoid(1.702 x); "relu" (IDEFICS's resampler);
-# "sqrelu": squared ReLU (the Flamingo paper's feed-forward blocks).
+# "sqrelu": squared ReLU (the Flamingo paper's feed-forward blocks); the rest are the NFNet nonlinearities
+# (Haiku's `base.nonlinearities`, timm's `_nonlin_gamma`), which `vlm_jax/encoders/nfnet.py` scales by its gammas.
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "silu": jax.nn.silu,
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -19,6 +20,17 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
     "relu": jax.nn.relu,
     "sqrelu": lambda x: jnp.square(jax.nn.relu(x)),
+    "identity": lambda x: x,
+    "celu": jax.nn.celu,
+    "elu": jax.nn.elu,
+    "leaky_relu": jax.nn.leaky_relu,
+    "log_sigmoid": jax.nn.log_sigmoid,
+    "relu6": jax.nn.relu6,
+    "selu": jax.nn.selu,
+    "sigmoid": jax.nn.sigmoid,
+    "softsign": jax.nn.soft_sign,
+    "softplus": jax.nn.softplus,
+    "tanh": jnp.tanh,
 }
 
 
