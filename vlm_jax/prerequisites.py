@@ -35,6 +35,7 @@ from typing import Any
 from ml_collections import ConfigDict
 
 from vlm_jax import config_lib
+from vlm_jax.errors import ConfigError
 
 PREFIX = "prerequisite:"
 # kind -> the settings an entry may have besides `kind` (and `path`, which `resolve` writes)
@@ -67,13 +68,13 @@ def check_resolved(config: ConfigDict) -> None:
     plain.pop("prerequisites", None)
     if plain.get("from_tokenizer"):
         key = plain["from_tokenizer"][0][0]
-        raise config_lib.ConfigError(
+        raise ConfigError(
             f"{key} is still to be read from the tokenizer: resolve the config first "
             "(vlm_jax.prerequisites.resolve; the trainer and the vlm-jax commands do)."
         )
     for where, value in _strings(plain, "config"):
         if value.startswith(PREFIX):
-            raise config_lib.ConfigError(
+            raise ConfigError(
                 f"{where} is the symbolic path {value!r}: resolve the config first "
                 "(vlm_jax.prerequisites.resolve; the trainer and the vlm-jax commands do)."
             )
@@ -104,20 +105,20 @@ class _Resolver:
             return self.paths[name]
         if name not in self.declared:
             known = ", ".join(sorted(self.declared)) or "none"
-            raise config_lib.ConfigError(
+            raise ConfigError(
                 f"{where} refers to the prerequisite {name!r}, which config.prerequisites does not declare "
                 f"(declared: {known})."
             )
         if name in self._resolving:
-            raise config_lib.ConfigError(f"the prerequisites {' -> '.join(self._resolving + [name])} form a cycle.")
+            raise ConfigError(f"the prerequisites {' -> '.join(self._resolving + [name])} form a cycle.")
         spec = dict(self.declared[name])
         kind = spec.pop("kind", None)
         spec.pop("path", None)  # written by an earlier resolve: recomputed
         if kind not in KINDS:
-            raise config_lib.ConfigError(f"prerequisites.{name}.kind is {kind!r}, not one of {', '.join(KINDS)}.")
+            raise ConfigError(f"prerequisites.{name}.kind is {kind!r}, not one of {', '.join(KINDS)}.")
         unknown = sorted(set(spec) - set(KINDS[kind]))
         if unknown:
-            raise config_lib.ConfigError(
+            raise ConfigError(
                 f"prerequisites.{name}.{unknown[0]} is not a setting of a {kind} prerequisite "
                 f"({', '.join(KINDS[kind])})."
             )
@@ -141,7 +142,7 @@ class _Resolver:
     def _run(self, name: str, spec: dict[str, Any]) -> str:
         missing = [k for k in KINDS["run"] if k not in spec]
         if missing:
-            raise config_lib.ConfigError(f"the run prerequisite {name!r} has no {missing[0]}.")
+            raise ConfigError(f"the run prerequisite {name!r} has no {missing[0]}.")
         where = f"prerequisites.{name}"
         run = resolve(ConfigDict(self.substitute(spec["config"], f"{where}.config")), self.train)
         digest = hashlib.sha1(config_lib.to_json(run).encode()).hexdigest()[:10]
@@ -166,7 +167,7 @@ def fill_from_tokenizer(plain: dict[str, Any]) -> dict[str, Any]:
         return plain
     path = (plain.get("data") or {}).get("tokenizer")
     if not path:
-        raise config_lib.ConfigError("from_tokenizer sets keys from data.tokenizer, but the config has none.")
+        raise ConfigError("from_tokenizer sets keys from data.tokenizer, but the config has none.")
     from data_pipelines.tokenizer import Tokenizer
 
     tokenizer = Tokenizer(os.fspath(path))
@@ -179,7 +180,7 @@ def fill_from_tokenizer(plain: dict[str, Any]) -> dict[str, Any]:
         try:
             return tokenizer.token_id(what)
         except KeyError:
-            raise config_lib.ConfigError(
+            raise ConfigError(
                 f"from_tokenizer sets {key} to the id of {what!r}, a piece the tokenizer {path} does not have."
             ) from None
 
@@ -199,7 +200,7 @@ def _replace(node: Any, parts: list[str], value: Any, key: str) -> Any:
         items = list(node)
         items[int(head)] = _replace(items[int(head)], rest, value, key)
         return type(node)(items)
-    raise config_lib.ConfigError(f"from_tokenizer names {key}, which the config does not have.")
+    raise ConfigError(f"from_tokenizer names {key}, which the config does not have.")
 
 
 def _strings(node: Any, where: str):
