@@ -324,6 +324,29 @@ def anyres_tiles(image: np.ndarray, grid_pinpoints, patch_size: int, method: str
     return [resize(image, patch_size, patch_size, method)] + patches
 
 
+def _anyres_layout(height: int, width: int, grid_pinpoints, tile_size: int, tokens_per_side: int):
+    """(tile columns of the padded canvas, first kept feature row, first kept column, kept rows, kept columns)."""
+    if height < 1 or width < 1 or tile_size < 1 or tokens_per_side < 1:
+        raise UserError(
+            f"AnyRes needs a positive image size, tile size and tokens per side, "
+            f"not {height}x{width}, {tile_size}, {tokens_per_side}."
+        )
+    best_h, best_w = select_best_resolution((height, width), grid_pinpoints)
+    if best_h % tile_size or best_w % tile_size:
+        raise UserError(f"pinpoint {best_h}x{best_w} is not a multiple of tile_size={tile_size}.")
+    rows, cols = best_h // tile_size * tokens_per_side, best_w // tile_size * tokens_per_side
+    top = left = 0
+    if width / height > cols / rows:  # wider than the grid: padded above and below
+        covered = int(round(height * cols / width, 7))
+        top = (rows - covered) // 2
+        rows -= 2 * top
+    else:  # padded left and right (or not at all)
+        covered = int(round(width * rows / height, 7))
+        left = (cols - covered) // 2
+        cols -= 2 * left
+    return best_w // tile_size, top, left, rows, cols
+
+
 def anyres_unpadded_grid(
     height: int, width: int, grid_pinpoints, tile_size: int, tokens_per_side: int
 ) -> tuple[int, int]:
@@ -336,22 +359,24 @@ def anyres_unpadded_grid(
     shorter relative side (rounded to 7 decimals, then truncated, as transformers does), and the padding,
     split evenly, is cut from both ends.
     """
-    if height < 1 or width < 1 or tile_size < 1 or tokens_per_side < 1:
-        raise UserError(
-            f"AnyRes needs a positive image size, tile size and tokens per side, "
-            f"not {height}x{width}, {tile_size}, {tokens_per_side}."
-        )
-    best_h, best_w = select_best_resolution((height, width), grid_pinpoints)
-    if best_h % tile_size or best_w % tile_size:
-        raise UserError(f"pinpoint {best_h}x{best_w} is not a multiple of tile_size={tile_size}.")
-    rows, cols = best_h // tile_size * tokens_per_side, best_w // tile_size * tokens_per_side
-    if width / height > cols / rows:  # wider than the grid: padded above and below
-        covered = int(round(height * cols / width, 7))
-        rows -= (rows - covered) // 2 * 2
-    else:  # padded left and right (or not at all)
-        covered = int(round(width * rows / height, 7))
-        cols -= (cols - covered) // 2 * 2
-    return rows, cols
+    return _anyres_layout(height, width, grid_pinpoints, tile_size, tokens_per_side)[3:]
+
+
+def anyres_feature_order(height: int, width: int, grid_pinpoints, tile_size: int, tokens_per_side: int) -> np.ndarray:
+    """Which feature goes to each of LLaVA-NeXT's placeholders for one image: int32 [anyres_feature_count].
+
+    Features are numbered over the image's `anyres_tiles` views, view v's token t being v * tokens_per_side^2
+    + t (view 0 is the base image; tokens row-major in their tile). The order is the base view's features,
+    then the unpadded grid row by row (a row crosses the tiles of one tile row), each grid row followed by
+    -1, the `image_newline` feature: transformers' `LlavaNextModel.pack_image_features`.
+    """
+    tile_cols, top, left, rows, cols = _anyres_layout(height, width, grid_pinpoints, tile_size, tokens_per_side)
+    side = tokens_per_side
+    y, x = np.mgrid[top : top + rows, left : left + cols]
+    tile = (y // side) * tile_cols + x // side
+    grid = (1 + tile) * side * side + (y % side) * side + x % side
+    grid = np.concatenate([grid, np.full((rows, 1), -1)], axis=1)
+    return np.concatenate([np.arange(side * side), grid.reshape(-1)]).astype(np.int32)
 
 
 def anyres_feature_count(height: int, width: int, grid_pinpoints, tile_size: int, tokens_per_side: int) -> int:

@@ -617,6 +617,32 @@ def test_anyres_feature_count_is_the_llava_next_processors_placeholder_count(cro
     assert image_ops.anyres_unpadded_grid(h, w, pinpoints, tile, side) == tuple(unpadded.shape[1:])
 
 
+@pytest.mark.parametrize("crop", PHOTO_CROPS, ids=PHOTO_IDS)
+def test_anyres_feature_order_is_llava_next_pack_image_features(crop):
+    """Features numbered by (view, token) come out of transformers' own packing in our order; -1 = newline."""
+    import types
+
+    import torch
+    from transformers.models.llava_next.modeling_llava_next import LlavaNextModel
+
+    h, w = photo_crop(*crop).shape[:2]
+    tile, patch = 336, 14
+    side = tile // patch
+    views = len(image_ops.anyres_tiles(np.zeros((h, w, 3), np.uint8), LLAVA_NEXT_PINPOINTS, tile))
+    numbered = torch.arange(views * side * side, dtype=torch.float64).reshape(views, side * side, 1)
+    config = types.SimpleNamespace(
+        image_grid_pinpoints=LLAVA_NEXT_PINPOINTS,
+        vision_config=types.SimpleNamespace(image_size=tile, patch_size=patch),
+    )
+    packed, _ = LlavaNextModel.pack_image_features(
+        types.SimpleNamespace(config=config), [numbered], torch.tensor([[h, w]]), "default", torch.tensor([-1.0])
+    )
+    packed = torch.cat(list(packed)) if isinstance(packed, (list, tuple)) else packed
+    order = image_ops.anyres_feature_order(h, w, LLAVA_NEXT_PINPOINTS, tile, side)
+    np.testing.assert_array_equal(order, packed[:, 0].numpy().astype(np.int64))
+    assert len(order) == image_ops.anyres_feature_count(h, w, LLAVA_NEXT_PINPOINTS, tile, side)
+
+
 def test_anyres_feature_count_by_hand():
     # 333 x 512 into LLaVA-NeXT's pinpoints: 336 x 672 keeps every pixel with the least waste -> 1 x 2 tiles
     # of 24 x 24 features = a 24 x 48 grid. The image is narrower than 1:2, so it spans 512 * 24 / 333 =
