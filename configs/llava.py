@@ -6,6 +6,12 @@ Variants (`--config configs/llava.py:variant=NAME[,stage=1|2][,data=DIR,tokenize
   7b       LLaVA: CLIP ViT-L/14 at 224 px (256 features), one linear projector, a LLaMA-7B-shaped Vicuna
   1.5-7b   LLaVA-1.5: CLIP ViT-L/14 at 336 px (576 features), 2-layer GELU MLP, Vicuna-7B v1.5 (LLaMA-2-7B shapes)
   1.5-13b  the same with Vicuna-13B v1.5 (LLaMA-2-13B shapes)
+  next-7b  LLaVA-NeXT (LLaVA-1.6, blog 2024-01-30) with Vicuna-7B: LLaVA-1.5-7B's parts plus AnyRes: each image
+           is its 336 px base view and the tiles of the best grid pinpoint (up to 672 x 672, 336 x 1008, ...),
+           the tiles' features laid out as one grid, the padding rows/columns cut off, and a learned
+           `image_newline` feature after each grid row (data.image.anyres_layout="llava_next": the data names
+           each placeholder's feature, data_pipelines/image_ops.anyres_feature_order)
+  tiny-next  the tiny model with AnyRes on 32 px tiles (pinpoints 32x64, 64x32, 64x64)
 
 Stages (LLaVA's recipe, arXiv:2304.08485 sec. 4 and arXiv:2310.03744 sec. 3):
   stage=1  feature alignment: only the projector trains (`connector/`), on caption pairs rendered with the
@@ -34,22 +40,31 @@ from vlm_jax.lm.decoder import DecoderLM
 # (Touvron et al. 2023b) share these; Vicuna is a fine-tune of them.
 LMS = {"7b": (4096, 32, 32, 11008), "13b": (5120, 40, 40, 13824)}
 #                 image size, connector, LM
-VARIANTS = {"7b": (224, "linear", "7b"), "1.5-7b": (336, "mlp", "7b"), "1.5-13b": (336, "mlp", "13b")}
+VARIANTS = {
+    "7b": (224, "linear", "7b"),
+    "1.5-7b": (336, "mlp", "7b"),
+    "1.5-13b": (336, "mlp", "13b"),
+    "next-7b": (336, "mlp", "7b"),
+}
+# LLaVA-NeXT's grid pinpoints (height, width) in tiles of 336 px (llava-v1.6 config.json `image_grid_pinpoints`).
+NEXT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
+TINY_PINPOINTS = ((32, 64), (64, 32), (64, 64))
 VISION_FROZEN = ("vision/.*",)
 LM_FROZEN = ("decoder/.*",)
 
 
 def get_config(arg=None):
     arg = parse_arg(arg, variant="tiny", stage=2, data="", tokenizer="", scale=1.0, stage1="")
-    if arg.variant != "tiny" and arg.variant not in VARIANTS:
-        raise ConfigError(f"variant {arg.variant!r} is not one of tiny, {', '.join(VARIANTS)}.")
+    if arg.variant not in ("tiny", "tiny-next") and arg.variant not in VARIANTS:
+        raise ConfigError(f"variant {arg.variant!r} is not one of tiny, tiny-next, {', '.join(VARIANTS)}.")
     if arg.stage not in (1, 2):
         raise ConfigError(f"stage={arg.stage} is not 1 (projector only) or 2 (projector and LM).")
     if arg.data == "builtin":
         if arg.variant != "tiny":
             raise ConfigError("data=builtin trains the tiny model; paper-size variants need data=DIR,tokenizer=FILE.")
         return builtin(arg)
-    tiny = arg.variant == "tiny"
+    tiny = arg.variant.startswith("tiny")
+    anyres = "next" in arg.variant
     c = ConfigDict()
     c.seed = 0
     c.total_steps = 60 if tiny else 5000
@@ -93,6 +108,7 @@ def get_config(arg=None):
             image_size=image_size,
             image_tokens=(image_size // patch) * (image_size // patch),
             image_token_id=3,  # the tokenizer's "<image>" once resolved; 3 for configs without one (tests)
+            image_newline=anyres,  # LLaVA-NeXT's learned feature after each grid row
             lm_checkpoint="",  # an `lm` checkpoint (e.g. convert-hf of Vicuna) for the LM
             vision_checkpoint="",  # a `vision_encoder` or `dual_encoder` checkpoint (e.g. convert-hf of CLIP)
         )
@@ -106,7 +122,7 @@ def get_config(arg=None):
             tokenizer=arg.tokenizer,
             template="llava_plain" if arg.stage == 1 else "llava",
             seq_len=seq_len,
-            max_images=1,
+            max_images=5 if anyres else 1,  # image slots per row: AnyRes takes a base view and up to 4 tiles
             packing_bins=32,
             shuffle=True,
             worker_count=0,
@@ -114,6 +130,10 @@ def get_config(arg=None):
             image=dict(mode="fixed", size=image_size, method="bicubic", normalization="clip", max_aspect_ratio=20.0),
         )
     )
+    if anyres:
+        c.data.image.update(
+            mode="anyres", grid_pinpoints=TINY_PINPOINTS if tiny else NEXT_PINPOINTS, anyres_layout="llava_next"
+        )
     if arg.tokenizer:
         c.from_tokenizer = (("model.lm.vocab_size", "vocab_size"), ("model.image_token_id", "<image>"))
     c.optim = ConfigDict(

@@ -1,7 +1,8 @@
 """Multimodal sequence packing with Grain, and the bookkeeping of skipped records.
 
 Examples arrive as dicts of per-example arrays: `tokens`, `targets`,
-`loss_mask` (length n), optionally `prefix_mask`, and `images` [k, H, W, C]
+`loss_mask` (length n), optionally `prefix_mask` and `feature_index` (LLaVA-NeXT's
+feature order, relative to the example's own slots), and `images` [k, H, W, C]
 (k media slots: images, tiles or frames; k may be 0). Grain's first-fit packer
 (`grain.experimental.FirstFitPackIterDataset`) places whole examples into rows
 of `seq_len` tokens and `max_images` media slots: an example that does not fit
@@ -81,9 +82,11 @@ def pack(
     num_bins: int,
     seed: int,
     with_prefix_mask: bool = False,
+    with_feature_index: bool = False,
 ) -> grain.IterDataset:
     """Packs examples into rows in the batch format (one row per element; batch afterwards)."""
     sequence_keys = ["tokens", "targets", "loss_mask"] + (["prefix_mask"] if with_prefix_mask else [])
+    sequence_keys += ["feature_index"] if with_feature_index else []
     length_struct = {k: seq_len for k in sequence_keys}
     length_struct["images"] = max_images
     packed = grain.experimental.FirstFitPackIterDataset(
@@ -104,4 +107,6 @@ def _to_batch_format(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     }
     if "prefix_mask" in row:
         out["prefix_mask"] = np.asarray(row["prefix_mask"], bool)
+    if "feature_index" in row:
+        out["feature_index"] = np.asarray(row["feature_index"], np.int32)
     return out

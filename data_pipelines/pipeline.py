@@ -148,6 +148,14 @@ class Preprocessor:
         self.window_tokens = int(window.get("max_tokens", self.seq_len))
         self.window_images = int(window.get("max_images", self.max_images))
         self.with_prefix_mask = templates.uses_prefix_mask(self.template)
+        # LLaVA-NeXT's layout: an AnyRes image places its base view, its unpadded grid and a newline per grid row
+        # (image_ops.anyres_feature_order), and each placeholder's feature is named in `feature_index`.
+        self.with_feature_index = self.image.get("mode") == "anyres" and self.image.get("anyres_layout") == "llava_next"
+        if self.image.get("mode") == "anyres" and self.image.get("anyres_layout", "tiles") not in (
+            "tiles",
+            "llava_next",
+        ):
+            raise UserError(f"data.image.anyres_layout {self.image.anyres_layout!r} is not 'tiles' or 'llava_next'.")
         placeholder, wrappers = templates.image_placeholder(self.template)
         self.placeholder_id = tokenizer.token_id(placeholder)
         self.wrapper_ids = tuple(tokenizer.token_id(w) for w in wrappers)
@@ -156,21 +164,16 @@ class Preprocessor:
         repairs: list[str] = []
         try:
             record = self._clean(record, repairs)
-            slots_per_image, pixels = self._images(record, repairs, rng)
+            slots_per_image, pixels, orders = self._images(record, repairs, rng)
             if self.format != "interleaved" and sum(slots_per_image) > self.max_images:
                 return {SKIP: "too_many_images"}
-            rendered = templates.render(
-                self.template,
-                self.tokenizer,
-                record,
-                [self.tokens_per_slot * k for k in slots_per_image],
-                **self.template_options,
-            )
+            counts = [len(o) for o in orders] if orders else [self.tokens_per_slot * k for k in slots_per_image]
+            rendered = templates.render(self.template, self.tokenizer, record, counts, **self.template_options)
         except image_ops.BadImage as e:
             return {SKIP: e.reason}
         except UserError as e:
             return {SKIP: getattr(e, "reason", "unrenderable")}
-        return self._fit(rendered, slots_per_image, pixels, repairs, rng)
+        return self._fit(rendered, slots_per_image, pixels, orders, repairs, rng)
 
     def _clean(self, record: dict[str, Any], repairs: list[str]) -> dict[str, Any]:
         record = dict(record)
@@ -184,9 +187,10 @@ class Preprocessor:
             record["texts"] = [None if t is None else repair_text(t, repairs) for t in record.get("texts", [])]
         return record
 
-    def _images(self, record: dict[str, Any], repairs: list[str], rng) -> tuple[list[int], list[np.ndarray]]:
-        """Decodes and tiles every image; interleaved documents drop a bad image, other formats skip."""
-        slots_per_image, pixels, bad = [], [], []
+    def _images(self, record: dict[str, Any], repairs: list[str], rng) -> tuple[list[int], list[np.ndarray], list]:
+        """Decodes and tiles every image: (slots per image, the slots' pixels, and under the LLaVA-NeXT layout each
+        image's feature order, else []); interleaved documents drop a bad image, other formats skip."""
+        slots_per_image, pixels, bad, orders = [], [], [], []
         for position, data in enumerate(record.get("images", [])):
             if data is None:
                 continue
@@ -196,6 +200,11 @@ class Preprocessor:
                 else:
                     image = image_ops.decode(data, max_aspect_ratio=float(self.image.max_aspect_ratio))
                     tiles = self._tiles(image, rng)
+                    if self.with_feature_index:
+                        side = int(round(self.tokens_per_slot**0.5))
+                        pinpoints = [tuple(p) for p in self.image.grid_pinpoints]
+                        h, w = image.shape[:2]
+                        orders.append(image_ops.anyres_feature_order(h, w, pinpoints, int(self.image.size), side))
             except image_ops.BadImage as e:
                 if self.format != "interleaved":
                     raise
@@ -208,7 +217,7 @@ class Preprocessor:
             keep = [i for i in range(len(record["images"])) if i not in bad]
             record["texts"] = [record["texts"][i] for i in keep]
             record["images"] = [record["images"][i] for i in keep]
-        return slots_per_image, pixels
+        return slots_per_image, pixels, orders
 
     def _frames(self, frames: list[bytes], rng) -> list[np.ndarray]:
         """`data.video_frames` frames by uniform segment sampling (random within segments when training)."""
@@ -239,11 +248,10 @@ class Preprocessor:
             raise UserError(f"data.image.mode {mode!r} is not one of fixed, internvl, anyres.")
         return [image_ops.normalize(t, self.image.normalization) for t in tiles]
 
-    def _fit(self, rendered, slots_per_image, pixels, repairs, rng) -> dict[str, Any]:
+    def _fit(self, rendered, slots_per_image, pixels, orders, repairs, rng) -> dict[str, Any]:
         ids, predict = np.asarray(rendered.ids), np.asarray(rendered.predict)
-        spans = fitting.image_spans(
-            ids, self.placeholder_id, [self.tokens_per_slot * k for k in slots_per_image], self.wrapper_ids
-        )
+        counts = [len(o) for o in orders] if orders else [self.tokens_per_slot * k for k in slots_per_image]
+        spans = fitting.image_spans(ids, self.placeholder_id, counts, self.wrapper_ids)
         interleaved = self.format == "interleaved"
         fitted = fitting.fit(
             ids,
@@ -271,7 +279,26 @@ class Preprocessor:
         }
         if self.with_prefix_mask:
             example["prefix_mask"] = fitted.prefix_mask[:-1]
+        if self.with_feature_index:
+            example["feature_index"] = self._feature_index(fitted, slots_per_image, orders)[:-1]
         return example
+
+    def _feature_index(self, fitted, slots_per_image, orders) -> np.ndarray:
+        """int32 per token: at the kept images' placeholders, which feature of the example's slots goes there
+        (slot * tokens_per_slot + token, counting the example's kept slots in order; -1 = image_newline); 0
+        elsewhere."""
+        index = np.zeros(len(fitted.ids), np.int32)
+        first_slot, placed = 0, []
+        for i in fitted.kept_images:
+            order = orders[i]
+            placed.append(np.where(order >= 0, order + first_slot * self.tokens_per_slot, -1))
+            first_slot += slots_per_image[i]
+        spots = np.flatnonzero(fitted.ids == self.placeholder_id)
+        values = np.concatenate(placed) if placed else np.zeros(0, np.int32)
+        if len(spots) != len(values):
+            raise AssertionError(f"{len(spots)} placeholders were kept for {len(values)} features.")
+        index[spots] = values
+        return index
 
 
 def records_dataset(
@@ -363,6 +390,7 @@ class GrainPipeline(BatchIteratorBase):
             num_bins=int(data.get("packing_bins", 32)),
             seed=int(config.seed),
             with_prefix_mask=preprocessor.with_prefix_mask,  # the same for every component (mixture_components)
+            with_feature_index=preprocessor.with_feature_index,
         )
         batches = self.rows.batch(config.batch_size // process_count, drop_remainder=True)
         workers = int(data.get("worker_count", 0))

@@ -69,3 +69,32 @@ def test_all_features_valid_by_default():
     want_values, want_placed = reference(features, placeholders, segment_ids, image_segment_ids, all_valid)
     np.testing.assert_array_equal(np.asarray(placed), want_placed)
     np.testing.assert_array_equal(np.asarray(values), want_values)
+
+
+def test_placement_by_feature_index_with_newlines():
+    """LLaVA-NeXT: the data names each placeholder's feature within its own example's slots, -1 = the newline."""
+    from vlm_jax.nn.placement import place_by_index
+
+    rng = np.random.default_rng(2)
+    features, placeholders, segment_ids, image_segment_ids, _ = packed_case(rng)
+    b, m, n, d = features.shape
+    newline = rng.normal(size=(d,)).astype(np.float32)
+    feature_index = np.zeros(placeholders.shape, np.int32)
+    want_values = np.zeros(placeholders.shape + (d,), np.float32)
+    want_placed = np.zeros(placeholders.shape, bool)
+    for r in range(b):
+        for s in set(segment_ids[r].tolist()) - {0}:
+            own = [j for j in range(m) if image_segment_ids[r, j] == s]
+            for t in np.flatnonzero(placeholders[r] & (segment_ids[r] == s)):
+                choice = int(rng.integers(-1, len(own) * n + 2))  # some point past the example's slots
+                feature_index[r, t] = choice
+                if choice == -1:
+                    want_values[r, t], want_placed[r, t] = newline, True
+                elif choice < len(own) * n:
+                    want_values[r, t], want_placed[r, t] = features[r, own[choice // n], choice % n], True
+    values, placed = jax.jit(place_by_index)(
+        features, placeholders, segment_ids, image_segment_ids, feature_index, newline
+    )
+    np.testing.assert_array_equal(np.asarray(placed), want_placed)
+    np.testing.assert_array_equal(np.asarray(values), want_values)
+    assert want_placed.any() and (placeholders & ~want_placed).any()

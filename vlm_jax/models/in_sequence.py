@@ -38,7 +38,7 @@ from vlm_jax.lm.decoder import DecoderLM
 from vlm_jax.models import parts
 from vlm_jax.models.base import Decoding, System
 from vlm_jax.models.lm import next_token_loss
-from vlm_jax.nn.placement import place_features
+from vlm_jax.nn.placement import place_by_index, place_features
 
 
 def connector(kind: str, out_dim: int, kwargs: dict) -> nn.Module:
@@ -68,6 +68,7 @@ class InSequenceModel(nn.Module):
     feature_layer: int | None = -2
     drop_class_token: bool = True
     feature_scale: float = 1.0  # PaliGemma divides the projected features by sqrt(LM width)
+    image_newline: bool = False  # LLaVA-NeXT: a learned feature after each row of an image's grid
 
     def encode_images(self, images: jax.Array) -> jax.Array:
         """images [B, M, H, W, 3] -> features [B, M, n, D_lm] (the connector's outputs per slot)."""
@@ -81,12 +82,22 @@ class InSequenceModel(nn.Module):
             features = features * jnp.asarray(self.feature_scale, features.dtype)
         return features.reshape((b, m) + features.shape[1:])
 
-    def place(self, tokens, segment_ids, image_segment_ids, features):
-        """(values [B, L, D], placed [B, L]): each example's features at its own placeholders."""
-        return place_features(features, tokens == self.image_token_id, segment_ids, image_segment_ids)
+    @nn.compact
+    def place(self, tokens, segment_ids, image_segment_ids, features, feature_index=None):
+        """(values [B, L, D], placed [B, L]): each example's features at its own placeholders, in order, or
+        where `feature_index` says (LLaVA-NeXT, with its `image_newline` feature)."""
+        placeholders = tokens == self.image_token_id
+        if feature_index is None:
+            return place_features(features, placeholders, segment_ids, image_segment_ids)
+        newline = None
+        if self.image_newline:
+            init = nn.with_logical_partitioning(nn.initializers.normal(1.0 / features.shape[-1] ** 0.5), ("embed",))
+            newline = self.param("image_newline", init, (features.shape[-1],))
+        return place_by_index(features, placeholders, segment_ids, image_segment_ids, feature_index, newline)
 
-    def __call__(self, tokens, segment_ids, positions, images, image_segment_ids, prefix_mask=None):
-        values, placed = self.place(tokens, segment_ids, image_segment_ids, self.encode_images(images))
+    def __call__(self, tokens, segment_ids, positions, images, image_segment_ids, prefix_mask=None, feature_index=None):
+        features = self.encode_images(images)
+        values, placed = self.place(tokens, segment_ids, image_segment_ids, features, feature_index)
         placeholders = (tokens == self.image_token_id) & (segment_ids > 0)
         self.sow("intermediates", "unplaced", jnp.sum(placeholders & ~placed))
         return self.decoder(
@@ -126,12 +137,16 @@ class InSequenceSystem(System):
             feature_layer=None if feature_layer is None else int(feature_layer),
             drop_class_token=bool(m.get("drop_class_token", True)),
             feature_scale=self.feature_scale_for(m),
+            image_newline=bool(m.get("image_newline", False)),
         )
         self.image_size = int(m.image_size)
         self.seq_len = int(config.data.seq_len)
         self.max_images = int(config.data.get("max_images", 1))
         template = config.data.get("template")
         self.prefix_lm = bool(template) and templates.uses_prefix_mask(template)
+        image = config.data.get("image", {})
+        # LLaVA-NeXT's layout: the data names each placeholder's feature (data_pipelines/pipeline.py).
+        self.indexed = image.get("mode") == "anyres" and image.get("anyres_layout") == "llava_next"
         features = self.features_per_image()
         if int(m.image_tokens) != features:
             raise ConfigError(
@@ -169,21 +184,31 @@ class InSequenceSystem(System):
         }
         if self.prefix_lm:
             batch["prefix_mask"] = np.zeros(shape, bool)
+        if self.indexed:
+            batch["feature_index"] = np.zeros(shape, np.int32)
+            batch["feature_index"][:, : min(self.seq_len, self.image_tokens)] = np.arange(
+                min(self.seq_len, self.image_tokens)
+            )
         return batch
 
     def _inputs(self, batch):
-        inputs = [batch[k] for k in ("tokens", "segment_ids", "positions", "images", "image_segment_ids")]
-        return inputs + ([batch["prefix_mask"]] if self.prefix_lm else [])
+        """The module's positional inputs and its keyword inputs (prefix_mask, feature_index) from a batch."""
+        args = [batch[k] for k in ("tokens", "segment_ids", "positions", "images", "image_segment_ids")]
+        kwargs = {k: batch[k] for k, on in (("prefix_mask", self.prefix_lm), ("feature_index", self.indexed)) if on}
+        return args, kwargs
 
     def init(self, rng, batch):
-        return self.module.init(rng, *self._inputs(batch))["params"]
+        args, kwargs = self._inputs(batch)
+        return self.module.init(rng, *args, **kwargs)["params"]
 
     def logits(self, params: Any, batch: dict[str, jax.Array]) -> jax.Array:
         """[B, L, vocab] float32 logits."""
-        return self.module.apply({"params": params}, *self._inputs(batch))
+        args, kwargs = self._inputs(batch)
+        return self.module.apply({"params": params}, *args, **kwargs)
 
     def loss(self, params, batch):
-        logits, state = self.module.apply({"params": params}, *self._inputs(batch), mutable=["intermediates"])
+        args, kwargs = self._inputs(batch)
+        logits, state = self.module.apply({"params": params}, *args, **kwargs, mutable=["intermediates"])
         loss, weight, metrics = next_token_loss(logits, batch)
         # Placeholders without a feature per row (times the weight, which the trainer divides by): should be 0.
         unplaced = state["intermediates"]["unplaced"][0]
@@ -245,11 +270,11 @@ class InSequenceSystem(System):
 
     @functools.cached_property
     def _placed_features(self):
-        def run(params, tokens, segment_ids, image_segment_ids, images):
+        def run(params, tokens, segment_ids, image_segment_ids, images, feature_index):
             variables = {"params": params}
             features = self.module.apply(variables, images, method=InSequenceModel.encode_images)
             return self.module.apply(
-                variables, tokens, segment_ids, image_segment_ids, features, method=InSequenceModel.place
+                variables, tokens, segment_ids, image_segment_ids, features, feature_index, method=InSequenceModel.place
             )
 
         return jax.jit(run)
@@ -257,8 +282,15 @@ class InSequenceSystem(System):
     def decoding(self, params, batch, length):
         """For `vlm_jax.generate`: the LM with the prompt's image features in place of its placeholders (images
         encoded once); under a prefix-LM template the whole prompt is the prefix and new tokens are causal."""
+        if self.indexed and "feature_index" not in batch:
+            raise UserError("prompts for an AnyRes (LLaVA-NeXT) model need a feature_index (vlm_jax/generate.py).")
         values, placed = self._placed_features(
-            params, batch["tokens"], batch["segment_ids"], batch["image_segment_ids"], batch["images"]
+            params,
+            batch["tokens"],
+            batch["segment_ids"],
+            batch["image_segment_ids"],
+            batch["images"],
+            batch.get("feature_index") if self.indexed else None,
         )
         prompt = {"features": values, "feature_mask": placed}
         cache = {}
