@@ -48,7 +48,7 @@ def setup(spm_model_path):
 
 def test_placeholders_take_base_grid_and_newlines_in_llava_next_order(setup):
     config, system, params, batch = setup
-    side, n = 4, 16  # 32 px tiles, patch 8
+    side = 4  # 32 px tiles, patch 8: 4 x 4 features per tile
     pinpoints = [tuple(p) for p in config.data.image.grid_pinpoints]
     features = system.module.apply({"params": params}, batch["images"], method=InSequenceModel.encode_images)
     values, placed = system.module.apply(
