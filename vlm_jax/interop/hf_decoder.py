@@ -1,12 +1,14 @@
 """Import transformers decoder LMs (config.json + *.safetensors, no torch) into `vlm_jax/lm/decoder.py`.
 
-`LlamaForCausalLM`, `Qwen2ForCausalLM` (biases on q/k/v), `GemmaForCausalLM`
+`LlamaForCausalLM`, `MistralForCausalLM` (sliding-window attention),
+`Qwen2ForCausalLM` (biases on q/k/v), `GemmaForCausalLM`
 (GeGLU, RMSNorm weights stored as `w` for a scale of `1 + w`, embeddings
 scaled by sqrt(width), tied head) and `MptForCausalLM` (ALiBi, bias-free
 LayerNorm, fused Wqkv, GELU MLP, tied head). Projections [out, in] become
 kernels [in, heads, head_dim], per-layer weights are stacked for the scanned
 stack, and a tied `lm_head` (not saved by transformers 5) is re-tied. RoPE
-settings are read from `rope_parameters` (transformers 5) or `rope_theta`.
+settings are read from `rope_parameters` (transformers 5) or the older
+`rope_theta` / `rope_scaling`, with "linear" and "llama3" (Llama 3.1) scaling.
 """
 
 from __future__ import annotations
@@ -19,12 +21,13 @@ from vlm_jax.interop import register_converter, system_config
 from vlm_jax.interop.tensors import Tensors as _Tensors
 from vlm_jax.interop.tensors import read_config as _read_config
 from vlm_jax.interop.tensors import read_safetensors as _read_tensors
+from vlm_jax.nn.rope import SCALING_KEYS, check_scaling
 
-ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "GemmaForCausalLM", "MptForCausalLM")
+ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "GemmaForCausalLM", "MptForCausalLM")
 
 
 def load_decoder_dir(path: str) -> tuple[dict, dict]:
-    """(DecoderLM kwargs, params) of a LLaMA, Qwen2, Gemma or MPT causal-LM directory."""
+    """(DecoderLM kwargs, params) of a LLaMA, Mistral, Qwen2, Gemma or MPT causal-LM directory."""
     cfg = _read_config(path)
     arch = next((a for a in cfg.get("architectures", []) if a in ARCHITECTURES), None)
     if arch is None:
@@ -32,9 +35,12 @@ def load_decoder_dir(path: str) -> tuple[dict, dict]:
     if arch == "MptForCausalLM":
         return _load_mpt(path, cfg)
     gemma, qwen = arch == "GemmaForCausalLM", arch == "Qwen2ForCausalLM"
-    scaling = (cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}).get("rope_type", "default")
-    if scaling not in ("default", None):
-        raise UserError(f"{path}: RoPE scaling {scaling!r} is not supported yet (only plain RoPE).")
+    if arch != "MistralForCausalLM" and (
+        "sliding_attention" in (cfg.get("layer_types") or []) or (qwen and cfg.get("use_sliding_window"))
+    ):
+        raise UserError(f"{path}: sliding-window layers of {arch} are not supported (only Mistral's window on all).")
+    if not gemma and cfg.get("hidden_act", "silu") != "silu":
+        raise UserError(f"{path}: activation {cfg.get('hidden_act')!r} is not supported (only silu).")
     heads = int(cfg["num_attention_heads"])
     kv_heads = int(cfg.get("num_key_value_heads") or heads)
     width = int(cfg["hidden_size"])
@@ -55,6 +61,8 @@ def load_decoder_dir(path: str) -> tuple[dict, dict]:
         qkv_bias=qwen,
         mlp_act="gelu_tanh" if gemma else "silu",
         embed_scale=gemma,
+        rope_scaling=_rope_scaling(path, cfg),
+        sliding_window=int(cfg.get("sliding_window") or 0) if arch == "MistralForCausalLM" else 0,
     )
     if gemma and cfg.get("hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
         raise UserError(f"{path}: Gemma activation {cfg.get('hidden_activation')!r} is not supported.")
@@ -98,6 +106,34 @@ def load_decoder_dir(path: str) -> tuple[dict, dict]:
     if not tied:
         params["lm_head"] = {"kernel": _Tensors(t.tensors, "", path)("lm_head.weight").T}
     return kwargs, params
+
+
+def _rope_scaling(path: str, cfg: dict) -> dict | None:
+    """The DecoderLM `rope_scaling` of a transformers config (None for plain RoPE).
+
+    Read from `rope_parameters` (transformers 5) or the older `rope_scaling`
+    (whose type may be under `type`); Llama 3's original context length falls
+    back as in transformers' `standardize_rope_params` (a top-level
+    `original_max_position_embeddings` first, then `max_position_embeddings`).
+    """
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind in ("default", None):
+        return None
+    if kind not in SCALING_KEYS:
+        raise UserError(f"{path}: RoPE scaling {kind!r} is not supported (only {', '.join(SCALING_KEYS)}).")
+    scaling = {"rope_type": kind, **{key: rope.get(key) for key in SCALING_KEYS[kind]}}
+    if kind == "llama3":
+        scaling["original_max_position_embeddings"] = (
+            cfg.get("original_max_position_embeddings")
+            or scaling["original_max_position_embeddings"]
+            or cfg.get("max_position_embeddings")
+        )
+    try:
+        check_scaling(scaling)
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
+    return scaling
 
 
 def _load_mpt(path: str, cfg: dict) -> tuple[dict, dict]:

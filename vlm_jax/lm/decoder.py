@@ -1,10 +1,13 @@
 """A decoder-only language model: by default LLaMA's (RoPE, RMSNorm, SwiGLU, grouped-query attention).
 
 Options by field cover Qwen2 and Gemma (q/k/v biases, GeGLU, embedding
-scale, Gemma 2 logit soft-capping), MPT / GPT style models (ALiBi or learned
-absolute positions, LayerNorm, plain GELU MLP, biases) and the Transformer-XL
+scale, Gemma 2 logit soft-capping), Llama 3.1 and linear RoPE scaling,
+Mistral's sliding window, MPT / GPT style models (ALiBi or learned absolute
+positions, LayerNorm, plain GELU MLP, biases) and the Transformer-XL
 relative positions of Gopher / Chinchilla, the LM inside Flamingo.
-`decode=True` runs with a KV cache for generation.
+`decode=True` runs with a KV cache for generation. In-sequence VLMs (LLaVA,
+PaliGemma) pass image `features` that replace placeholder embeddings, and a
+`prefix_mask` for a bidirectional prefix (prefix-LM).
 
 The layer stack is one `nn.scan` (parameters stacked on a leading 'layers'
 axis), optionally rematerialised, so compile time does not grow with depth.
@@ -37,6 +40,7 @@ from vlm_jax.nn.activations import ACTIVATIONS
 from vlm_jax.nn.attention import SelfAttention
 from vlm_jax.nn.layers import MLP, DenseGeneral, LayerNorm, RMSNorm, SwiGLU
 from vlm_jax.nn.remat import remat
+from vlm_jax.nn.rope import check_scaling
 
 
 class DecoderBlock(nn.Module):
@@ -56,9 +60,9 @@ class DecoderBlock(nn.Module):
     mlp_bias: bool = False
 
     @nn.compact
-    def __call__(self, x, segment_ids, positions):
+    def __call__(self, x, segment_ids, positions, prefix_mask=None):
         h = _norm(self, "attn_norm")(x)
-        h = SelfAttention(**self.attn, dtype=self.dtype, name="attn")(h, segment_ids, positions)
+        h = SelfAttention(**self.attn, dtype=self.dtype, name="attn")(h, segment_ids, positions, prefix_mask)
         x = sharding.constrain(x + h, ("batch", "length", "embed"))
         h = _norm(self, "mlp_norm")(x)
         mlp = SwiGLU if self.mlp == "gated" else MLP
@@ -95,9 +99,10 @@ class CrossAttentionGroup(nn.Module):
     xattn_args: dict
 
     @nn.compact
-    def __call__(self, x, segment_ids, positions, media, media_mask):
+    def __call__(self, x, segment_ids, positions, media, media_mask, prefix_mask=None):
         x = GatedCrossAttention(**self.xattn_args, name="xattn")(x, media, media_mask)
-        x, _ = _scan_layers(self.block, self.every, 2)(**self.block_args, name="layers")(x, segment_ids, positions)
+        layers = _scan_layers(self.block, self.every, 3)(**self.block_args, name="layers")
+        x, _ = layers(x, segment_ids, positions, prefix_mask)
         return x, None
 
 
@@ -154,6 +159,11 @@ class DecoderLM(nn.Module):
     # Flamingo: a gated cross-attention block before every `cross_attn_every`-th layer (0 = plain LM).
     cross_attn_every: int = 0
     cross_attn: Any = None  # GatedCrossAttention settings (num_heads, head_dim, ff, norm, ...), a dict
+    # RoPE frequency scaling as transformers' `rope_parameters` (without rope_theta), a dict or None:
+    # {"rope_type": "linear", "factor": f} or {"rope_type": "llama3", "factor", "low_freq_factor",
+    # "high_freq_factor", "original_max_position_embeddings"} (Llama 3.1); see `vlm_jax/nn/rope.py`.
+    rope_scaling: Any = None
+    sliding_window: int = 0  # Mistral: a query sees keys less than this many positions back; 0 = all
 
     @property
     def resolved_head_dim(self) -> int:
@@ -170,6 +180,11 @@ class DecoderLM(nn.Module):
             raise UserError(f"relative positions need an even embed_dim, got {self.embed_dim}.")
         if self.cross_attn_every < 0 or self.cross_attn_every > self.num_layers:
             raise UserError(f"cross_attn_every={self.cross_attn_every} must lie in [0, num_layers={self.num_layers}].")
+        if self.rope_scaling is not None and self.position_embedding != "rope":
+            raise UserError(f"rope_scaling needs position_embedding='rope', not {self.position_embedding!r}.")
+        check_scaling(self.rope_scaling)
+        if self.sliding_window < 0:
+            raise UserError(f"sliding_window={self.sliding_window} must be 0 (off) or a positive number of positions.")
 
     @nn.compact
     def __call__(
@@ -180,10 +195,22 @@ class DecoderLM(nn.Module):
         media: jax.Array | None = None,
         media_mask: jax.Array | None = None,
         *,
+        prefix_mask: jax.Array | None = None,
+        features: jax.Array | None = None,
+        feature_mask: jax.Array | None = None,
         decode: bool = False,
     ) -> jax.Array:
         """tokens, segment_ids, positions [B, L]; for a Flamingo LM also media latents [B, M, n, Dv] and
         media_mask [B, L, M] (`gated_xattn.media_mask`, the rows of these L tokens).
+
+        In-sequence VLMs (LLaVA, PaliGemma) give `features` [B, L, embed_dim]
+        with `feature_mask` [B, L] bool: where the mask is True the feature
+        replaces the token's embedding after the embedding scale (features are
+        not scaled) and before learned positions are added, as transformers'
+        PaliGemma and LLaVA place image features among the token embeddings.
+        `prefix_mask` [B, L] bool marks each packed segment's bidirectional
+        prefix (prefix-LM, PaliGemma): a query sees a key of its segment iff
+        the key is not later, or both are in the prefix. None: plain causal.
 
         `decode=True` runs with a KV cache (the "cache" collection, stacked
         over layers like the params; see `SelfAttention`). `init(rng, ...,
@@ -195,8 +222,13 @@ class DecoderLM(nn.Module):
         one token per step) and returns their logits. Padding (segment 0) is
         never attended by real tokens, so prompts of different lengths can be
         left-padded, with positions counting from each row's first real token.
+        The prompt call may carry `features` and a `prefix_mask` (the prefix
+        flags are cached, so the prompt's prefix stays bidirectional); steps
+        without a `prefix_mask` are causal.
         """
         self.check()
+        if (features is None) != (feature_mask is None):
+            raise UserError("features and feature_mask go together: give both (the mask says where) or neither.")
         dtype = jnp.dtype(self.dtype)
         embed = nn.Embed(
             self.vocab_size,
@@ -209,6 +241,13 @@ class DecoderLM(nn.Module):
         x = embed(tokens)
         if self.embed_scale:
             x = x * jnp.asarray(self.embed_dim**0.5, dtype)
+        if features is not None:
+            if features.shape != x.shape or feature_mask.shape != tokens.shape:
+                raise UserError(
+                    f"features must be [B, L, embed_dim] = {x.shape} and feature_mask [B, L] = {tokens.shape}; "
+                    f"got {features.shape} and {feature_mask.shape}."
+                )
+            x = jnp.where(feature_mask[..., None], features.astype(dtype), x)
         if self.position_embedding == "learned":
             init = nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "embed"))
             x = x + nn.Embed(self.max_positions, self.embed_dim, dtype=dtype, embedding_init=init, name="pos_embed")(
@@ -227,6 +266,8 @@ class DecoderLM(nn.Module):
             position_embedding=self.position_embedding,
             alibi_bias_max=self.alibi_bias_max,
             logit_softcap=self.attn_logit_softcap,
+            rope_scaling=self.rope_scaling,
+            sliding_window=self.sliding_window,
             decode=decode,
         )
         block_args = dict(
@@ -241,14 +282,15 @@ class DecoderLM(nn.Module):
             mlp_bias=self.mlp_bias,
         )
         if not self.cross_attn_every:
-            x, _ = _scan_layers(block, self.num_layers, 2)(**block_args, name="layers")(x, segment_ids, positions)
+            layers = _scan_layers(block, self.num_layers, 3)(**block_args, name="layers")
+            x, _ = layers(x, segment_ids, positions, prefix_mask)
         else:
             if media is None or media_mask is None:
                 raise UserError("a Flamingo LM (cross_attn_every > 0) needs media latents and a media mask.")
             xattn_args = dict(self.cross_attn or {}, dtype=dtype)
             every, tail = self.cross_attn_every, self.num_layers % self.cross_attn_every
-            groups = _scan_layers(CrossAttentionGroup, self.num_layers // every, 4)
-            inputs = (x, segment_ids, positions, media, media_mask)
+            groups = _scan_layers(CrossAttentionGroup, self.num_layers // every, 5)
+            inputs = (x, segment_ids, positions, media, media_mask, prefix_mask)
             x, _ = groups(every, block, block_args, xattn_args, name="layer_groups")(*inputs)
             if tail:
                 inputs = (x,) + inputs[1:]

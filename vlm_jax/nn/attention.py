@@ -19,18 +19,41 @@ from vlm_jax.nn.rope import apply_rope
 _MASKED = jnp.finfo(jnp.float32).min
 
 
-def causal_segment_mask(segment_ids: jax.Array, kv_segment_ids: jax.Array | None = None, offset=0) -> jax.Array:
-    """[B, 1, T, S] boolean mask: query i sees key j iff j <= i + offset and both share a segment.
+def causal_segment_mask(
+    segment_ids: jax.Array,
+    kv_segment_ids: jax.Array | None = None,
+    offset=0,
+    *,
+    prefix_mask: jax.Array | None = None,
+    kv_prefix_mask: jax.Array | None = None,
+    positions: jax.Array | None = None,
+    kv_positions: jax.Array | None = None,
+    sliding_window: int = 0,
+) -> jax.Array:
+    """[B, 1, T, S] boolean mask: query i sees key j iff both share a segment and j <= i + offset.
 
     Keys default to the queries; with a KV cache the keys are the cache slots
     and `offset` is the slot of the first query. Segment 0 (padding) only sees
     padding, so no row is ever fully masked and real tokens never see padding.
+
+    `prefix_mask` [B, T] (and `kv_prefix_mask` [B, S] for the keys) marks a
+    bidirectional prefix (prefix-LM: PaLI, PaliGemma): two prefix tokens of
+    one segment see each other whatever their order. `sliding_window` = w > 0
+    (Mistral) also requires positions_i - positions_j < w, with `positions`
+    [B, T] and `kv_positions` [B, S] the positions within each segment.
     """
     kv_segment_ids = segment_ids if kv_segment_ids is None else kv_segment_ids
     q_slots = jnp.arange(segment_ids.shape[-1]) + offset
     causal = jnp.arange(kv_segment_ids.shape[-1])[None, :] <= q_slots[:, None]
+    if prefix_mask is not None:
+        kv_prefix_mask = prefix_mask if kv_prefix_mask is None else kv_prefix_mask
+        causal = causal | (prefix_mask[:, :, None] & kv_prefix_mask[:, None, :])
     same = segment_ids[:, :, None] == kv_segment_ids[:, None, :]
-    return (same & causal)[:, None, :, :]
+    mask = same & causal
+    if sliding_window:
+        kv_positions = positions if kv_positions is None else kv_positions
+        mask = mask & (positions[:, :, None] - kv_positions[:, None, :] < sliding_window)
+    return mask[:, None, :, :]
 
 
 def attend(q, k, v, mask=None, bias=None, logit_softcap: float = 0.0) -> jax.Array:
@@ -77,15 +100,21 @@ class SelfAttention(nn.Module):
     with sinusoids r of the distance, a learned W_R ('relative') and per-head
     biases u ('content_bias') and v ('position_bias') (Gopher, Chinchilla,
     Flamingo's LM); "learned" and "none" add nothing here. Distances come from
-    `positions`, so they are per segment.
+    `positions`, so they are per segment. `rope_scaling` rescales the RoPE
+    frequencies (`vlm_jax/nn/rope.py`: "linear", "llama3"); `sliding_window`
+    = w > 0 lets a query see only keys less than w positions back (Mistral);
+    a `prefix_mask` [B, T] makes its tokens a bidirectional prefix of their
+    segment (prefix-LM; see `causal_segment_mask`).
 
     With `decode=True` keys and values go to a "cache" collection
     (`cached_key`, `cached_value` [B, max_len, kv_heads, head_dim],
-    `cached_segment_ids`, `cached_positions` [B, max_len], `index`). The first
-    call (`init`) only creates the cache, sized by its input, and attends
-    within that input; later calls write their T tokens at slots index ..
-    index + T - 1 (the caller keeps index + T <= max_len) and attend over the
-    whole cache with the same segment and causality rules.
+    `cached_segment_ids`, `cached_positions`, `cached_prefix` [B, max_len],
+    `index`). The first call (`init`) only creates the cache, sized by its
+    input, and attends within that input; later calls write their T tokens at
+    slots index .. index + T - 1 (the caller keeps index + T <= max_len) and
+    attend over the whole cache with the same segment, causality, prefix and
+    window rules. A bidirectional prefix must be written in one call (the
+    prompt): a prefix token only sees the prefix keys cached so far.
     """
 
     num_heads: int
@@ -98,24 +127,40 @@ class SelfAttention(nn.Module):
     position_embedding: str = "rope"
     alibi_bias_max: float = 8.0
     logit_softcap: float = 0.0
+    rope_scaling: Any = None  # None or a dict, e.g. {"rope_type": "linear", "factor": 2.0}
+    sliding_window: int = 0  # 0 = no window
     decode: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, segment_ids: jax.Array, positions: jax.Array) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, segment_ids: jax.Array, positions: jax.Array, prefix_mask: jax.Array | None = None
+    ) -> jax.Array:
         embed_dim = x.shape[-1]
         kw = dict(dtype=self.dtype, use_bias=self.qkv_bias)
         q = DenseGeneral((self.num_heads, self.head_dim), ("embed", "heads", "head_dim"), name="query", **kw)(x)
         k = DenseGeneral((self.num_kv_heads, self.head_dim), ("embed", "kv_heads", "head_dim"), name="key", **kw)(x)
         v = DenseGeneral((self.num_kv_heads, self.head_dim), ("embed", "kv_heads", "head_dim"), name="value", **kw)(x)
         if self.position_embedding == "rope":
-            q, k = apply_rope(q, positions, self.rope_theta), apply_rope(k, positions, self.rope_theta)
+            rope = lambda a: apply_rope(a, positions, self.rope_theta, self.rope_scaling)  # noqa: E731
+            q, k = rope(q), rope(k)
         q = sharding.constrain(q, ("batch", "length", "heads", "head_dim"))
         k = sharding.constrain(k, ("batch", "length", "kv_heads", "head_dim"))
         v = sharding.constrain(v, ("batch", "length", "kv_heads", "head_dim"))
-        kv_segment_ids, kv_positions, offset = segment_ids, positions, 0
+        kv_segment_ids, kv_positions, kv_prefix, offset = segment_ids, positions, prefix_mask, 0
         if self.decode:
-            k, v, kv_segment_ids, kv_positions, offset = self._cache(k, v, segment_ids, positions)
-        mask = causal_segment_mask(segment_ids, kv_segment_ids, offset)
+            k, v, kv_segment_ids, kv_positions, kv_prefix, offset = self._cache(
+                k, v, segment_ids, positions, prefix_mask
+            )
+        mask = causal_segment_mask(
+            segment_ids,
+            kv_segment_ids,
+            offset,
+            prefix_mask=prefix_mask,
+            kv_prefix_mask=kv_prefix,
+            positions=positions,
+            kv_positions=kv_positions,
+            sliding_window=self.sliding_window,
+        )
 
         bias = None
         if self.position_embedding == "alibi":
@@ -150,21 +195,24 @@ class SelfAttention(nn.Module):
         init = nn.with_logical_partitioning(nn.initializers.zeros, ("heads", "head_dim"))
         return self.param(name, init, (self.num_heads, self.head_dim)).astype(self.dtype)
 
-    def _cache(self, k, v, segment_ids, positions):
-        """Writes this chunk into the KV cache; returns (keys, values, segment ids, positions, first query slot)."""
+    def _cache(self, k, v, segment_ids, positions, prefix_mask):
+        """Writes this chunk into the KV cache; returns (keys, values, segment ids, positions, prefix flags,
+        first query slot). Without a `prefix_mask` the chunk's tokens are cached as not in a prefix."""
         initialised = self.has_variable("cache", "cached_key")
+        prefix = jnp.zeros(segment_ids.shape, bool) if prefix_mask is None else prefix_mask.astype(bool)
         zeros = lambda a: jnp.zeros(a.shape, a.dtype)  # noqa: E731
         cached = {
             "cached_key": self.variable("cache", "cached_key", zeros, k),
             "cached_value": self.variable("cache", "cached_value", zeros, v),
             "cached_segment_ids": self.variable("cache", "cached_segment_ids", zeros, segment_ids),
             "cached_positions": self.variable("cache", "cached_positions", zeros, positions),
+            "cached_prefix": self.variable("cache", "cached_prefix", zeros, prefix),
         }
         index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
         if not initialised:  # init: size the cache from the input, write nothing
-            return k, v, segment_ids, positions, 0
+            return k, v, segment_ids, positions, prefix_mask, 0
         start = index.value
-        for var, new in zip(cached.values(), (k, v, segment_ids, positions)):
+        for var, new in zip(cached.values(), (k, v, segment_ids, positions, prefix)):
             var.value = jax.lax.dynamic_update_slice_in_dim(var.value, new.astype(var.value.dtype), start, axis=1)
         index.value = start + k.shape[1]
         return (*(var.value for var in cached.values()), start)
