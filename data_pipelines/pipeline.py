@@ -118,6 +118,59 @@ def mixture_components(data: ml_collections.ConfigDict, split: str) -> list[dict
     return components
 
 
+def image_views(image: np.ndarray, settings: Any) -> list[np.ndarray]:
+    """The normalised views of one decoded image that the model takes as media slots (`data.image`): the image
+    at a fixed resolution, InternVL's tiles and thumbnail, or LLaVA-NeXT's base view and tiles."""
+    mode, size = settings.mode, int(settings.size)
+    if mode == "fixed":
+        tiles = [image_ops.fixed_resolution(image, size, settings.get("method", "bicubic"))]
+    elif mode == "internvl":
+        tiles = image_ops.internvl_tiles(
+            image, size, int(settings.min_tiles), int(settings.max_tiles), bool(settings.use_thumbnail)
+        )
+    elif mode == "anyres":
+        tiles = image_ops.anyres_tiles(image, [tuple(p) for p in settings.grid_pinpoints], size)
+    else:
+        raise UserError(f"data.image.mode {mode!r} is not one of fixed, internvl, anyres.")
+    return [image_ops.normalize(t, settings.normalization) for t in tiles]
+
+
+def uses_feature_index(settings: Any) -> bool:
+    """Whether `data.image` lays AnyRes features out as LLaVA-NeXT does (the data then names each placeholder's
+    feature); raises a UserError for an unknown `anyres_layout`."""
+    if settings.get("mode") != "anyres":
+        return False
+    layout = settings.get("anyres_layout", "tiles")
+    if layout not in ("tiles", "llava_next"):
+        raise UserError(f"data.image.anyres_layout {layout!r} is not 'tiles' or 'llava_next'.")
+    return layout == "llava_next"
+
+
+def feature_order(image_hw: tuple[int, int], settings: Any, tokens_per_slot: int) -> np.ndarray:
+    """LLaVA-NeXT's feature for each placeholder of one image (`image_ops.anyres_feature_order`)."""
+    pinpoints = [tuple(p) for p in settings.grid_pinpoints]
+    side = int(round(tokens_per_slot**0.5))
+    return image_ops.anyres_feature_order(*image_hw, pinpoints, int(settings.size), side)
+
+
+def feature_index(
+    ids: np.ndarray, placeholder_id: int, orders: list[np.ndarray], slots_per_image: list[int], tokens_per_slot: int
+) -> np.ndarray:
+    """int32 per token: at the images' placeholders (in order), which feature of the example's slots goes there
+    (slot * tokens_per_slot + token, counting the example's slots from 0; -1 = image_newline); 0 elsewhere."""
+    index = np.zeros(len(ids), np.int32)
+    first_slot, placed = 0, []
+    for order, slots in zip(orders, slots_per_image):
+        placed.append(np.where(order >= 0, order + first_slot * tokens_per_slot, -1))
+        first_slot += slots
+    spots = np.flatnonzero(np.asarray(ids) == placeholder_id)
+    values = np.concatenate(placed) if placed else np.zeros(0, np.int32)
+    if len(spots) != len(values):
+        raise UserError(f"{len(spots)} image placeholders for {len(values)} image features.")
+    index[spots] = values
+    return index
+
+
 class Preprocessor:
     """record -> example (tokens/targets/loss_mask, images [slots, H, W, 3]) or `{SKIP: reason}`.
 
@@ -199,12 +252,9 @@ class Preprocessor:
                     tiles = self._frames(data, rng)
                 else:
                     image = image_ops.decode(data, max_aspect_ratio=float(self.image.max_aspect_ratio))
-                    tiles = self._tiles(image, rng)
+                    tiles = image_views(image, self.image)
                     if self.with_feature_index:
-                        side = int(round(self.tokens_per_slot**0.5))
-                        pinpoints = [tuple(p) for p in self.image.grid_pinpoints]
-                        h, w = image.shape[:2]
-                        orders.append(image_ops.anyres_feature_order(h, w, pinpoints, int(self.image.size), side))
+                        orders.append(feature_order(image.shape[:2], self.image, self.tokens_per_slot))
             except image_ops.BadImage as e:
                 if self.format != "interleaved":
                     raise
@@ -233,20 +283,6 @@ class Preprocessor:
             )
             for i in indices
         ]
-
-    def _tiles(self, image: np.ndarray, rng) -> list[np.ndarray]:
-        mode, size = self.image.mode, int(self.image.size)
-        if mode == "fixed":
-            tiles = [image_ops.fixed_resolution(image, size, self.image.get("method", "bicubic"))]
-        elif mode == "internvl":
-            tiles = image_ops.internvl_tiles(
-                image, size, int(self.image.min_tiles), int(self.image.max_tiles), bool(self.image.use_thumbnail)
-            )
-        elif mode == "anyres":
-            tiles = image_ops.anyres_tiles(image, [tuple(p) for p in self.image.grid_pinpoints], size)
-        else:
-            raise UserError(f"data.image.mode {mode!r} is not one of fixed, internvl, anyres.")
-        return [image_ops.normalize(t, self.image.normalization) for t in tiles]
 
     def _fit(self, rendered, slots_per_image, pixels, orders, repairs, rng) -> dict[str, Any]:
         ids, predict = np.asarray(rendered.ids), np.asarray(rendered.predict)
@@ -284,21 +320,10 @@ class Preprocessor:
         return example
 
     def _feature_index(self, fitted, slots_per_image, orders) -> np.ndarray:
-        """int32 per token: at the kept images' placeholders, which feature of the example's slots goes there
-        (slot * tokens_per_slot + token, counting the example's kept slots in order; -1 = image_newline); 0
-        elsewhere."""
-        index = np.zeros(len(fitted.ids), np.int32)
-        first_slot, placed = 0, []
-        for i in fitted.kept_images:
-            order = orders[i]
-            placed.append(np.where(order >= 0, order + first_slot * self.tokens_per_slot, -1))
-            first_slot += slots_per_image[i]
-        spots = np.flatnonzero(fitted.ids == self.placeholder_id)
-        values = np.concatenate(placed) if placed else np.zeros(0, np.int32)
-        if len(spots) != len(values):
-            raise AssertionError(f"{len(spots)} placeholders were kept for {len(values)} features.")
-        index[spots] = values
-        return index
+        """`feature_index` of the fitted example: its kept images' orders at their placeholders."""
+        kept = fitted.kept_images
+        slots = [slots_per_image[i] for i in kept]
+        return feature_index(fitted.ids, self.placeholder_id, [orders[i] for i in kept], slots, self.tokens_per_slot)
 
 
 def records_dataset(

@@ -179,7 +179,7 @@ def test_relative_positions_give_flamingo_13_d_squared_per_layer():
         ("position_embedding", "sinusoidal"),
         ("norm", "batchnorm"),
         ("mlp", "moe"),
-        ("mlp_act", "relu6"),
+        ("mlp_act", "swish_beta"),  # not in nn/activations.py
         ("num_kv_heads", 3),
     ],
 )

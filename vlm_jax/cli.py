@@ -218,11 +218,7 @@ def cmd_generate(argv: list[str]) -> int:
     else:
         prompts = generate.read_prompts(args.prompts, fmt)
     settings = generate.Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, tuple(stop))
-    batch = generate.left_pad([p["tokens"] for p in prompts])
-    if fmt.image_size:
-        batch.update(generate.pad_images([p["images"] for p in prompts], fmt.image_size))
-    elif any(p["images"] for p in prompts):
-        raise UserError(f"the {config.model.name} system takes no images, but a prompt has some.")
+    batch = generate.batch_of(prompts, fmt)
     lines = []
     for row in generate.generate(system, params, batch, settings, args.seed):
         row = [int(t) for t in row if t != generate.PAD]

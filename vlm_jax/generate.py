@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from functools import partial
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -71,9 +71,12 @@ def sample(logits: jax.Array, rng: jax.Array, settings: Sampling) -> jax.Array:
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-def left_pad(prompts: Sequence[Sequence[int]], length: int | None = None) -> dict[str, np.ndarray]:
+def left_pad(
+    prompts: Sequence[Sequence[int]], length: int | None = None, feature_index: Sequence[np.ndarray] | None = None
+) -> dict[str, np.ndarray]:
     """tokens, segment_ids (0 = padding) and positions of left-padded prompts, `length` wide (default: the
-    longest prompt; a fixed length keeps one compilation for batches of different prompts)."""
+    longest prompt; a fixed length keeps one compilation for batches of different prompts); with
+    `feature_index` (one array per prompt, LLaVA-NeXT's) that too, padded alike."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise UserError("every prompt needs at least one token.")
     longest = max(len(p) for p in prompts)
@@ -83,12 +86,18 @@ def left_pad(prompts: Sequence[Sequence[int]], length: int | None = None) -> dic
     tokens = np.zeros((len(prompts), length), np.int32)
     segment_ids = np.zeros_like(tokens)
     positions = np.zeros_like(tokens)
+    index = np.zeros_like(tokens)
     for row, prompt in enumerate(prompts):
         start = length - len(prompt)
         tokens[row, start:] = prompt
         segment_ids[row, start:] = 1
         positions[row, start:] = np.arange(len(prompt))
-    return {"tokens": tokens, "segment_ids": segment_ids, "positions": positions}
+        if feature_index is not None:
+            index[row, start:] = feature_index[row]
+    out = {"tokens": tokens, "segment_ids": segment_ids, "positions": positions}
+    if feature_index is not None:
+        out["feature_index"] = index
+    return out
 
 
 def pad_images(images: Sequence[np.ndarray], size: int, slots: int | None = None) -> dict[str, np.ndarray]:
@@ -108,15 +117,6 @@ def pad_images(images: Sequence[np.ndarray], size: int, slots: int | None = None
                 )
             out[row, slot], ids[row, slot] = image, 1
     return {"images": out, "image_segment_ids": ids}
-
-
-def preprocess_image(data: bytes, size: int, image_settings: Any) -> np.ndarray:
-    """Encoded image bytes -> [size, size, 3] float32, resized and normalised as the data config's `image` says
-    (raises `image_ops.BadImage`)."""
-    from data_pipelines import image_ops
-
-    image = image_ops.fixed_resolution(image_ops.decode(data), size, image_settings.get("method", "bicubic"))
-    return image_ops.normalize(image, image_settings.get("normalization", "clip"))
 
 
 def generate(system: Any, params: Any, batch: dict[str, np.ndarray], settings: Sampling, seed: int = 0) -> np.ndarray:
@@ -200,8 +200,9 @@ def _decode(
 
 @dataclasses.dataclass(frozen=True)
 class PromptFormat:
-    """How a system's text prompts become ids and its images arrays: the tokenizer, the chat template (None:
-    the text is encoded as written), placeholder ids per image, and the image preprocessing of its data config."""
+    """How a system's prompts become ids and its images media slots: the tokenizer, the chat template (None:
+    text is encoded as written) and its options, feature placeholders per image slot, and the image
+    preprocessing of its data config (`data.image`: fixed size, or tiles, as in training)."""
 
     tokenizer: Any
     template: str | None
@@ -213,62 +214,104 @@ class PromptFormat:
     @classmethod
     def of(cls, system: Any, tokenizer: Any) -> "PromptFormat":
         """The format of `system` (its config's template, image tokens, image size and preprocessing)."""
+        import ml_collections
+
         config = system.config
         return cls(
             tokenizer,
             config.get("data", {}).get("template") or None,
             system.image_tokens,
             int(config.model.get("image_size", 0)),
-            config.get("data", {}).get("image", {}),
+            ml_collections.ConfigDict(dict(config.get("data", {}).get("image", {}) or {})),
             system.template_options,
         )
+
+    @property
+    def indexed(self) -> bool:
+        """Whether prompts carry a `feature_index` (LLaVA-NeXT's AnyRes layout)."""
+        from data_pipelines.pipeline import uses_feature_index
+
+        return bool(self.image_settings) and uses_feature_index(self.image_settings)
+
+    def prompt(self, encoded_images: Sequence[bytes], render: Callable[[list[int]], list[int]]) -> dict[str, Any]:
+        """A prompt from encoded images and `render(placeholders per image) -> ids`: {"tokens", "images" (the
+        media slots: each image's views, as the pipeline makes them), "encoded", "feature_index" (or None)}.
+        Raises `image_ops.BadImage` for an unreadable image."""
+        from data_pipelines import image_ops, pipeline, templates
+
+        encoded = [b for b in encoded_images if b is not None]
+        views, orders, slots = [], [], []
+        for data in encoded:
+            image = image_ops.decode(data)
+            image_views = pipeline.image_views(image, self.image_settings)
+            views += image_views
+            slots.append(len(image_views))
+            if self.indexed:
+                orders.append(pipeline.feature_order(image.shape[:2], self.image_settings, self.image_tokens))
+        counts = [len(o) for o in orders] if self.indexed else [self.image_tokens * k for k in slots]
+        tokens = render(counts)
+        index = None
+        if self.indexed:
+            placeholder = self.tokenizer.token_id(templates.image_placeholder(self.template)[0])
+            index = pipeline.feature_index(tokens, placeholder, orders, slots, self.image_tokens)
+        return {"tokens": tokens, "images": views, "encoded": encoded, "feature_index": index}
+
+
+def batch_of(prompts: Sequence[dict], fmt: PromptFormat, length: int | None = None, slots: int | None = None):
+    """The left-padded batch of `PromptFormat.prompt` prompts (their images in media slots, feature indices
+    where the format has them)."""
+    index = [p["feature_index"] for p in prompts] if fmt.indexed else None
+    batch = left_pad([p["tokens"] for p in prompts], length, index)
+    if fmt.image_size:
+        batch.update(pad_images([p["images"] for p in prompts], fmt.image_size, slots))
+    elif any(p["images"] for p in prompts):
+        raise UserError("the system takes no images, but a prompt has some.")
+    return batch
 
 
 def parse_prompt(item: dict, fmt: PromptFormat, where: str, root: str) -> dict:
     """One prompt {"text": ...} or {"input_ids": [...]}, with optional "images" (paths relative to `root`) ->
-    {tokens, images}; `where` names it in error messages.
+    a `PromptFormat.prompt`; `where` names it in error messages.
 
     A text is rendered by the system's template as the user's turn, ending
     with the template's generation prompt (`templates.user_prompt`: LLaVA's
     "USER: <image>\\n{text} ASSISTANT:", Flamingo's document `<s>{text}`);
     `<image>` marks where each image goes and expands to the system's image
-    tokens. Without a template the text is encoded as written. "input_ids"
-    are used as given."""
+    tokens for it. Without a template the text is encoded as written.
+    "input_ids" are used as given."""
     import os
 
     from data_pipelines import image_ops, templates
 
-    images = []
+    encoded = []
     for name in item.get("images", []):
         path = os.path.join(root, name)
         if not os.path.isfile(path):
             raise UserError(f"{where}: the image {name} does not exist.")
-        try:
-            images.append(preprocess_image(open(path, "rb").read(), fmt.image_size, fmt.image_settings))
-        except image_ops.BadImage as e:
-            raise UserError(f"{where}: the image {name} cannot be read ({e.reason}).") from None
+        encoded.append(open(path, "rb").read())
     if "input_ids" in item:
-        tokens = [int(i) for i in item["input_ids"]]
+
+        def render(counts):
+            return [int(i) for i in item["input_ids"]]
+
     elif "text" in item:
         if fmt.tokenizer is None:
             raise UserError(f"{where} has text but no tokenizer is known (give --tokenizer).")
-        if fmt.template is None:
-            tokens = fmt.tokenizer.encode(item["text"], add_bos=True)
-        else:
-            try:
-                tokens = templates.user_prompt(
-                    fmt.template,
-                    fmt.tokenizer,
-                    item["text"],
-                    len(images),
-                    fmt.image_tokens,
-                    **(fmt.template_options or {}),
-                )
-            except templates.RenderError as e:
-                raise UserError(f"{where}: {e}") from None
+
+        def render(counts):
+            if fmt.template is None:
+                return fmt.tokenizer.encode(item["text"], add_bos=True)
+            options = fmt.template_options or {}
+            return templates.user_prompt(fmt.template, fmt.tokenizer, item["text"], len(counts), counts, **options)
+
     else:
         raise UserError(f"{where} has neither 'text' nor 'input_ids'.")
-    return {"tokens": tokens, "images": images}
+    try:
+        return fmt.prompt(encoded, render)
+    except image_ops.BadImage as e:
+        raise UserError(f"{where}: an image cannot be read ({e.reason}).") from None
+    except templates.RenderError as e:
+        raise UserError(f"{where}: {e}") from None
 
 
 def read_prompts(path: str, fmt: PromptFormat) -> list[dict[str, Any]]:

@@ -51,22 +51,26 @@ class Generator:
 
         self.system, self.params = system, params
         self.tokenizer = Tokenizer(config.data.tokenizer)
+        self.fmt = generate.PromptFormat.of(system, self.tokenizer)
         self.template, self.template_options = system.template, system.template_options
-        self.image_tokens = system.image_tokens
-        self.image_size = int(config.model.image_size)
-        self.image_settings = config.data.get("image", {})
         self.slots = int(config.data.get("max_images", 1))
         self.batch_size = batch_size
         self.prompt_len = prompt_len or int(config.data.seq_len)
         self.stop = system.stop_tokens(self.tokenizer)
 
-    def image(self, data: bytes) -> np.ndarray:
-        return generate.preprocess_image(data, self.image_size, self.image_settings)
+    def prompt(self, record: dict, encoded_images: Sequence[bytes], cut=None) -> dict:
+        """A prompt of `record` rendered by the system's template (with as many placeholders per image as its
+        views give) up to its first training target, or through `cut(rendered ids)`; its images preprocessed
+        as in training; the encoded images (for the run report)."""
 
-    def prompt(self, tokens: list[int], encoded_images: Sequence[bytes]) -> dict:
-        """A prompt: its token ids, its images preprocessed, and the encoded images (for the run report)."""
-        encoded = [b for b in encoded_images if b is not None]
-        return {"tokens": tokens, "images": [self.image(b) for b in encoded], "encoded": encoded}
+        def render(counts: list[int]) -> list[int]:
+            if cut is None:
+                options = self.template_options
+                return templates.prompt_before_answer(self.template, self.tokenizer, record, counts, **options)
+            rendered = templates.render(self.template, self.tokenizer, record, counts, **self.template_options)
+            return cut([int(i) for i in rendered.ids])
+
+        return self.fmt.prompt(encoded_images, render)
 
     def __call__(self, prompts: Sequence[dict], max_new_tokens: int) -> list[str]:
         """Texts generated for prompts {"tokens": [...], "images": [arrays]} (stop tokens removed)."""
@@ -76,18 +80,12 @@ class Generator:
             chunk = list(prompts[start : start + self.batch_size])
             filler = len(chunk)
             chunk += [chunk[-1]] * (self.batch_size - filler)  # a fixed batch shape: one compilation
-            batch = generate.left_pad([p["tokens"] for p in chunk], self.prompt_len)
-            batch.update(generate.pad_images([p["images"] for p in chunk], self.image_size, self.slots))
+            batch = generate.batch_of(chunk, self.fmt, self.prompt_len, self.slots)
             out = generate.generate(self.system, self.params, batch, settings)
             for row in out[:filler]:
                 ids = [int(t) for t in row if t != generate.PAD and t not in self.stop]
                 texts.append(self.tokenizer.decode(ids, skip_control=True).strip())
         return texts
-
-
-def _prompt_ids(gen: Generator, record: dict) -> list[int]:
-    """The ids the system's template renders for `record` before its first training target."""
-    return templates.prompt_before_answer(gen.template, gen.tokenizer, record, gen.image_tokens, **gen.template_options)
 
 
 def question_prompt(gen: Generator, record: dict) -> tuple[dict, str, str]:
@@ -97,8 +95,7 @@ def question_prompt(gen: Generator, record: dict) -> tuple[dict, str, str]:
     answer = record.get("answer") or first[1]["value"]
     question = first[0]["value"].replace(IMAGE_MARKER, "").strip()
     images = record["images"][: first[0]["value"].count(IMAGE_MARKER)]
-    tokens = _prompt_ids(gen, {"images": images, "conversations": first})
-    return gen.prompt(tokens, images), question, answer
+    return gen.prompt({"images": images, "conversations": first}, images), question, answer
 
 
 def _sample(prompt: dict, text: str, prediction: str, reference: Any, correct: bool | None, task: str) -> dict:
@@ -124,7 +121,7 @@ def vqa(gen: Generator, records: Sequence[dict]) -> tuple[dict[str, float], list
 
 def caption_prompt(gen: Generator, record: dict) -> dict:
     """`<s><image>` of a pairs record (the caption follows in training)."""
-    return gen.prompt(_prompt_ids(gen, record), record["images"])
+    return gen.prompt(record, record["images"])
 
 
 def captions(gen: Generator, records: Sequence[dict]) -> tuple[dict[str, float], list[dict]]:
@@ -172,11 +169,13 @@ def fewshot_prompt(gen: Generator, record: dict) -> dict:
     last_text = max(i for i, t in enumerate(texts) if t is not None)
     texts[last_text] = record["query_prefix"]
     episode = {"texts": texts, "images": record["images"]}
-    rendered = templates.render(gen.template, gen.tokenizer, episode, gen.image_tokens, **gen.template_options)
-    tokens = [int(i) for i in rendered.ids]
-    while tokens and tokens[-1] in gen.stop:
-        tokens.pop()
-    return gen.prompt(tokens, record["images"])
+
+    def without_stop(ids: list[int]) -> list[int]:
+        while ids and ids[-1] in gen.stop:
+            ids = ids[:-1]
+        return ids
+
+    return gen.prompt(episode, record["images"], cut=without_stop)
 
 
 def fewshot(gen: Generator, records: Sequence[dict]) -> tuple[dict[str, float], list[dict]]:

@@ -73,7 +73,9 @@ class LanguageModel(System):
         """[B, L, vocab] float32 logits (prefix-LM attention where the batch has a `prefix_mask`)."""
         tokens, segment_ids, positions = batch["tokens"], batch["segment_ids"], batch["positions"]
         if "prefix_mask" in batch:
-            return self.module.apply({"params": params}, tokens, segment_ids, positions, prefix_mask=batch["prefix_mask"])
+            return self.module.apply(
+                {"params": params}, tokens, segment_ids, positions, prefix_mask=batch["prefix_mask"]
+            )
         return self.module.apply({"params": params}, tokens, segment_ids, positions)
 
     def loss(self, params, batch):
