@@ -116,3 +116,32 @@ def test_unknown_anyres_layout_is_one_sentence(setup):
     config.data.image.anyres_layout = "grid"
     with pytest.raises(Exception, match="anyres_layout 'grid' is not 'tiles' or 'llava_next'"):
         next(GrainPipeline(config, "validation"))
+
+
+def test_cached_generation_with_anyres_prompts_equals_the_full_forward(setup):
+    """A prompt preprocessed as in training (views, LLaVA-NeXT placeholders and feature_index) decodes with the
+    KV cache exactly as re-running the whole sequence does."""
+    from vlm_jax import generate
+    from vlm_jax.evaluators.generative import Generator
+
+    config, system, params, _ = setup
+    fmt = Generator(system, params, config).fmt
+    image = png(np.random.default_rng(5), 45, 80)
+    image_id = system.module.image_token_id
+    prompt = fmt.prompt([image], lambda counts: [1] + [image_id] * counts[0] + [7, 8])
+    h, w = 45, 80
+    pinpoints = [tuple(p) for p in config.data.image.grid_pinpoints]
+    assert len(prompt["tokens"]) == 3 + image_ops.anyres_feature_count(h, w, pinpoints, 32, 4)
+    steps = 4
+    out = generate.generate(system, params, generate.batch_of([prompt], fmt), generate.Sampling(max_new_tokens=steps))
+    seq, logits = list(prompt["tokens"]), jax.jit(system.logits)
+    length = len(seq) + steps
+    for _ in range(steps):
+        n = len(seq)
+        batch = generate.batch_of(
+            [dict(prompt, tokens=seq, feature_index=np.pad(prompt["feature_index"], (0, n - len(prompt["tokens"]))))],
+            fmt,
+        )
+        batch = {k: np.pad(v, [(0, 0), (0, length - n)]) if v.shape[1:] == (n,) else v for k, v in batch.items()}
+        seq.append(int(np.argmax(np.asarray(logits(params, batch))[0, n - 1])))
+    assert out[0].tolist() == seq[-steps:]
