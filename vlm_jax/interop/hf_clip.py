@@ -185,9 +185,12 @@ def vision_tower(family: str, vc: dict, t: Tensors, where: str) -> tuple[dict, d
     """(ViT kwargs, params) of a CLIP (`family` "clip") or SigLIP ("siglip") vision tower.
 
     `vc` is the vision config in transformers' CLIP key names (`hidden_size`,
-    `patch_size`, ...), `t` reads the tower's tensors (`embeddings.*`,
+    `patch_size`, ...; keys it omits take transformers' defaults for the
+    family), `t` reads the tower's tensors (`embeddings.*`,
     `encoder.layers.*`, ...) and `where` names the checkpoint in errors.
     """
+    defaults = _CLIP_VISION if family == "clip" else _SIGLIP_VISION
+    vc = _sub_config({"vision_config": vc}, "vision_config", defaults, flat_ok=False)
     width, heads, p = vc["hidden_size"], vc["num_attention_heads"], vc["patch_size"]
     if vc.get("num_channels", 3) != 3:
         raise UserError(

@@ -13,6 +13,8 @@ settings are read from `rope_parameters` (transformers 5) or the older
 
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import numpy as np
 
@@ -34,6 +36,21 @@ def load_decoder_dir(path: str) -> tuple[dict, dict]:
         raise UserError(f"{path}: architectures {cfg.get('architectures')} are not one of {', '.join(ARCHITECTURES)}.")
     if arch == "MptForCausalLM":
         return _load_mpt(path, cfg)
+    return decoder_from_tensors(arch, cfg, lambda: _read_tensors(path), "model.", "lm_head.weight", path)
+
+
+def decoder_from_tensors(
+    arch: str, cfg: dict, tensors: Callable[[], dict], prefix: str, head: str, path: str
+) -> tuple[dict, dict]:
+    """(DecoderLM kwargs, params) of a LLaMA, Mistral, Qwen2 or Gemma decoder, alone or inside a larger checkpoint.
+
+    `arch` is its transformers class (one of `ARCHITECTURES` but MPT), `cfg`
+    its (text) config, `tensors()` returns the checkpoint's tensors (called
+    after the config checks), `prefix` starts the base model's keys
+    (`{prefix}embed_tokens.weight`, `{prefix}layers.*`), `head` is the LM
+    head's key (read unless the embeddings are tied), and `path` names the
+    checkpoint in errors.
+    """
     gemma, qwen = arch == "GemmaForCausalLM", arch == "Qwen2ForCausalLM"
     if arch != "MistralForCausalLM" and (
         "sliding_attention" in (cfg.get("layer_types") or []) or (qwen and cfg.get("use_sliding_window"))
@@ -68,7 +85,7 @@ def load_decoder_dir(path: str) -> tuple[dict, dict]:
         raise UserError(f"{path}: Gemma activation {cfg.get('hidden_activation')!r} is not supported.")
     if not qwen and (cfg.get("attention_bias") or cfg.get("mlp_bias")):
         raise UserError(f"{path}: attention or MLP biases are not supported by the decoder yet.")
-    t = _Tensors(_read_tensors(path), "model.", path)
+    t = _Tensors(tensors(), prefix, path)
 
     def norm(name):  # Gemma stores w for a scale of (1 + w)
         return {"scale": t(name) + 1.0 if gemma else t(name)}
@@ -104,7 +121,7 @@ def load_decoder_dir(path: str) -> tuple[dict, dict]:
         "final_norm": norm("norm.weight"),
     }
     if not tied:
-        params["lm_head"] = {"kernel": _Tensors(t.tensors, "", path)("lm_head.weight").T}
+        params["lm_head"] = {"kernel": _Tensors(t.tensors, "", path)(head).T}
     return kwargs, params
 
 
