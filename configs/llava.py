@@ -18,7 +18,8 @@ Stages (LLaVA's recipe, arXiv:2304.08485 sec. 4 and arXiv:2310.03744 sec. 3):
            "llava_plain" template (`<s><image>{caption}\\n`, the caption is the target)
   stage=2  instruction tuning: the projector and the LM train, on conversations rendered with the "llava"
            chat template (Vicuna v1), the loss on the answers only; the vision tower stays frozen.
-           `stage1=DIR` starts the projector from a stage-1 run (`model.connector_checkpoint`).
+           `stage1=DIR` starts every part from a stage-1 run (`model.stage_checkpoint`); on the built-in data
+           (`data=builtin,stage=2`) the stage-1 run is a declared prerequisite, trained once when stage 2 starts.
 
 The features are the ViT's penultimate layer (`feature_layer=-2`) without the class token
 (`drop_class_token`), as transformers' `vision_feature_layer=-2`, `vision_feature_select_strategy="default"`.
@@ -111,6 +112,7 @@ def get_config(arg=None):
             image_newline=anyres,  # LLaVA-NeXT's learned feature after each grid row
             lm_checkpoint="",  # an `lm` checkpoint (e.g. convert-hf of Vicuna) for the LM
             vision_checkpoint="",  # a `vision_encoder` or `dual_encoder` checkpoint (e.g. convert-hf of CLIP)
+            stage_checkpoint=arg.stage1,  # an earlier stage of this model (stage 2 starts from stage 1)
         )
     )
     c.data = ConfigDict(
@@ -167,8 +169,9 @@ def builtin(arg):
     root = "prerequisite:builtin"
     c = get_config(f"variant=tiny,stage={arg.stage},tokenizer={root}/{build.TOKENIZER}.model,data={root}")
     c.prerequisites = {"builtin": dict(kind="builtin_data", seed=0, image_size=64, scale=float(arg.scale))}
-    c.total_steps, c.batch_size, c.log_every = 300, 16, 50
-    c.checkpoint_every, c.eval_every, c.eval_examples = 300, 300, 100
+    steps = max(4, round(300 * float(arg.scale)))  # a scaled-down dataset (tests) trains a scaled-down run
+    c.total_steps, c.batch_size, c.log_every = steps, 16, 50
+    c.checkpoint_every, c.eval_every, c.eval_examples = steps, steps, 100
     c.model.image_size = 64  # 64 image tokens
     c.data.seq_len = 192
     # Vicuna's long system message (~110 tokens with the built-in 512-piece vocabulary) would leave little room.
@@ -181,4 +184,10 @@ def builtin(arg):
     ]
     c.eval_tasks = {task: f"{root}/{task}/validation" for task in ("vqa", "captions")}
     c.optim.update(lr=2e-3, warmup_steps=20, freeze=() if arg.stage == 2 else LM_FROZEN)
+    if arg.stage == 2:  # starts from the stage-1 run on the same data, trained once when stage 2 starts
+        stage1 = builtin(parse_arg(f"stage=1,scale={arg.scale}", stage=2, scale=1.0))
+        del stage1["prerequisites"]  # it refers to this config's `builtin`
+        stage1.eval_every, stage1.eval_tasks = 0, {}  # stage 2 is the one evaluated
+        c.prerequisites.stage1 = dict(kind="run", workdir=f"{root}/llava-stage1", config=stage1)
+        c.model.stage_checkpoint = "prerequisite:stage1"
     return c

@@ -126,6 +126,11 @@ def trained(tmp_path_factory):
 def test_tiny_llava_trains_evaluates_and_answers(trained, tmp_path, capsys):
     workdir, status = trained
     assert status == 0
+    # Stage 2 started from the stage-1 run (projector only, plain template), trained once as a prerequisite.
+    stage1 = json.load(open(os.path.join(workdir, "config.json")))["model"]["stage_checkpoint"]
+    assert os.path.basename(stage1).startswith("llava-stage1-")
+    stage1_config = json.load(open(os.path.join(stage1, "config.json")))
+    assert stage1_config["data"]["template"] == "llava_plain" and stage1_config["optim"]["freeze"] == ["decoder/.*"]
     scalars = open(os.path.join(workdir, "report", "index.html")).read()
     assert "vqa_accuracy" in scalars and "cider" in scalars
     image = tmp_path / "red.png"
@@ -139,3 +144,22 @@ def test_tiny_llava_trains_evaluates_and_answers(trained, tmp_path, capsys):
     assert cli.main(argv + ["--max_new_tokens", "6", "--out", str(out)]) == 0
     line = json.loads(out.read_text())
     assert 1 <= len(line["tokens"]) <= 6
+
+
+def test_a_stage_checkpoint_starts_every_part(tmp_path):
+    from vlm_jax.config_lib import ConfigError
+    from vlm_jax.interop.convert import write_checkpoint
+
+    system, params = tiny()
+    stage1 = jax.tree.map(lambda x: np.asarray(x) + 1.0, params)
+    write_checkpoint(system.config, stage1, str(tmp_path / "stage1"))
+    system.config.model.stage_checkpoint = str(tmp_path / "stage1")
+    started = system.pretrained(jax.device_get(params))
+    jax.tree.map(np.testing.assert_array_equal, started, stage1)
+    lm = load_config(os.path.join(REPO, "configs/lm.py"))
+    lm_system = models.build(lm)
+    lm_shapes = nn.unbox(jax.eval_shape(lm_system.init, jax.random.PRNGKey(0), lm_system.dummy_batch(1)))
+    write_checkpoint(lm, jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), lm_shapes), str(tmp_path / "lm"))
+    system.config.model.stage_checkpoint = str(tmp_path / "lm")
+    with pytest.raises(ConfigError, match="holds a lm, not a llava"):
+        system.pretrained(params)

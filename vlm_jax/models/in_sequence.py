@@ -251,9 +251,13 @@ class InSequenceSystem(System):
 
     def pretrained(self, params: dict) -> dict:
         """Starts parts from checkpoints when training starts fresh (host arrays): `model.lm_checkpoint` (an
-        `lm`) and `model.vision_checkpoint` (a `vision_encoder`, or a `dual_encoder`'s image tower); "" skips."""
+        `lm`), `model.vision_checkpoint` (a `vision_encoder`, or a `dual_encoder`'s image tower) and
+        `model.stage_checkpoint` (an earlier stage of this system, e.g. LLaVA's stage 1: every part it has
+        starts there, before the other two apply); "" skips one."""
         m = self.config.model
         params = dict(params)
+        if m.get("stage_checkpoint"):
+            params = dict(parts.same_shapes(params, parts.load_stage(m.stage_checkpoint, m.name), "stage_checkpoint"))
         if m.get("lm_checkpoint"):
             params["decoder"] = parts.same_shapes(params["decoder"], parts.load_lm(m.lm_checkpoint), "lm_checkpoint")
         if m.get("vision_checkpoint"):
@@ -305,15 +309,16 @@ class InSequenceSystem(System):
         """transformers-style inputs -> logits: input_ids [B, L], pixel_values [N, 3, H, W] (all images of the
         batch in order, as LLaVA takes them: row r's placeholder runs take the next images) or [B, N, 3, H, W],
         optional attention_mask [B, L] (left padding), position_ids [B, L], and under a prefix-LM template
-        token_type_ids [B, L] (0 = prefix, 1 = suffix: PaliGemma)."""
+        token_type_ids [B, L] (0 = prefix, 1 = suffix: PaliGemma). LLaVA-NeXT (AnyRes): pixel_values
+        [N, views, 3, H, W] (each image's base view and tiles, zero-padded to the most views) and image_sizes
+        [N, 2] (each image's original height and width)."""
         missing = [k for k in ("input_ids", "pixel_values") if k not in inputs]
         if missing:
             raise UserError(
                 f"the inputs have no {', '.join(missing)} (found: {', '.join(sorted(inputs)) or 'nothing'})."
             )
-        known = {"input_ids", "pixel_values", "attention_mask", "position_ids"} | (
-            {"token_type_ids"} if self.prefix_lm else set()
-        )
+        known = {"input_ids", "pixel_values", "attention_mask", "position_ids"}
+        known |= ({"token_type_ids"} if self.prefix_lm else set()) | ({"image_sizes"} if self.indexed else set())
         extra = sorted(set(inputs) - known)
         if extra:
             raise UserError(f"the {self.config.model.name} system does not read the inputs {', '.join(extra)}.")
@@ -327,11 +332,18 @@ class InSequenceSystem(System):
         positions = inputs.get("position_ids")
         if positions is None:
             positions = np.maximum(np.cumsum(present, axis=1) - 1, 0)
+        pixels = np.asarray(inputs["pixel_values"], np.float32)
+        if self.indexed:
+            if "image_sizes" not in inputs:
+                raise UserError("the inputs have no image_sizes ([images, 2]: each image's height and width).")
+            images = self._anyres_by_row(tokens, present, pixels, np.asarray(inputs["image_sizes"]))
+        else:
+            images = self._images_by_row(tokens, present, pixels)
         batch = {
             "tokens": tokens,
             "segment_ids": present.astype(np.int32),
             "positions": np.asarray(positions, np.int32),
-            **self._images_by_row(tokens, present, np.asarray(inputs["pixel_values"], np.float32)),
+            **images,
         }
         if self.prefix_lm:
             if "token_type_ids" not in inputs:
@@ -372,3 +384,52 @@ class InSequenceSystem(System):
                 ids[r, i] = 1
             start += n
         return {"images": images, "image_segment_ids": ids}
+
+    def _anyres_by_row(self, tokens, present, pixels, image_sizes) -> dict[str, np.ndarray]:
+        """images, image_segment_ids and feature_index from LLaVA-NeXT's inputs: each row's placeholders take the
+        next images in order, each image its views (base + tiles of its best pinpoint) and its feature order."""
+        from data_pipelines import image_ops, pipeline
+
+        settings = self.config.data.image
+        size = self.image_size
+        if pixels.ndim != 5 or pixels.shape[2:] != (3, size, size) or len(image_sizes) != pixels.shape[0]:
+            raise UserError(
+                f"pixel_values must be [images, views, 3, {size}, {size}] with one image_sizes row per image; got "
+                f"{pixels.shape} and {np.shape(image_sizes)}."
+            )
+        pinpoints = [tuple(p) for p in settings.grid_pinpoints]
+        rows, width = tokens.shape
+        placeholder = self.module.image_token_id
+        per_row, image = [], 0
+        for r in range(rows):
+            wanted = int(np.count_nonzero((tokens[r] == placeholder) & present[r]))
+            mine = []
+            while wanted > 0:
+                if image >= len(image_sizes):
+                    raise UserError(
+                        f"row {r}'s image placeholders ask for more images than the {len(image_sizes)} given."
+                    )
+                h, w = (int(v) for v in image_sizes[image])
+                order = pipeline.feature_order((h, w), settings, self.image_tokens)
+                best_h, best_w = image_ops.select_best_resolution((h, w), pinpoints)
+                mine.append((image, order, 1 + (best_h // size) * (best_w // size)))
+                wanted -= len(order)
+                image += 1
+            if wanted < 0:
+                raise UserError(f"row {r}'s image placeholders do not add up to whole images' LLaVA-NeXT features.")
+            per_row.append(mine)
+        slots = max(1, max(sum(v for _, _, v in mine) for mine in per_row))
+        images = np.zeros((rows, slots, size, size, 3), np.float32)
+        ids = np.zeros((rows, slots), np.int32)
+        index = np.zeros((rows, width), np.int32)
+        for r, mine in enumerate(per_row):
+            slot = 0
+            for j, _, views in mine:
+                images[r, slot : slot + views] = pixels[j, :views].transpose(0, 2, 3, 1)
+                ids[r, slot : slot + views] = 1
+                slot += views
+            ids_r = np.where(present[r], tokens[r], -1)
+            index[r] = pipeline.feature_index(
+                ids_r, placeholder, [o for _, o, _ in mine], [v for _, _, v in mine], self.image_tokens
+            )
+        return {"images": images, "image_segment_ids": ids, "feature_index": index}

@@ -75,3 +75,13 @@ def load_lm(path: str) -> Any:
     if config.model.name != "lm":
         raise ConfigError(f"model.lm_checkpoint {path} holds a {config.model.name}, not an lm.")
     return jax.device_get(lm)
+
+
+def load_stage(path: str, system: str) -> Any:
+    """The params of checkpoint `path`, an earlier training stage of the same `system` (host arrays)."""
+    from vlm_jax.train.checkpoint import load_params
+
+    config, _, params = load_params(path)
+    if config.model.name != system:
+        raise ConfigError(f"model.stage_checkpoint {path} holds a {config.model.name}, not a {system}.")
+    return jax.device_get(params)
