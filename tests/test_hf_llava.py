@@ -128,29 +128,30 @@ def test_llava_logits_match_through_the_command_line(tmp_path, llama_llava):
     assert np.abs(moved[0, first:] - want[0, first:]).max() > 1e-3
 
 
-@pytest.mark.parametrize("layout", ["hub", "in_memory"])
-def test_other_key_layouts_and_older_configs_convert_to_the_same_params(tmp_path, llama_llava, layout):
-    """llava-hf's hub layout (`vision_tower.vision_model.*`) and transformers' in-memory names (`model.*`, `lm_head`),
-    with a config in the older form (`image_token_index`, default vision settings left out)."""
-    _, path = llama_llava
-    renames = {
-        "hub": [("vision_tower.", "vision_tower.vision_model.")],
-        "in_memory": [
-            ("vision_tower.", "model.vision_tower.vision_model."),
-            ("multi_modal_projector.", "model.multi_modal_projector."),
-            ("language_model.model.", "model.language_model."),
-            ("language_model.lm_head.", "lm_head."),
-        ],
-    }[layout]
+LAYOUTS = {
+    "hub": [("vision_tower.", "vision_tower.vision_model.")],
+    "in_memory": [
+        ("vision_tower.", "model.vision_tower.vision_model."),
+        ("multi_modal_projector.", "model.multi_modal_projector."),
+        ("language_model.model.", "model.language_model."),
+        ("language_model.lm_head.", "lm_head."),
+        ("image_newline", "model.image_newline"),  # LLaVA-NeXT's
+    ],
+}
+
+
+def relayout(path, other, layout):
+    """A copy of the saved LLaVA(-NeXT) directory `path` in `other` with llava-hf's hub key layout or transformers'
+    in-memory names (`LAYOUTS`) and a config as llava-hf's hub configs are (`image_token_id` for the
+    `image_token_index` transformers 5 writes, default vision settings left out); returns `other`."""
 
     def rename(key):
-        for old, new in renames:
+        for old, new in LAYOUTS[layout]:
             if key.startswith(old):
                 return new + key[len(old) :]
         return key
 
     tensors = load_file(str(path / "model.safetensors"))
-    other = tmp_path / layout
     other.mkdir()
     save_file({rename(k): v for k, v in tensors.items()}, str(other / "model.safetensors"))
     config = json.loads((path / "config.json").read_text())
@@ -159,7 +160,15 @@ def test_other_key_layouts_and_older_configs_convert_to_the_same_params(tmp_path
     for default in ("hidden_act", "layer_norm_eps", "num_channels"):  # llava-hf's configs leave these out
         del config["vision_config"][default]
     (other / "config.json").write_text(json.dumps(config))
+    return other
 
+
+@pytest.mark.parametrize("layout", ["hub", "in_memory"])
+def test_other_key_layouts_and_older_configs_convert_to_the_same_params(tmp_path, llama_llava, layout):
+    """llava-hf's hub layout (`vision_tower.vision_model.*`) and transformers' in-memory names (`model.*`, `lm_head`),
+    with a config in the older form (`image_token_index`, default vision settings left out)."""
+    _, path = llama_llava
+    other = relayout(path, tmp_path / layout, layout)
     want_config, want = to_system_config(str(path))
     got_config, got = to_system_config(str(other))
     assert jax.tree.structure(got) == jax.tree.structure(want)

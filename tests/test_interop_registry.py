@@ -34,6 +34,7 @@ def test_every_registered_key_maps_to_its_converter():
         "model_type:siglip": "hf_clip",
         "IdeficsForVisionText2Text": "hf_idefics",
         "LlavaForConditionalGeneration": "hf_llava",
+        "LlavaNextForConditionalGeneration": "hf_llava_next",
         **{f"timm:dm_nfnet_f{i}": "timm_nfnet" for i in range(7)},
         **{arch: "hf_decoder" for arch in hf_decoder.ARCHITECTURES},
     }

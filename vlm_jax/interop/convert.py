@@ -10,6 +10,8 @@ without `architectures`). Registered today (no torch needed):
 * timm `dm_nfnet_f0` .. `dm_nfnet_f6` -> system `vision_encoder` (NFNet, `timm_nfnet.py`);
 * transformers `IdeficsForVisionText2Text` -> system `flamingo` (`hf_idefics.py`);
 * transformers `LlavaForConditionalGeneration` (CLIP tower, LLaMA or Mistral LM) -> system `llava` (`hf_llava.py`);
+* transformers `LlavaNextForConditionalGeneration` (the same parts, AnyRes views, `image_newline`) -> system `llava`
+  with LLaVA-NeXT's data settings (`hf_llava_next.py`);
 * transformers decoder LMs (`hf_decoder.ARCHITECTURES`: LLaMA, Qwen2, Gemma, MPT, ...) -> system `lm`.
 
 Adding a converter: write a module in `vlm_jax/interop/` with a function

@@ -120,11 +120,13 @@ def _text_config(cfg: dict, path: str) -> tuple[str, dict]:
     return arch, {**defaults, **tc, "tie_word_embeddings": tied}
 
 
-def load_llava_dir(path: str) -> tuple[dict, dict, dict]:
-    """(llava `config.model` dict, `config.data` dict, params) of a `LlavaForConditionalGeneration` directory."""
+def load_llava_dir(path: str, architecture: str = ARCHITECTURE) -> tuple[dict, dict, dict, dict]:
+    """(llava `config.model` dict, `config.data` dict, params, all the checkpoint's tensors) of a directory whose
+    config.json's architectures include `architecture`: LLaVA's parts, which LLaVA-NeXT shares (`hf_llava_next.py`
+    reads the tensors it adds from the returned ones)."""
     cfg = read_config(path)
-    if ARCHITECTURE not in (cfg.get("architectures") or []):
-        raise UserError(f"{path}: architectures {cfg.get('architectures')} do not include {ARCHITECTURE}.")
+    if architecture not in (cfg.get("architectures") or []):
+        raise UserError(f"{path}: architectures {cfg.get('architectures')} do not include {architecture}.")
     act = cfg.get("projector_hidden_act", "gelu")
     if act != "gelu":
         raise UserError(f"{path}: projector_hidden_act {act!r} is not supported (only 'gelu').")
@@ -180,12 +182,12 @@ def load_llava_dir(path: str) -> tuple[dict, dict, dict]:
         "connector": {"linear_1": linear("linear_1"), "linear_2": linear("linear_2")},
         "decoder": decoder_params,
     }
-    return model, data, params
+    return model, data, params, tensors
 
 
 @register_converter(ARCHITECTURE)
 def convert_llava_dir(path: str, raw: dict) -> tuple:
     """(system config, params) of a `LlavaForConditionalGeneration` directory: the `llava` system."""
     del raw  # load_llava_dir reads config.json itself
-    model, data, params = load_llava_dir(path)
+    model, data, params, _ = load_llava_dir(path)
     return system_config(path, model, data), params
