@@ -61,8 +61,10 @@ def get_config(arg=None):
     if arg.stage not in (1, 2):
         raise ConfigError(f"stage={arg.stage} is not 1 (projector only) or 2 (projector and LM).")
     if arg.data == "builtin":
-        if arg.variant != "tiny":
-            raise ConfigError("data=builtin trains the tiny model; paper-size variants need data=DIR,tokenizer=FILE.")
+        if arg.variant not in ("tiny", "tiny-next"):
+            raise ConfigError(
+                "data=builtin trains tiny or tiny-next; paper-size variants need data=DIR,tokenizer=FILE."
+            )
         return builtin(arg)
     tiny = arg.variant.startswith("tiny")
     anyres = "next" in arg.variant
@@ -163,16 +165,18 @@ def builtin(arg):
     """The tiny LLaVA on the built-in dataset (`data_pipelines/builtin`, declared as a prerequisite and built
     when training starts): stage 1 on its captions, stage 2 on captions + VQA + grounding conversations, with
     the VQA and caption evaluations on held-out combinations. The vision tower trains too (nothing pretrained
-    exists offline), at the built-in scenes' 64 px."""
+    exists offline), at the built-in scenes' 64 px: one 64 px view (64 features), or with `variant=tiny-next`
+    LLaVA-NeXT's AnyRes on 32 px tiles (a base view and a 2 x 2 grid: 16 + 64 features and 8 newlines)."""
     from data_pipelines.builtin import build
 
     root = "prerequisite:builtin"
-    c = get_config(f"variant=tiny,stage={arg.stage},tokenizer={root}/{build.TOKENIZER}.model,data={root}")
+    variant = arg.variant
+    c = get_config(f"variant={variant},stage={arg.stage},tokenizer={root}/{build.TOKENIZER}.model,data={root}")
     c.prerequisites = {"builtin": dict(kind="builtin_data", seed=0, image_size=64, scale=float(arg.scale))}
     steps = max(4, round(300 * float(arg.scale)))  # a scaled-down dataset (tests) trains a scaled-down run
     c.total_steps, c.batch_size, c.log_every = steps, 16, 50
     c.checkpoint_every, c.eval_every, c.eval_examples = steps, steps, 100
-    c.model.image_size = 64  # 64 image tokens
+    c.model.image_size = 32 if variant == "tiny-next" else 64  # the tile size; 64 px: 64 image tokens
     c.data.seq_len = 192
     # Vicuna's long system message (~110 tokens with the built-in 512-piece vocabulary) would leave little room.
     c.data.template_options = {"system": "A chat between a user and an assistant."} if arg.stage == 2 else {}
@@ -185,7 +189,7 @@ def builtin(arg):
     c.eval_tasks = {task: f"{root}/{task}/validation" for task in ("vqa", "captions")}
     c.optim.update(lr=2e-3, warmup_steps=20, freeze=() if arg.stage == 2 else LM_FROZEN)
     if arg.stage == 2:  # starts from the stage-1 run on the same data, trained once when stage 2 starts
-        stage1 = builtin(parse_arg(f"stage=1,scale={arg.scale}", stage=2, scale=1.0))
+        stage1 = builtin(parse_arg(f"variant={variant},stage=1,scale={arg.scale}", variant="", stage=2, scale=1.0))
         del stage1["prerequisites"]  # it refers to this config's `builtin`
         stage1.eval_every, stage1.eval_tasks = 0, {}  # stage 2 is the one evaluated
         c.prerequisites.stage1 = dict(kind="run", workdir=f"{root}/llava-stage1", config=stage1)

@@ -107,24 +107,26 @@ def test_paper_size_parameter_counts(variant, published):
     assert abs(param_count(variant) / published - 1) < 0.02
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """The tiny LLaVA trained for a few steps on a small built-in dataset through `vlm-jax train`."""
+@pytest.fixture(scope="module", params=["tiny", "tiny-next"])
+def trained(request, tmp_path_factory):
+    """The tiny LLaVA (and LLaVA-NeXT) trained for a few steps on a small built-in dataset through `vlm-jax
+    train` (stage 2, after its stage-1 prerequisite run)."""
     cache = str(tmp_path_factory.mktemp("cache"))
     workdir = str(tmp_path_factory.mktemp("llava_run"))
+    config = f"{REPO}/configs/llava.py:variant={request.param},data=builtin,scale=0.02"
     argv = [
-        "train", "--config", f"{REPO}/configs/llava.py:data=builtin,scale=0.02", "--workdir", workdir,
+        "train", "--config", config, "--workdir", workdir,
         "--config.total_steps=4", "--config.batch_size=8", "--config.eval_every=4", "--config.eval_examples=8",
         "--config.checkpoint_every=4", "--config.log_every=2",
     ]  # fmt: skip
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("VLM_JAX_CACHE", cache)
         status = cli.main(argv)
-    return str(workdir), status
+    return str(workdir), status, cache, config
 
 
-def test_tiny_llava_trains_evaluates_and_answers(trained, tmp_path, capsys):
-    workdir, status = trained
+def test_tiny_llava_trains_evaluates_and_answers(trained, tmp_path, capsys, monkeypatch):
+    workdir, status, cache, config = trained
     assert status == 0
     # Stage 2 started from the stage-1 run (projector only, plain template), trained once as a prerequisite.
     stage1 = json.load(open(os.path.join(workdir, "config.json")))["model"]["stage_checkpoint"]
@@ -133,6 +135,11 @@ def test_tiny_llava_trains_evaluates_and_answers(trained, tmp_path, capsys):
     assert stage1_config["data"]["template"] == "llava_plain" and stage1_config["optim"]["freeze"] == ["decoder/.*"]
     scalars = open(os.path.join(workdir, "report", "index.html")).read()
     assert "vqa_accuracy" in scalars and "cider" in scalars
+    monkeypatch.setenv("VLM_JAX_CACHE", cache)
+    capsys.readouterr()
+    assert cli.main(["eval", "--config", config, "--workdir", workdir, "--config.eval_examples=8"]) == 0
+    scores = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert scores["step"] == 4 and {"vqa_accuracy", "cider", "bleu4"} <= set(scores)
     image = tmp_path / "red.png"
     Image.new("RGB", (64, 64), (220, 20, 20)).save(image)
     capsys.readouterr()
