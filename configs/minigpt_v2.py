@@ -1,7 +1,8 @@
 """MiniGPT-v2 (Chen et al. 2023, arXiv:2310.09478): EVA ViT-g/14 at 448 px, 4 adjacent tokens concatenated and
 projected by one linear layer into LLaMA-2-7B-chat.
 
-Variants (`--config configs/minigpt_v2.py:variant=NAME[,data=DIR,tokenizer=FILE.model]`):
+Variants (`--config configs/minigpt_v2.py:variant=NAME[,data=DIR,tokenizer=FILE.model]`;
+`configs/minigpt_v2.py:data=builtin[,scale=F]` trains the tiny model on the built-in dataset):
   tiny  a 2-layer ViT (patch 8, 32 px: 16 patches -> 4 tokens), a 2-layer LM: CPU tests
   7b    EVA ViT-g/14 as MiniGPT-4 / BLIP-2 use it (39 blocks of width 1408, the last of EVA-CLIP's 40 removed,
         then `ln_vision`), 448 px -> 1024 patches -> 256 tokens of width 5632 -> linear -> LLaMA-2-7B (4096 wide)
@@ -24,9 +25,13 @@ GROUP = 4  # tokens concatenated into one
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, variant="tiny", data="", tokenizer="")
+    arg = parse_arg(arg, variant="tiny", data="", tokenizer="", scale=1.0)
     if arg.variant not in ("tiny", "7b"):
         raise ConfigError(f"variant {arg.variant!r} is not one of tiny, 7b.")
+    if arg.data == "builtin":
+        if arg.variant != "tiny":
+            raise ConfigError("data=builtin trains the tiny model; the 7b variant needs data=DIR,tokenizer=FILE.")
+        return builtin(arg)
     tiny = arg.variant == "tiny"
     c = ConfigDict()
     c.seed = 0
@@ -108,4 +113,29 @@ def get_config(arg=None):
             lr_mults=(),
         )
     )
+    return c
+
+
+def builtin(arg):
+    """The tiny MiniGPT-v2 on the built-in dataset (a declared prerequisite, built when training starts): one
+    stage on captions, VQA and grounding conversations with MiniGPT's template, nothing frozen
+    (nothing pretrained exists offline), 64 px images (64 patches -> 16 tokens), VQA and caption evaluations
+    on held-out combinations."""
+    from data_pipelines.builtin import build
+
+    root = "prerequisite:builtin"
+    c = get_config(f"variant=tiny,tokenizer={root}/{build.TOKENIZER}.model,data={root}")
+    c.prerequisites = {"builtin": dict(kind="builtin_data", seed=0, image_size=64, scale=float(arg.scale))}
+    steps = max(4, round(300 * float(arg.scale)))
+    c.total_steps, c.batch_size, c.log_every = steps, 16, 50
+    c.checkpoint_every, c.eval_every, c.eval_examples = steps, steps, 100
+    c.model.image_size = 64
+    c.data.seq_len = 128
+    c.data.image.method = "bilinear"
+    c.data.mixture = [
+        dict(train_path=f"{root}/{task}/train", validation_path=f"{root}/{task}/validation", weight=weight)
+        for task, weight in {"captions": 1.0, "vqa": 2.0, "grounding": 0.5}.items()
+    ]
+    c.eval_tasks = {task: f"{root}/{task}/validation" for task in ("vqa", "captions")}
+    c.optim.update(lr=2e-3, warmup_steps=20, freeze=())
     return c

@@ -13,11 +13,9 @@ from conftest import REPO
 from vlm_jax import cli, models
 from vlm_jax.config_lib import load_config
 
-IMAGE_TOKENS = 16  # the tiny config: 32 px images, patch 8, class token dropped
 
-
-def tiny(template="llava"):
-    config = load_config(os.path.join(REPO, "configs/llava.py:variant=tiny"))
+def tiny(template="llava", spec="llava.py:variant=tiny"):
+    config = load_config(os.path.join(REPO, f"configs/{spec}"))
     config.data.template = template
     config.data.max_images = 2
     system = models.build(config)
@@ -27,10 +25,11 @@ def tiny(template="llava"):
 
 def example(rng, system, prefix_lm, text_len):
     """One example's tokens (image placeholders first, then text), its prefix flags and its image."""
-    tokens = [1] + [system.module.image_token_id] * IMAGE_TOKENS + list(rng.integers(10, 250, size=text_len))
+    image_tokens = system.image_tokens  # tiny configs: 32 px images, patch 8
+    tokens = [1] + [system.module.image_token_id] * image_tokens + list(rng.integers(10, 250, size=text_len))
     prefix = np.zeros(len(tokens), bool)
     if prefix_lm:
-        prefix[: 1 + IMAGE_TOKENS + text_len // 2] = True  # images, bos-like token and half the text
+        prefix[: 1 + image_tokens + text_len // 2] = True  # images, bos-like token and half the text
     image = rng.normal(size=(32, 32, 3)).astype(np.float32)
     return np.asarray(tokens, np.int32), prefix, image
 
@@ -55,9 +54,16 @@ def row(examples, length, slots=2):
     return batch
 
 
-@pytest.mark.parametrize("template", ["llava", "paligemma"])  # causal, and prefix-LM attention
-def test_a_packed_row_equals_its_examples_run_alone(template):
-    system, params = tiny(template)
+@pytest.mark.parametrize(
+    "spec, template",
+    [
+        ("llava.py:variant=tiny", "llava"),
+        ("llava.py:variant=tiny", "paligemma"),  # prefix-LM attention
+        ("minigpt_v2.py:variant=tiny", "minigpt4"),  # 4-token concatenation
+    ],
+)
+def test_a_packed_row_equals_its_examples_run_alone(spec, template):
+    system, params = tiny(template, spec)
     assert system.prefix_lm == (template == "paligemma")
     rng = np.random.default_rng(0)
     a, b = example(rng, system, system.prefix_lm, 9), example(rng, system, system.prefix_lm, 14)
@@ -90,7 +96,7 @@ def test_placeholders_without_features_are_reported():
     batch["image_segment_ids"][:] = 0  # the example's image slot is empty: its 16 placeholders get nothing
     batch["targets"], batch["loss_mask"] = np.zeros_like(batch["tokens"]), np.ones(batch["tokens"].shape, np.float32)
     _, weight, metrics = system.loss(params, batch)
-    assert float(metrics["unplaced_image_tokens"] / weight) == IMAGE_TOKENS
+    assert float(metrics["unplaced_image_tokens"] / weight) == 16  # 32 px, patch 8, class token dropped
 
 
 def param_count(variant):

@@ -1,13 +1,15 @@
 """MiniGPT-v2: its configuration builds and trains a step on CPU; the paper size has the published parts' sizes."""
 
+import json
 import os
 
 import flax.linen as nn
 import jax
 import numpy as np
+from PIL import Image
 
 from conftest import REPO
-from vlm_jax import models
+from vlm_jax import cli, models
 from vlm_jax.config_lib import load_config
 
 
@@ -47,3 +49,21 @@ def test_tiny_merges_four_tokens_and_learns():
 
 def jnp_norm(tree):
     return np.sqrt(sum(float(np.sum(np.square(x))) for x in jax.tree.leaves(tree)))
+
+
+def test_tiny_trains_on_the_built_in_data_is_evaluated_and_answers(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("VLM_JAX_CACHE", str(tmp_path / "cache"))
+    config = os.path.join(REPO, "configs/minigpt_v2.py:data=builtin,scale=0.02")
+    workdir = str(tmp_path / "run")
+    short = ["--config.total_steps=4", "--config.batch_size=8", "--config.eval_examples=8", "--config.log_every=2"]
+    assert cli.main(["train", "--config", config, "--workdir", workdir, *short]) == 0
+    capsys.readouterr()
+    assert cli.main(["eval", "--config", config, "--workdir", workdir, "--config.eval_examples=8"]) == 0
+    scores = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert scores["step"] == 4 and {"vqa_accuracy", "cider"} <= set(scores)
+    image = tmp_path / "blue.png"
+    Image.new("RGB", (64, 64), (20, 20, 220)).save(image)
+    argv = ["generate", "--checkpoint", workdir, "--image", str(image), "--prompt", "What colour is the shape?"]
+    assert cli.main(argv + ["--max_new_tokens", "5", "--out", str(tmp_path / "out.jsonl")]) == 0
+    line = json.loads((tmp_path / "out.jsonl").read_text())
+    assert 1 <= len(line["tokens"]) <= 5 and "<ImageHere>" not in line["text"]
