@@ -97,8 +97,8 @@ def test_deeper_mlp_projector_matches_numpy_and_names_its_axes():
 
 def test_projector_options_are_checked():
     x = jnp.zeros((2, VISION))
-    with pytest.raises(UserError, match="unknown activation 'tanh'"):
-        MLPProjector(4, act="tanh").init(jax.random.PRNGKey(0), x)
+    with pytest.raises(UserError, match="unknown activation 'swish_beta'"):
+        MLPProjector(4, act="swish_beta").init(jax.random.PRNGKey(0), x)
     with pytest.raises(UserError, match="depth >= 1"):
         MLPProjector(4, depth=0).init(jax.random.PRNGKey(0), x)
     params = LinearProjector(4, use_bias=False).init(jax.random.PRNGKey(0), x)["params"]
