@@ -46,6 +46,12 @@ SPECS = [
     "minigpt_v2.py",
     "minigpt_v2.py:variant=7b",
     "minigpt_v2.py:data=/no/data,tokenizer=/no/spm.model",
+    "paligemma.py",
+    "paligemma.py:variant=3b-224",
+    "paligemma.py:variant=3b-448,data=/no/data,tokenizer=/no/spm.model,init=/no/run",
+    "paligemma.py:variant=3b-896,stage=transfer,init=/no/run",
+    "paligemma.py:data=builtin",
+    "paligemma.py:data=builtin,scale=0.02",
 ]
 
 
@@ -137,6 +143,16 @@ FOLLOWERS = [
     ("clip.py", "--config.model.text.max_len=24", ["data.text_len"]),
     ("siglip.py:data=builtin", "--config.model.vision.image_size=96", ["data.image_size"]),
     ("siglip.py:data=builtin", "--config.data.text_len=60", ["model.text.max_len"]),
+    (
+        "paligemma.py:variant=3b-224",
+        "--config.model.image_size=448",
+        ["model.encoder_kwargs.image_size", "data.image.size"],
+    ),
+    (
+        "paligemma.py:data=builtin",
+        "--config.model.image_size=96",
+        ["model.encoder_kwargs.image_size", "data.image.size"],
+    ),
 ]
 
 
@@ -185,6 +201,7 @@ KNOBS = {
     "flamingo.py:variant=9B": FLAMINGO_KNOBS
     + RESAMPLER_KNOBS
     + ["--config.model.encoder_kwargs.stochastic_depth_rate=0.0", "--config.model.project_media=False"],
+    "paligemma.py": VIT_KNOBS + ["--config.model.lm.remat=full", "--config.model.stage_checkpoint=/no/run"],
     "flamingo.py:data=builtin": FLAMINGO_KNOBS
     + ["--config.model.encoder_kwargs.stem=patch", "--config.model.encoder_kwargs.stem_width=8"]
     + ["--config.prerequisites.builtin.scale=0.5", "--config.prerequisites.lm.config.total_steps=10"],
