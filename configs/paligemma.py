@@ -39,8 +39,7 @@ resolved (vlm_jax/prerequisites.py).
 
 from ml_collections import FieldReference
 
-from vlm_jax import sharding
-from vlm_jax.config_lib import ConfigDict, ConfigError, module_defaults, parse_arg
+from vlm_jax.config_lib import ConfigDict, ConfigError, module_defaults, parse_arg, training_config
 from vlm_jax.encoders.vit import ViT
 from vlm_jax.lm.decoder import DecoderLM
 
@@ -71,19 +70,12 @@ def get_config(arg=None):
             raise ConfigError("data=builtin trains the tiny model; paper-size variants need data=DIR,tokenizer=FILE.")
         return builtin(arg)
 
-    c = ConfigDict()
-    c.seed = 0
-    c.batch_size = 8 if tiny else 256
-    c.total_steps = 60 if tiny else _steps(stage, size, c.batch_size)
-    c.grad_accum_steps = 1
-    c.mesh = "data=-1,fsdp=1,tensor=1" if tiny else "data=-1,fsdp=8,tensor=1"
-    c.logical_axis_rules = sharding.DEFAULT_RULES
-    c.log_every = 10
-    c.checkpoint_every = 1000
-    c.keep_checkpoints = 3
-    c.eval_every = 0
-    c.eval_steps = 2
-    c.peak_tflops = 0.0
+    batch_size = 8 if tiny else 256
+    c = training_config(
+        total_steps=60 if tiny else _steps(stage, size, batch_size),
+        batch_size=batch_size,
+        mesh="data=-1,fsdp=1,tensor=1" if tiny else "data=-1,fsdp=8,tensor=1",
+    )
 
     vit = module_defaults(ViT)
     lm = dict(module_defaults(DecoderLM, exclude=("cross_attn_every",)), head_dim=0)  # 0 = embed_dim // heads

@@ -12,6 +12,7 @@ from flax import traverse_util
 from PIL import Image
 
 from conftest import REPO, read_tensorboard_scalars
+from data_pipelines.tokenizer import Tokenizer
 from vlm_jax import cli, models
 from vlm_jax.config_lib import load_config
 from vlm_jax.lm.decoder import DecoderLM, flamingo_layout
@@ -125,6 +126,19 @@ def test_generate_command_continues_text_and_image_prompts(trained_flamingo, int
     assert cli.main([*argv, "--stop", "<|endofchunk|>,</s>"]) == 0, capsys.readouterr().err
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(lines) == 3 and all(1 <= len(line["tokens"]) <= 5 and isinstance(line["text"], str) for line in lines)
+    # Without --stop, the system's stop tokens: the tokenizer's eos and the flamingo template's <|endofchunk|>;
+    # the text never shows them, and nothing is generated after one.
+    from vlm_jax.train.checkpoint import load_params
+
+    config, system, _ = load_params(workdir)
+    tokenizer = Tokenizer(config.data.tokenizer)
+    stop = {tokenizer.eos_id, tokenizer.token_id("<|endofchunk|>")}
+    assert set(system.stop_tokens(tokenizer)) == stop
+    default = tmp_path / "default.jsonl"
+    argv_default = [*argv[:-4], "--out", str(default), "--max_new_tokens", "12"]
+    assert cli.main(argv_default) == 0
+    for line in map(json.loads, default.read_text().splitlines()):
+        assert all(t not in stop for t in line["tokens"][:-1]) and "<|endofchunk|>" not in line["text"]
     argv_one = ["generate", "--checkpoint", workdir, "--max_new_tokens", "3", "--prompt", "<image>This one is"]
     assert cli.main([*argv_one, "--image", os.path.join(images, "red.png")]) == 0
     assert capsys.readouterr().out.strip()  # the continuation, printed

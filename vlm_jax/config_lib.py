@@ -70,6 +70,26 @@ def load_config(spec: str) -> ConfigDict:
     return config
 
 
+def training_config(total_steps: int, batch_size: int, mesh: str = "data=-1,fsdp=1,tensor=1") -> ConfigDict:
+    """A config with the top-level keys every training config has (docs/design.md), at the usual values: log
+    every 10 steps, a checkpoint every 1000 (3 kept), no periodic evaluation; a system config adds `model`,
+    `data` and `optim`."""
+    c = ConfigDict()
+    c.seed = 0
+    c.total_steps = total_steps
+    c.batch_size = batch_size
+    c.grad_accum_steps = 1
+    c.mesh = mesh
+    c.logical_axis_rules = sharding.DEFAULT_RULES
+    c.log_every = 10
+    c.checkpoint_every = 1000
+    c.keep_checkpoints = 3
+    c.eval_every = 0
+    c.eval_steps = 2
+    c.peak_tflops = 0.0  # per device; 0 = spec-sheet table, else measured
+    return c
+
+
 def module_defaults(module: type, exclude: Iterable[str] = ()) -> dict[str, Any]:
     """The settings of a Flax module (a dataclass) whose default is a bool, int, float, str or tuple, with that
     default: a config lists them so every option of the module is a `--config.` key (None cannot be overridden

@@ -12,6 +12,7 @@ without `architectures`). Registered today (no torch needed):
 * transformers `LlavaForConditionalGeneration` (CLIP tower, LLaMA or Mistral LM) -> system `llava` (`hf_llava.py`);
 * transformers `LlavaNextForConditionalGeneration` (the same parts, AnyRes views, `image_newline`) -> system `llava`
   with LLaVA-NeXT's data settings (`hf_llava_next.py`);
+* transformers `PaliGemmaForConditionalGeneration` (SigLIP tower, Gemma LM) -> system `paligemma` (`hf_paligemma.py`);
 * transformers decoder LMs (`hf_decoder.ARCHITECTURES`: LLaMA, Qwen2, Gemma, MPT, ...) -> system `lm`.
 
 Adding a converter: write a module in `vlm_jax/interop/` with a function

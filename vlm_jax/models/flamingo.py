@@ -18,7 +18,6 @@ see configs/flamingo.py); to train only new token rows, give the LM
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any
 
@@ -91,12 +90,7 @@ class Flamingo(System):
     def __init__(self, config):
         super().__init__(config)
         m = config.model
-        fields = {f.name for f in dataclasses.fields(DecoderLM)} - {"parent", "name"}
-        unknown = set(m.lm) - fields
-        if unknown:
-            raise ConfigError(
-                f"model.lm.{sorted(unknown)[0]} is not a DecoderLM setting ({', '.join(sorted(fields))})."
-            )
+        parts.check_lm_settings(m.lm)
         if not m.lm.get("cross_attn_every"):
             raise ConfigError("model.lm.cross_attn_every must be > 0 for a Flamingo model.")
         if int(m.image_tokens) != 1:

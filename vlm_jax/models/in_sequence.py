@@ -7,7 +7,7 @@
 `InSequenceSystem` holds everything such a system shares with the trainer,
 `generate`, the evaluators and `vlm-jax forward`; a family (LLaVA,
 PaliGemma, ...) is a subclass in its own file that sets its defaults and,
-where it differs, overrides a hook (`feature_scale`, `forward` inputs).
+where it differs, overrides a method (`init`, `pretrained`, `forward` inputs).
 
 Config (`config.model`): `encoder` ("vit") and `encoder_kwargs` (its fields),
 `feature_layer` (a ViT block index, e.g. -2 for LLaVA's penultimate layer;
@@ -23,7 +23,6 @@ optimizer's business (`optim.freeze`, regexes over `vision/`, `connector/`,
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any
 
@@ -67,7 +66,6 @@ class InSequenceModel(nn.Module):
     image_token_id: int
     feature_layer: int | None = -2
     drop_class_token: bool = True
-    feature_scale: float = 1.0  # PaliGemma divides the projected features by sqrt(LM width)
     image_newline: bool = False  # LLaVA-NeXT: a learned feature after each row of an image's grid
 
     def encode_images(self, images: jax.Array) -> jax.Array:
@@ -78,8 +76,6 @@ class InSequenceModel(nn.Module):
         if self.drop_class_token:
             features = features[:, 1:]
         features = self.connector(features)
-        if self.feature_scale != 1.0:
-            features = features * jnp.asarray(self.feature_scale, features.dtype)
         return features.reshape((b, m) + features.shape[1:])
 
     @nn.compact
@@ -108,19 +104,14 @@ class InSequenceModel(nn.Module):
 class InSequenceSystem(System):
     """Next-token prediction on packed image-text rows whose image placeholders take the image features (batch:
     tokens, targets, loss_mask, segment_ids, positions, images, image_segment_ids, and prefix_mask under a
-    prefix-LM template). Subclasses register a name and may override `feature_scale_for`."""
+    prefix-LM template). Subclasses register a name and may override what differs (PaliGemma: `init`, `pretrained`)."""
 
     fusion = "in_sequence"
 
     def __init__(self, config):
         super().__init__(config)
         m = config.model
-        fields = {f.name for f in dataclasses.fields(DecoderLM)} - {"parent", "name"}
-        unknown = set(m.lm) - fields
-        if unknown:
-            raise ConfigError(
-                f"model.lm.{sorted(unknown)[0]} is not a DecoderLM setting ({', '.join(sorted(fields))})."
-            )
+        parts.check_lm_settings(m.lm)
         if m.lm.get("cross_attn_every"):
             raise ConfigError(f"model.lm.cross_attn_every must be 0 for the {m.name} system (no cross-attention).")
         connector_args = dict(m.connector)
@@ -136,7 +127,6 @@ class InSequenceSystem(System):
             image_token_id=int(m.image_token_id),
             feature_layer=None if feature_layer is None else int(feature_layer),
             drop_class_token=bool(m.get("drop_class_token", True)),
-            feature_scale=self.feature_scale_for(m),
             image_newline=bool(m.get("image_newline", False)),
         )
         self.image_size = int(m.image_size)
@@ -153,10 +143,6 @@ class InSequenceSystem(System):
                 f"model.image_tokens is {m.image_tokens}, but each image gives {features} features "
                 f"(image_size {self.image_size}, its encoder and connector)."
             )
-
-    def feature_scale_for(self, model_config) -> float:
-        """The factor on the connector's outputs (1; PaliGemma: 1 / sqrt(LM width))."""
-        return 1.0
 
     def features_per_image(self) -> int:
         """How many features one image slot gives (abstract evaluation of the encoder and connector)."""

@@ -15,8 +15,8 @@ implementation: big_vision scales only the text embeddings; transformers 4.x
 divided the projected features by sqrt(width) because its Gemma then scaled
 every input embedding, image ones included; transformers 5 applies the scale
 in the embedding table, before the features are placed. `DecoderLM` places
-features after its embedding scale, so the factor here is 1 (the default
-`feature_scale_for`); tests/test_paligemma.py checks this against
+features after its embedding scale, so the features go in as the projection
+gives them; tests/test_paligemma.py checks this against
 transformers' `PaliGemmaForConditionalGeneration` logits.
 
 Beyond `InSequenceSystem`: the zero-initialised projection (`init`), and in

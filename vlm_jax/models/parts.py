@@ -29,6 +29,18 @@ def vision_encoder(encoder: str, kwargs: dict) -> nn.Module:
     raise ConfigError(f"model.encoder {encoder!r} is not one of {', '.join(ENCODERS)}.")
 
 
+def check_lm_settings(lm: Any) -> None:
+    """Raises a ConfigError naming the first key of `model.lm` that is not a `DecoderLM` setting."""
+    import dataclasses
+
+    from vlm_jax.lm.decoder import DecoderLM
+
+    fields = {f.name for f in dataclasses.fields(DecoderLM)} - {"parent", "name"}
+    unknown = set(lm) - fields
+    if unknown:
+        raise ConfigError(f"model.lm.{sorted(unknown)[0]} is not a DecoderLM setting ({', '.join(sorted(fields))}).")
+
+
 def forward_flops(module: nn.Module, *args) -> float:
     """Matmul FLOPs of `module.apply` on abstract inputs (`vlm_jax.flops`: scanned layers counted per layer)."""
     return matmul_flops(module.apply, jax.eval_shape(module.init, _KEY, *args), *args)
