@@ -12,13 +12,15 @@ where it differs, overrides a method (`init`, `pretrained`, `forward` inputs).
 Config (`config.model`): `encoder` ("vit") and `encoder_kwargs` (its fields),
 `feature_layer` (a ViT block index, e.g. -2 for LLaVA's penultimate layer;
 None: the encoder's final tokens), `drop_class_token`, `connector` (a dict:
-`kind` in `CONNECTORS` plus its fields), `lm` (DecoderLM fields),
-`image_token_id`, `image_tokens` (features per image slot: the data pipeline
-writes that many placeholders per slot), `image_size`, and optionally
+`kind` — linear, mlp or concat, see `connector` — plus its fields), `lm`
+(DecoderLM fields), `image_token_id`, `image_tokens` (features per image slot:
+the data pipeline writes that many placeholders per slot), `image_size`,
+`image_newline` (LLaVA-NeXT: with `data.image.anyres_layout="llava_next"` the
+batch's `feature_index` says where each feature goes), and optionally
 `lm_checkpoint` / `vision_checkpoint` (an `lm` and a `vision_encoder` or
-`dual_encoder` checkpoint that start those parts). What trains is the
-optimizer's business (`optim.freeze`, regexes over `vision/`, `connector/`,
-`decoder/`).
+`dual_encoder` checkpoint that start those parts) and `stage_checkpoint` (an
+earlier stage of the same system). What trains is the optimizer's business
+(`optim.freeze`, regexes over `vision/`, `connector/`, `decoder/`).
 """
 
 from __future__ import annotations
