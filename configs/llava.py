@@ -178,11 +178,12 @@ def builtin(arg):
         for task, weight in tasks.items()
     ]
     c.eval_tasks = {task: f"{root}/{task}/validation" for task in ("vqa", "captions")}
+    c.eval_baselines = {task: f"{root}/{task}/train" for task in ("vqa", "captions")}  # model-free bars to clear
     c.optim.update(lr=2e-3, warmup_steps=20, freeze=() if arg.stage == 2 else LM_FROZEN)
     if arg.stage == 2:  # starts from the stage-1 run on the same data, trained once when stage 2 starts
         stage1 = builtin(parse_arg(f"variant={variant},stage=1,scale={arg.scale}", variant="", stage=2, scale=1.0))
         del stage1["prerequisites"]  # it refers to this config's `builtin`
-        stage1.eval_every, stage1.eval_tasks = 0, {}  # stage 2 is the one evaluated
+        stage1.eval_every, stage1.eval_tasks, stage1.eval_baselines = 0, {}, {}  # stage 2 is the one evaluated
         c.prerequisites.stage1 = dict(kind="run", workdir=f"{root}/llava-stage1", config=stage1)
         c.model.stage_checkpoint = "prerequisite:stage1"
     return c
