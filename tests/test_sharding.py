@@ -85,3 +85,43 @@ def test_constrain_is_a_noop_outside_use_rules_and_shards_inside():
     y = f(x)
     assert y.sharding.spec[0] == ("data", "fsdp")
     np.testing.assert_array_equal(np.asarray(y), 2 * np.ones((8, 4)))
+
+
+def test_replicated_dimensions_a_rule_meant_to_shard_are_listed_with_the_reason():
+    import flax.linen as nn
+
+    mesh = sharding.make_mesh("data=1,fsdp=8,tensor=1")
+    box = lambda shape, names: nn.LogicallyPartitioned(jax.ShapeDtypeStruct(shape, jnp.float32), names)  # noqa: E731
+    tree = {
+        "odd": box((12, 16), ("embed", "mlp")),  # 12 rows cannot split 8 ways; tensor has size 1: no rule shards mlp
+        "square": box((16, 16), ("embed", "embed")),  # the second dim finds fsdp taken by the first
+        "fine": box((16, 4), ("embed", "heads")),
+        "bias": box((3,), (None,)),
+    }
+    assert sorted(sharding.unsharded(tree, sharding.DEFAULT_RULES, mesh)) == [
+        "odd dim 0 'embed' of size 12: not divisible by fsdp=8",
+        "square dim 1 'embed' of size 16: the mesh axes fsdp are taken by another dimension",
+    ]
+
+
+def test_the_trainer_and_make_mesh_say_what_they_could_not_do(tiny_lm_config, capsys, monkeypatch):
+    from jax.experimental import mesh_utils
+
+    from vlm_jax.train.trainer import Trainer
+
+    tiny_lm_config.mesh = "data=1,fsdp=1,tensor=8"  # the tiny LM has 4 query heads and 2 KV heads
+    tiny_lm_config.batch_size = 8
+    Trainer(tiny_lm_config)
+    err = capsys.readouterr().err
+    assert "parameter dimension(s) that the sharding rules map to mesh axes are replicated" in err
+    assert "layers/attn/query/kernel dim 2 'heads' of size 4: not divisible by tensor=8" in err
+
+    def no_topology(*args, **kwargs):
+        raise ValueError("no layout")
+
+    monkeypatch.setattr(mesh_utils, "create_device_mesh", no_topology)
+    mesh = sharding.make_mesh("data=2,fsdp=4,tensor=1")
+    assert mesh.devices.shape == (2, 4, 1)
+    assert "no topology-aware layout for mesh {'data': 2, 'fsdp': 4, 'tensor': 1} (ValueError: no layout)" in (
+        capsys.readouterr().err
+    )

@@ -8,7 +8,9 @@ Every parameter and main activation carries *logical* axis names ("batch",
 * `resolve(names, rules, mesh, shape)` turns logical names into a
   `PartitionSpec` with **first match wins** semantics (see its docstring);
 * `tree_shardings` does it for a whole tree of flax `LogicallyPartitioned`
-  boxes (params, optimizer state);
+  boxes (params, optimizer state); `unsharded` lists the dimensions a rule
+  meant to shard but could not (so they are replicated), which the trainer
+  reports at startup;
 * `use_rules` + `constrain` annotate activations inside a model.
 """
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
+import sys
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -100,7 +103,12 @@ def make_mesh(spec: str | Sequence[tuple[str, int]], devices: Sequence[jax.Devic
         from jax.experimental import mesh_utils
 
         device_array = mesh_utils.create_device_mesh(tuple(shape.values()), devices=devices)
-    except (ValueError, NotImplementedError, AssertionError):
+    except (ValueError, NotImplementedError, AssertionError) as e:
+        print(
+            f"Note: no topology-aware layout for mesh {shape} ({type(e).__name__}: {e}); devices are laid out "
+            "in their listed order, which may put a sharded axis across slow links.",
+            file=sys.stderr,
+        )
         device_array = np.asarray(devices).reshape(tuple(shape.values()))
     return Mesh(device_array, tuple(shape.keys()))
 
@@ -170,6 +178,39 @@ def tree_shardings(tree: Any, rules: Rules, mesh: Mesh) -> Any:
         return NamedSharding(mesh, PartitionSpec())
 
     return jax.tree.map(leaf_sharding, tree, is_leaf=_is_box)
+
+
+def unsharded(tree: Any, rules: Rules, mesh: Mesh) -> list[str]:
+    """One line per parameter dimension that a rule maps to mesh axes of size > 1 but that ends up replicated
+    (not divisible by the axes' size, or the axes taken by another dimension): "path dim NAME of size S: why".
+    `tree` holds flax `LogicallyPartitioned` boxes (e.g. `jax.eval_shape` of an init)."""
+    lines = []
+    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_box)[0]
+    for path, box in flat:
+        if not _is_box(box) or len(box.names) != len(box.value.shape):
+            continue
+        spec = resolve(box.names, rules, mesh, box.value.shape)
+        taken = {a for entry in spec if entry for a in _as_axes(entry)}
+        for dim, (name, entry) in enumerate(zip(box.names, spec)):
+            if name is None or entry is not None:
+                continue
+            wanted = [
+                tuple(a for a in _as_axes(t) if a in mesh.shape and mesh.shape[a] > 1) for n, t in rules if n == name
+            ]
+            wanted = [axes for axes in wanted if axes]
+            if not wanted:
+                continue  # no rule shards this name on this mesh: replication is what the rules say
+            size = box.value.shape[dim]
+            axes = wanted[0]
+            parts = math.prod(mesh.shape[a] for a in axes)
+            why = (
+                f"the mesh axes {'/'.join(axes)} are taken by another dimension"
+                if any(a in taken for a in axes)
+                else f"not divisible by {'x'.join(axes)}={parts}"
+            )
+            where = jax.tree_util.keystr(path).replace("']['", "/").strip("[']")
+            lines.append(f"{where} dim {dim} {name!r} of size {size}: {why}")
+    return lines
 
 
 def logical_names(tree: Any) -> Any:

@@ -78,6 +78,16 @@ class Trainer:
 
         replicated = NamedSharding(self.mesh, PartitionSpec())
         param_shardings = sharding.tree_shardings(boxed, self.rules, self.mesh)
+        replicated_dims = sharding.unsharded(boxed, self.rules, self.mesh)
+        if replicated_dims and jax.process_index() == 0:
+            shown = "\n  ".join(replicated_dims[:10]) + (
+                f"\n  ... {len(replicated_dims) - 10} more" if len(replicated_dims) > 10 else ""
+            )
+            print(
+                f"Note: {len(replicated_dims)} parameter dimension(s) that the sharding rules map to mesh axes are "
+                f"replicated instead:\n  {shown}",
+                file=sys.stderr,
+            )
         abstract = jax.eval_shape(init_state, jax.random.key(0))
         self.state_shardings = TrainState(
             step=replicated,
