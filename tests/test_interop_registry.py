@@ -70,7 +70,7 @@ def test_an_unknown_architecture_is_one_sentence_naming_the_known_ones(tmp_path,
 
 
 def test_registering_two_converters_for_one_key_is_refused(monkeypatch):
-    monkeypatch.setattr(interop, "_REGISTRY", dict(interop._REGISTRY))
+    monkeypatch.setattr(interop.CONVERTERS, "_entries", interop.converters())
     with pytest.raises(ValueError, match="two converters"):
         interop.register_converter("CLIPModel")(lambda path, raw: None)
 

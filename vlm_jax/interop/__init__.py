@@ -18,47 +18,24 @@ config-file helpers they share live in `interop/tensors.py`.
 
 from __future__ import annotations
 
-import importlib
 import os
-import pkgutil
 from typing import Any, Callable
 
 import ml_collections
 
 from vlm_jax.errors import UserError
+from vlm_jax.registry import Registry
 
 # (path, parsed config.json) -> (system config, params)
 Converter = Callable[[str, dict], tuple[ml_collections.ConfigDict, Any]]
 
-_REGISTRY: dict[str, Converter] = {}
-_LOADED = False
-
-
-def register_converter(*keys: str):
-    """Function decorator: makes `fn(path, raw_config)` the converter of directories whose config has one of `keys`."""
-
-    def wrap(fn: Converter) -> Converter:
-        for key in keys:
-            if key in _REGISTRY and _REGISTRY[key] is not fn:
-                raise ValueError(f"two converters are registered for {key!r}.")
-            _REGISTRY[key] = fn
-        return fn
-
-    return wrap
-
-
-def _load_all() -> None:
-    global _LOADED
-    if not _LOADED:
-        for info in pkgutil.iter_modules(__path__):
-            importlib.import_module(f"{__name__}.{info.name}")
-        _LOADED = True
+CONVERTERS = Registry(__name__, "converter")
+register_converter = CONVERTERS.register  # @register_converter("SomeForCausalLM", ...) on a Converter
 
 
 def converters() -> dict[str, Converter]:
     """Every registered key (sorted) and its converter."""
-    _load_all()
-    return dict(sorted(_REGISTRY.items()))
+    return CONVERTERS.entries()
 
 
 def config_keys(raw: dict) -> list[str]:
@@ -73,13 +50,13 @@ def config_keys(raw: dict) -> list[str]:
 
 def find_converter(raw: dict, path: str) -> Converter:
     """The converter for the model directory `path` whose parsed config.json is `raw`."""
-    _load_all()
+    known = converters()
     keys = config_keys(raw)
     for key in keys:
-        if key in _REGISTRY:
-            return _REGISTRY[key]
+        if key in known:
+            return known[key]
     found = ", ".join(keys) if keys else "no architectures, architecture or model_type"
-    raise UserError(f"{path!r} holds {found}, which no converter reads; known: {', '.join(sorted(_REGISTRY))}.")
+    raise UserError(f"{path!r} holds {found}, which no converter reads; known: {', '.join(known)}.")
 
 
 def system_config(path: str, model: dict, data: dict | None = None) -> ml_collections.ConfigDict:

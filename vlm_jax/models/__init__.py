@@ -7,49 +7,25 @@ means adding one file here and one config in `configs/`.
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-
+from vlm_jax.errors import ConfigError
 from vlm_jax.models.base import System
+from vlm_jax.registry import Registry
 
-_REGISTRY: dict[str, type[System]] = {}
-_LOADED = False
-
-
-def register(name: str):
-    """Class decorator: makes a `System` buildable as `config.model.name = name`."""
-
-    def wrap(cls: type[System]) -> type[System]:
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"two systems are registered as {name!r}.")
-        _REGISTRY[name] = cls
-        return cls
-
-    return wrap
-
-
-def _load_all() -> None:
-    global _LOADED
-    if not _LOADED:
-        for info in pkgutil.iter_modules(__path__):
-            importlib.import_module(f"{__name__}.{info.name}")
-        _LOADED = True
+SYSTEMS = Registry(__name__, "system")
+register = SYSTEMS.register  # class decorator: @register("name") makes a System buildable as model.name = name
 
 
 def names() -> list[str]:
     """All registered system names."""
-    _load_all()
-    return sorted(_REGISTRY)
+    return list(SYSTEMS.entries())
 
 
 def get(name: str) -> type[System]:
     """The `System` class registered as `name`."""
-    from vlm_jax.errors import ConfigError
-
-    _load_all()
-    if name not in _REGISTRY:
-        raise ConfigError(f"model.name {name!r} is not a known system; known: {', '.join(sorted(_REGISTRY))}.")
-    return _REGISTRY[name]
+    systems = SYSTEMS.entries()
+    if name not in systems:
+        raise ConfigError(f"model.name {name!r} is not a known system; known: {', '.join(systems)}.")
+    return systems[name]
 
 
 def build(config) -> System:
