@@ -134,3 +134,26 @@ def convert_and_forward(hf_dir, work, **inputs) -> dict:
     assert cli.main(["forward", *args, "--out", os.path.join(work, "outputs.npz")]) == 0
     with np.load(os.path.join(work, "outputs.npz")) as f:
         return {k: f[k] for k in f.files}
+
+
+def packed_row(examples, length, slots=2, image_size=32):
+    """A one-row packed batch of `examples` (tokens, prefix flags, image) in order: segments 1, 2, ..., each
+    example's image in its own slot, padding after (the packer's layout, built by hand for packing tests)."""
+    import numpy as np
+
+    batch = {
+        "tokens": np.zeros((1, length), np.int32),
+        "segment_ids": np.zeros((1, length), np.int32),
+        "positions": np.zeros((1, length), np.int32),
+        "prefix_mask": np.zeros((1, length), bool),
+        "images": np.zeros((1, slots, image_size, image_size, 3), np.float32),
+        "image_segment_ids": np.zeros((1, slots), np.int32),
+    }
+    start = 0
+    for s, (tokens, prefix, image) in enumerate(examples, 1):
+        span = slice(start, start + len(tokens))
+        batch["tokens"][0, span], batch["segment_ids"][0, span] = tokens, s
+        batch["positions"][0, span], batch["prefix_mask"][0, span] = np.arange(len(tokens)), prefix
+        batch["images"][0, s - 1], batch["image_segment_ids"][0, s - 1] = image, s
+        start += len(tokens)
+    return batch

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO
+from conftest import REPO, packed_row
 from vlm_jax import cli, models
 from vlm_jax.config_lib import load_config
 
@@ -34,26 +34,6 @@ def example(rng, system, prefix_lm, text_len):
     return np.asarray(tokens, np.int32), prefix, image
 
 
-def row(examples, length, slots=2):
-    """A packed batch row of `examples` (tokens, prefix, image) in order: segments 1, 2, ...; padding after."""
-    batch = {
-        "tokens": np.zeros((1, length), np.int32),
-        "segment_ids": np.zeros((1, length), np.int32),
-        "positions": np.zeros((1, length), np.int32),
-        "prefix_mask": np.zeros((1, length), bool),
-        "images": np.zeros((1, slots, 32, 32, 3), np.float32),
-        "image_segment_ids": np.zeros((1, slots), np.int32),
-    }
-    start = 0
-    for s, (tokens, prefix, image) in enumerate(examples, 1):
-        span = slice(start, start + len(tokens))
-        batch["tokens"][0, span], batch["segment_ids"][0, span] = tokens, s
-        batch["positions"][0, span], batch["prefix_mask"][0, span] = np.arange(len(tokens)), prefix
-        batch["images"][0, s - 1], batch["image_segment_ids"][0, s - 1] = image, s
-        start += len(tokens)
-    return batch
-
-
 @pytest.mark.parametrize(
     "spec, template",
     [
@@ -69,12 +49,9 @@ def test_a_packed_row_equals_its_examples_run_alone(spec, template):
     a, b = example(rng, system, system.prefix_lm, 9), example(rng, system, system.prefix_lm, 14)
     length = len(a[0]) + len(b[0]) + 3
     logits = jax.jit(system.logits)
-    if not system.prefix_lm:
-        for batch in (row([a], length), row([b], length), row([a, b], length)):
-            del batch["prefix_mask"]
-    packed = np.asarray(logits(params, row([a, b], length)))[0]
-    alone_a = np.asarray(logits(params, row([a], length)))[0]
-    alone_b = np.asarray(logits(params, row([b], length)))[0]
+    packed = np.asarray(logits(params, packed_row([a, b], length)))[0]
+    alone_a = np.asarray(logits(params, packed_row([a], length)))[0]
+    alone_b = np.asarray(logits(params, packed_row([b], length)))[0]
     na, nb = len(a[0]), len(b[0])
     np.testing.assert_allclose(packed[:na], alone_a[:na], atol=1e-5, rtol=0)
     np.testing.assert_allclose(packed[na : na + nb], alone_b[:nb], atol=1e-5, rtol=0)
@@ -82,7 +59,7 @@ def test_a_packed_row_equals_its_examples_run_alone(spec, template):
 
     # Another image for example b: nothing of example a moves, b's text does.
     b2 = (b[0], b[1], rng.normal(size=(32, 32, 3)).astype(np.float32))
-    changed = np.asarray(logits(params, row([a, b2], length)))[0]
+    changed = np.asarray(logits(params, packed_row([a, b2], length)))[0]
     np.testing.assert_array_equal(changed[:na], packed[:na])
     assert np.abs(changed[na : na + nb] - packed[na : na + nb]).max() > 1e-3
 
@@ -91,7 +68,7 @@ def test_placeholders_without_features_are_reported():
     system, params = tiny()
     rng = np.random.default_rng(1)
     a = example(rng, system, False, 5)
-    batch = row([a], len(a[0]) + 2)
+    batch = packed_row([a], len(a[0]) + 2)
     del batch["prefix_mask"]
     batch["image_segment_ids"][:] = 0  # the example's image slot is empty: its 16 placeholders get nothing
     batch["targets"], batch["loss_mask"] = np.zeros_like(batch["tokens"]), np.ones(batch["tokens"].shape, np.float32)

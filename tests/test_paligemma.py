@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, convert_and_forward, perturb, read_tensorboard_scalars
+from conftest import REPO, convert_and_forward, packed_row, perturb, read_tensorboard_scalars
 from vlm_jax import cli, models
 from vlm_jax.config_lib import ConfigError, load_config
 
@@ -211,26 +211,6 @@ def example(rng, prefix_len, suffix_len):
     return tokens, np.arange(len(tokens)) < len(prefix), rng.normal(size=(32, 32, 3)).astype(np.float32)
 
 
-def row(examples, length):
-    """A packed row of `examples` in order (segments 1, 2, ...), padding after."""
-    batch = {
-        "tokens": np.zeros((1, length), np.int32),
-        "segment_ids": np.zeros((1, length), np.int32),
-        "positions": np.zeros((1, length), np.int32),
-        "prefix_mask": np.zeros((1, length), bool),
-        "images": np.zeros((1, 2, 32, 32, 3), np.float32),
-        "image_segment_ids": np.zeros((1, 2), np.int32),
-    }
-    start = 0
-    for s, (tokens, prefix, image) in enumerate(examples, 1):
-        span = slice(start, start + len(tokens))
-        batch["tokens"][0, span], batch["segment_ids"][0, span] = tokens, s
-        batch["positions"][0, span], batch["prefix_mask"][0, span] = np.arange(len(tokens)), prefix
-        batch["images"][0, s - 1], batch["image_segment_ids"][0, s - 1] = image, s
-        start += len(tokens)
-    return batch
-
-
 def test_a_packed_row_equals_its_examples_run_alone():
     system, params = tiny()
     rng = np.random.default_rng(0)
@@ -241,7 +221,7 @@ def test_a_packed_row_equals_its_examples_run_alone():
     logits = jax.jit(system.logits)
 
     def run(*examples):
-        return np.asarray(logits(params, row(examples, length)))[0]
+        return np.asarray(logits(params, packed_row(examples, length)))[0]
 
     packed, alone_a, alone_b = run(a, b), run(a), run(b)
     np.testing.assert_allclose(packed[:na], alone_a[:na], atol=1e-5, rtol=0)

@@ -237,21 +237,10 @@ class Flamingo(System):
         """transformers-style inputs -> logits: input_ids [B, L], pixel_values [B, N, 3, H, W], optional
         attention_mask [B, L], position_ids and image_attention_mask [B, L, N] (IDEFICS's processor mask;
         without it each token sees the latest `<image>` of its row, as in training)."""
-        missing = [k for k in ("input_ids", "pixel_values") if k not in inputs]
-        if missing:
-            raise UserError(
-                f"the inputs have no {', '.join(missing)} (found: {', '.join(sorted(inputs)) or 'nothing'})."
-            )
-        tokens = np.asarray(inputs["input_ids"], np.int32)
+        tokens, present = parts.text_inputs(inputs, self.module.decoder.vocab_size, ("input_ids", "pixel_values"))
         pixels = np.asarray(inputs["pixel_values"], np.float32)
-        if tokens.ndim != 2:
-            raise UserError(f"input_ids must be [batch, length]; got shape {tokens.shape}.")
         if pixels.ndim != 5 or pixels.shape[0] != tokens.shape[0] or pixels.shape[2] != 3:
             raise UserError(f"pixel_values must be [batch, images, 3, height, width]; got shape {pixels.shape}.")
-        vocab = self.module.decoder.vocab_size
-        if tokens.min() < 0 or tokens.max() >= vocab:
-            raise UserError(f"input_ids must lie in [0, {vocab}); got values from {tokens.min()} to {tokens.max()}.")
-        present = np.asarray(inputs.get("attention_mask", np.ones_like(tokens)), np.int32) > 0
         positions = inputs.get("position_ids")
         if positions is None:
             positions = np.maximum(np.cumsum(present, axis=1) - 1, 0)

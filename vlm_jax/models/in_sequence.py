@@ -227,12 +227,17 @@ class InSequenceSystem(System):
         """Whether any parameter under `part/` escapes every `optim.freeze` regex."""
         import re
 
+        freeze = list(self.config.get("optim", {}).get("freeze", ()))
+        paths = [path for path in self._param_paths if path.split("/")[0] == part]
+        return any(not any(re.fullmatch(p, path) for p in freeze) for path in paths)
+
+    @functools.cached_property
+    def _param_paths(self) -> list[str]:
+        """'/'-joined paths of every parameter (from abstract shapes: nothing is allocated)."""
         from flax import traverse_util
 
-        freeze = list(self.config.get("optim", {}).get("freeze", ()))
         boxed = jax.eval_shape(self.init, jax.random.key(0), self.dummy_batch(1))
-        paths = ["/".join(k) for k in traverse_util.flatten_dict(nn.unbox(boxed)) if k[0] == part]
-        return any(not any(re.fullmatch(p, path) for p in freeze) for path in paths)
+        return ["/".join(k) for k in traverse_util.flatten_dict(nn.unbox(boxed))]
 
     def tokens_in(self, batch):
         return int(np.count_nonzero(batch["segment_ids"]))
@@ -300,23 +305,12 @@ class InSequenceSystem(System):
         token_type_ids [B, L] (0 = prefix, 1 = suffix: PaliGemma). LLaVA-NeXT (AnyRes): pixel_values
         [N, views, 3, H, W] (each image's base view and tiles, zero-padded to the most views) and image_sizes
         [N, 2] (each image's original height and width)."""
-        missing = [k for k in ("input_ids", "pixel_values") if k not in inputs]
-        if missing:
-            raise UserError(
-                f"the inputs have no {', '.join(missing)} (found: {', '.join(sorted(inputs)) or 'nothing'})."
-            )
+        tokens, present = parts.text_inputs(inputs, self.module.decoder.vocab_size, ("input_ids", "pixel_values"))
         known = {"input_ids", "pixel_values", "attention_mask", "position_ids"}
         known |= ({"token_type_ids"} if self.prefix_lm else set()) | ({"image_sizes"} if self.indexed else set())
         extra = sorted(set(inputs) - known)
         if extra:
             raise UserError(f"the {self.config.model.name} system does not read the inputs {', '.join(extra)}.")
-        tokens = np.asarray(inputs["input_ids"], np.int32)
-        if tokens.ndim != 2:
-            raise UserError(f"input_ids must be [batch, length]; got shape {tokens.shape}.")
-        vocab = self.module.decoder.vocab_size
-        if tokens.min() < 0 or tokens.max() >= vocab:
-            raise UserError(f"input_ids must lie in [0, {vocab}); got values from {tokens.min()} to {tokens.max()}.")
-        present = np.asarray(inputs.get("attention_mask", np.ones_like(tokens)), np.int32) > 0
         positions = inputs.get("position_ids")
         if positions is None:
             positions = np.maximum(np.cumsum(present, axis=1) - 1, 0)

@@ -11,9 +11,9 @@ import numpy as np
 import optax
 
 from data_pipelines import templates
-from vlm_jax.errors import ConfigError, UserError
+from vlm_jax.errors import ConfigError
 from vlm_jax.lm.decoder import DecoderLM
-from vlm_jax.models import register
+from vlm_jax.models import parts, register
 from vlm_jax.models.base import Decoding, System
 
 
@@ -71,12 +71,8 @@ class LanguageModel(System):
 
     def logits(self, params: Any, batch: dict[str, jax.Array]) -> jax.Array:
         """[B, L, vocab] float32 logits (prefix-LM attention where the batch has a `prefix_mask`)."""
-        tokens, segment_ids, positions = batch["tokens"], batch["segment_ids"], batch["positions"]
-        if "prefix_mask" in batch:
-            return self.module.apply(
-                {"params": params}, tokens, segment_ids, positions, prefix_mask=batch["prefix_mask"]
-            )
-        return self.module.apply({"params": params}, tokens, segment_ids, positions)
+        args = (batch["tokens"], batch["segment_ids"], batch["positions"])
+        return self.module.apply({"params": params}, *args, prefix_mask=batch.get("prefix_mask"))
 
     def loss(self, params, batch):
         return next_token_loss(self.logits(params, batch), batch)
@@ -107,21 +103,13 @@ class LanguageModel(System):
         return int(np.count_nonzero(batch["segment_ids"]))
 
     def forward(self, params, inputs):
-        if "input_ids" not in inputs:
-            raise UserError(f"the inputs have no 'input_ids' (found: {', '.join(sorted(inputs)) or 'nothing'}).")
-        tokens = np.asarray(inputs["input_ids"], np.int32)
-        if tokens.ndim != 2:
-            raise UserError(f"input_ids must be [batch, length]; got shape {tokens.shape}.")
-        vocab = self.module.vocab_size
-        if tokens.min() < 0 or tokens.max() >= vocab:
-            raise UserError(f"input_ids must lie in [0, {vocab}); got values from {tokens.min()} to {tokens.max()}.")
-        mask = np.asarray(inputs.get("attention_mask", np.ones_like(tokens)), np.int32)
+        tokens, present = parts.text_inputs(inputs, self.module.vocab_size)
         positions = inputs.get("position_ids")
         if positions is None:
             positions = np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), tokens.shape)
         batch = {
             "tokens": tokens,
-            "segment_ids": (mask > 0).astype(np.int32),
+            "segment_ids": present.astype(np.int32),
             "positions": np.asarray(positions, np.int32),
         }
         logits = jax.jit(self.logits)(params, batch)

@@ -29,6 +29,25 @@ def vision_encoder(encoder: str, kwargs: dict) -> nn.Module:
     raise ConfigError(f"model.encoder {encoder!r} is not one of {', '.join(ENCODERS)}.")
 
 
+def text_inputs(inputs: dict, vocab: int, required: tuple[str, ...] = ("input_ids",)) -> tuple[np.ndarray, np.ndarray]:
+    """(input_ids as int32 [B, L], attention_mask > 0) of transformers-style `vlm-jax forward` inputs, after
+    one-sentence UserErrors for missing `required` keys, a wrong rank or ids outside [0, vocab)."""
+    from vlm_jax.errors import UserError
+
+    missing = [k for k in required if k not in inputs]
+    if missing:
+        raise UserError(
+            f"the inputs have no {', '.join(map(repr, missing))} (found: {', '.join(sorted(inputs)) or 'nothing'})."
+        )
+    tokens = np.asarray(inputs["input_ids"], np.int32)
+    if tokens.ndim != 2:
+        raise UserError(f"input_ids must be [batch, length]; got shape {tokens.shape}.")
+    if tokens.min() < 0 or tokens.max() >= vocab:
+        raise UserError(f"input_ids must lie in [0, {vocab}); got values from {tokens.min()} to {tokens.max()}.")
+    present = np.asarray(inputs.get("attention_mask", np.ones_like(tokens)), np.int32) > 0
+    return tokens, present
+
+
 def check_lm_settings(lm: Any) -> None:
     """Raises a ConfigError naming the first key of `model.lm` that is not a `DecoderLM` setting."""
     import dataclasses
