@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from vlm_jax.errors import ConfigError
+from vlm_jax.errors import ConfigError, UserError
 from vlm_jax.flops import matmul_flops
 
 ENCODERS = ("vit", "nfnet")
@@ -32,8 +32,6 @@ def vision_encoder(encoder: str, kwargs: dict) -> nn.Module:
 def text_inputs(inputs: dict, vocab: int, required: tuple[str, ...] = ("input_ids",)) -> tuple[np.ndarray, np.ndarray]:
     """(input_ids as int32 [B, L], attention_mask > 0) of transformers-style `vlm-jax forward` inputs, after
     one-sentence UserErrors for missing `required` keys, a wrong rank or ids outside [0, vocab)."""
-    from vlm_jax.errors import UserError
-
     missing = [k for k in required if k not in inputs]
     if missing:
         raise UserError(
