@@ -14,7 +14,8 @@ tarball, copies it to every worker with `gcloud compute tpus tpu-vm scp --worker
 from the libtpu wheel index, V being this machine's jax version. Without train arguments --setup only sets
 up. The train arguments go after `--`, each shell-quoted, and run as `cd DIR && exec PY -m vlm_jax.cli
 train ARGS` (the `vlm-jax` entry point itself, which needs no PATH entry for pip's script folder).
---workdir must be a directory every worker shares (a gs:// bucket path, or an NFS / Filestore mount).
+--workdir must be a directory every worker shares: an NFS / Filestore mount (a gs:// bucket path only where
+the trainer writes its workdir through etils epath; docs/scaling.md says where that stands).
 
 Ctrl-C or SIGTERM while a run is going does not cut the ssh sessions: it sends SIGTERM to the trainer on
 every worker (what --stop does: `pkill -TERM -f` the trainer), the trainers agree on a step, save a
@@ -85,7 +86,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     if train_args:
         workdir = _workdir(train_args)
         if workdir is None:
-            fail("the train arguments need --workdir DIR, on storage every worker shares (e.g. gs://BUCKET/run).")
+            fail("the train arguments need --workdir DIR, on storage every worker shares (e.g. a Filestore mount).")
         if not workdir.startswith("gs://"):
             print(
                 f"{PROG}: note: --workdir {workdir} is not a gs:// path; it must be a mount every worker shares "
