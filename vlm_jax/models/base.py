@@ -127,4 +127,6 @@ class System:
 
     # Optional: `evaluate(trainer, params) -> dict[str, float]`, the system's own evaluators
     # (retrieval, zero-shot, generative tasks), run by `vlm-jax eval` and every `eval_every` steps;
-    # `pretrained(params) -> params`, parts loaded from other checkpoints when training starts fresh.
+    # `pretrained(params, mesh=None, rules=None) -> params`, parts loaded from other checkpoints when training
+    # starts fresh, each read straight into the shardings the trainer gives it on `mesh` by `rules`
+    # (`parts.targets`; default: the config's), never through the host whole.

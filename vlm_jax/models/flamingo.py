@@ -176,33 +176,43 @@ class Flamingo(System):
     def tokens_in(self, batch):
         return int(np.count_nonzero(batch["segment_ids"]))
 
-    def pretrained(self, params: dict) -> dict:
-        """Fills the frozen parts from checkpoints at the start of training (called by the trainer, host arrays):
-        `model.lm_checkpoint` (an `lm` system: its layers regrouped for the cross-attention groups) and
-        `model.vision_checkpoint` (a `vision_encoder`, or a `dual_encoder`'s image tower); "" skips one."""
+    def pretrained(self, params: dict, mesh: Any = None, rules: Any = None) -> dict:
+        """`params` with the frozen parts filled from checkpoints at the start of training: `model.lm_checkpoint`
+        (an `lm` system: its layers regrouped for the cross-attention groups) and `model.vision_checkpoint` (a
+        `vision_encoder`, or a `dual_encoder`'s image tower); "" skips one. Both are checked against the
+        model's shapes first, then read straight into the shardings training gives them on `mesh` by `rules`
+        (`parts.targets`; default: the config's): the LM's layers in its own sharding on that mesh, regrouped
+        on device by one jit whose outputs have the target shardings; nothing passes through the host whole."""
         m = self.config.model
+        mesh, rules = parts.placement(self.config, mesh, rules)
+        target = parts.targets(self, mesh, rules)
         params = dict(params)
+        # Both checkpoints are checked before either is read.
+        read_vision = parts.load_vision(m.vision_checkpoint, target["vision"]) if m.get("vision_checkpoint") else None
         if m.get("lm_checkpoint"):
-            lm = parts.load_lm(m.lm_checkpoint)
-            decoder = dict(params["decoder"])
-            every, layers = self.module.decoder.cross_attn_every, lm["layers"]
-            depth = jax.tree.leaves(layers)[0].shape[0]
+            saved = parts.checkpoint(m.lm_checkpoint, "lm_checkpoint", ("lm",), "an lm")
+            want = target["decoder"]
+            depth = jax.tree.leaves(saved.shapes["layers"])[0].shape[0]
             if depth != self.module.decoder.num_layers:
                 raise ConfigError(f"model.lm_checkpoint has {depth} layers; model.lm.num_layers is {m.lm.num_layers}.")
-            full = depth - depth % every
-            regrouped = {"layer_groups": flamingo_layout(jax.tree.map(lambda a: a[:full], layers), every)}
-            if depth % every:
-                regrouped["layer_groups_tail"] = jax.tree.map(lambda a: a[full:], layers)
-            for name, value in lm.items():
+            regroup = functools.partial(_regroup, every=self.module.decoder.cross_attn_every)
+            regrouped = jax.eval_shape(regroup, saved.shapes["layers"])
+            for name, value in saved.shapes.items():
                 if name != "layers":
-                    decoder[name] = parts.same_shapes(decoder.get(name), value, f"lm_checkpoint {name}")
+                    parts.same_shapes(want.get(name), value, f"lm_checkpoint {name}")
             for group, value in regrouped.items():
-                decoder[group] = dict(
-                    decoder[group], layers=parts.same_shapes(decoder[group]["layers"], value, "lm_checkpoint layers")
-                )
+                parts.same_shapes(want[group]["layers"], value, "lm_checkpoint layers")
+            read = {name: want[name] for name in saved.shapes if name != "layers"}
+            read["layers"] = saved.abstract(mesh, rules)["layers"]  # the LM's own sharding on this mesh
+            loaded = dict(saved.restore(read))
+            out = {group: parts.shardings_of(want[group]["layers"]) for group in regrouped}
+            regrouped = jax.jit(regroup, out_shardings=out)(loaded.pop("layers"))
+            decoder = {**params["decoder"], **loaded}
+            for group, layers in regrouped.items():
+                decoder[group] = {**decoder[group], "layers": layers}
             params["decoder"] = decoder
-        if m.get("vision_checkpoint"):
-            params["vision"] = parts.load_vision(m.vision_checkpoint, params["vision"])
+        if read_vision:
+            params["vision"] = read_vision()
         return params
 
     def evaluate(self, trainer, params) -> dict[str, float]:
@@ -267,3 +277,14 @@ class Flamingo(System):
             return self.module.apply({"params": params}, *args, batch["image_segment_ids"], mask)
 
         return {"logits": np.asarray(jax.jit(run)(params, batch, mask))}
+
+
+def _regroup(layers: Any, every: int) -> dict:
+    """A plain LM's stacked layers [depth, ...] -> the Flamingo LM's `layer_groups` [depth // every, every, ...]
+    (`flamingo_layout`) and, when `every` does not divide the depth, `layer_groups_tail` [depth % every, ...]."""
+    depth = jax.tree.leaves(layers)[0].shape[0]
+    full = depth - depth % every
+    out = {"layer_groups": flamingo_layout(jax.tree.map(lambda a: a[:full], layers), every)}
+    if depth % every:
+        out["layer_groups_tail"] = jax.tree.map(lambda a: a[full:], layers)
+    return out

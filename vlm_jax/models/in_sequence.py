@@ -242,20 +242,25 @@ class InSequenceSystem(System):
     def tokens_in(self, batch):
         return int(np.count_nonzero(batch["segment_ids"]))
 
-    def pretrained(self, params: dict) -> dict:
-        """Starts parts from checkpoints when training starts fresh (host arrays): `model.lm_checkpoint` (an
-        `lm`), `model.vision_checkpoint` (a `vision_encoder`, or a `dual_encoder`'s image tower) and
-        `model.stage_checkpoint` (an earlier stage of this system, e.g. LLaVA's stage 1: every part it has
-        starts there, before the other two apply); "" skips one."""
+    def pretrained(self, params: dict, mesh: Any = None, rules: Any = None) -> dict:
+        """`params` with parts started from checkpoints when training starts fresh: `model.stage_checkpoint` (an
+        earlier stage of this system, e.g. LLaVA's stage 1: every part it has starts there, except those the
+        next two fill), `model.lm_checkpoint` (an `lm`) and `model.vision_checkpoint` (a `vision_encoder`, or a
+        `dual_encoder`'s image tower); "" skips one. Each is checked against the model's shapes, then read
+        straight into the shardings training gives the part on `mesh` by `rules` (`parts.targets`; default: the
+        config's), never through the host as a whole."""
         m = self.config.model
-        params = dict(params)
+        target = parts.targets(self, mesh, rules)
+        stage, reads = None, {}  # every checkpoint is checked before any is read
         if m.get("stage_checkpoint"):
-            params = dict(parts.same_shapes(params, parts.load_stage(m.stage_checkpoint, m.name), "stage_checkpoint"))
+            skip = tuple(k for k, key in (("decoder", "lm_checkpoint"), ("vision", "vision_checkpoint")) if m.get(key))
+            stage = parts.load_stage(m.stage_checkpoint, m.name, target, skip)
         if m.get("lm_checkpoint"):
-            params["decoder"] = parts.same_shapes(params["decoder"], parts.load_lm(m.lm_checkpoint), "lm_checkpoint")
+            reads["decoder"] = parts.load_lm(m.lm_checkpoint, target["decoder"])
         if m.get("vision_checkpoint"):
-            params["vision"] = parts.load_vision(m.vision_checkpoint, params["vision"])
-        return params
+            reads["vision"] = parts.load_vision(m.vision_checkpoint, target["vision"])
+        params = {**params, **(stage() if stage else {})}
+        return {**params, **{name: read() for name, read in reads.items()}}
 
     def evaluate(self, trainer, params) -> dict[str, float]:
         """The generative evaluations of `config.eval_tasks` (`evaluators.generative.evaluate_system`)."""

@@ -30,6 +30,7 @@ attention-pooling head, since PaliGemma reads the tokens.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -60,52 +61,72 @@ class PaliGemma(InSequenceSystem):
         params = super().init(rng, batch)
         return {**params, "connector": jax.tree.map(jnp.zeros_like, params["connector"])}
 
-    def pretrained(self, params: dict) -> dict:
-        """`InSequenceSystem.pretrained` with two PaliGemma-specific steps (host arrays): `model.stage_checkpoint`
-        (an earlier paligemma stage, or a converted PaliGemma) starts every part, its ViT position embedding
-        resampled to this model's grid; `model.lm_checkpoint` (an `lm`) then starts the LM, and
-        `model.vision_checkpoint` (a `vision_encoder` or `dual_encoder`) the ViT, its pooling head dropped."""
+    def pretrained(self, params: dict, mesh: Any = None, rules: Any = None) -> dict:
+        """`InSequenceSystem.pretrained` with two PaliGemma-specific steps: `model.stage_checkpoint` (an earlier
+        paligemma stage, or a converted PaliGemma) starts every part, its ViT position embedding resampled on
+        device to this model's grid when that differs; `model.lm_checkpoint` (an `lm`) then starts the LM, and
+        `model.vision_checkpoint` (a `vision_encoder` or `dual_encoder`) the ViT, its pooling head and
+        projection not read. Every part is read straight into the shardings training gives it on `mesh` by
+        `rules` (`parts.targets`; default: the config's)."""
         m = self.config.model
-        params = dict(params)
+        mesh, rules = parts.placement(self.config, mesh, rules)
+        target = parts.targets(self, mesh, rules)
+        stage, reads = None, {}  # every checkpoint is checked before any is read
         if m.get("stage_checkpoint"):
-            loaded = dict(parts.load_stage(m.stage_checkpoint, m.name))
-            vision = dict(loaded["vision"])
-            if "pos_embedding" in vision:
-                vision["pos_embedding"] = self._resampled_posemb(
-                    vision["pos_embedding"], params["vision"]["pos_embedding"]
-                )
-            params = dict(parts.same_shapes(params, {**loaded, "vision": vision}, "stage_checkpoint"))
+            skip = tuple(k for k, key in (("decoder", "lm_checkpoint"), ("vision", "vision_checkpoint")) if m.get(key))
+            stage = self._load_stage(m.stage_checkpoint, target, mesh, rules, skip)
         if m.get("lm_checkpoint"):
-            params["decoder"] = parts.same_shapes(params["decoder"], parts.load_lm(m.lm_checkpoint), "lm_checkpoint")
+            reads["decoder"] = parts.load_lm(m.lm_checkpoint, target["decoder"])
         if m.get("vision_checkpoint"):
-            params["vision"] = parts.same_shapes(
-                params["vision"], _vit_tokens(m.vision_checkpoint), "vision_checkpoint"
-            )
-        return params
+            drop = ("map_head", "proj")  # SigLIP's pooling head and a projection: PaliGemma reads the tokens
+            reads["vision"] = parts.load_vision(m.vision_checkpoint, target["vision"], drop)
+        params = {**params, **(stage() if stage else {})}
+        return {**params, **{name: read() for name, read in reads.items()}}
 
-    def _resampled_posemb(self, posemb: Any, want: Any) -> np.ndarray:
+    def _load_stage(self, path: str, target: Any, mesh: Any, rules: Any, skip: tuple[str, ...]) -> Any:
+        """`parts.load_stage` (checks now, reads when called) with the ViT position embedding read in its saved
+        shape (sharded by `rules` on `mesh`) and resampled on device into its target sharding when the grids
+        differ."""
+        saved = parts.checkpoint(path, "stage_checkpoint", (self.config.model.name,), f"a {self.config.model.name}")
+        want = target["vision"].get("pos_embedding")
+        have = saved.shapes["vision"].get("pos_embedding")
+        if want is None or have is None or have.shape == want.shape:
+            return parts.load_stage(path, self.config.model.name, target, skip)
+        self._check_posemb(have.shape, want.shape)
+        parts.same_shapes(
+            target, {**saved.shapes, "vision": {**saved.shapes["vision"], "pos_embedding": want}}, "stage_checkpoint"
+        )
+        read = {k: v for k, v in target.items() if k not in skip}
+        if "vision" in read:
+            saved_pos = saved.abstract(mesh, rules)["vision"]["pos_embedding"]
+            read["vision"] = {**read["vision"], "pos_embedding": saved_pos}
+
+        def load():
+            loaded = dict(saved.restore(read))
+            if "vision" in loaded:
+                pos = self._resampled_posemb(loaded["vision"]["pos_embedding"], want)
+                loaded["vision"] = {**loaded["vision"], "pos_embedding": pos}
+            return loaded
+
+        return load
+
+    def _check_posemb(self, have: tuple, want: tuple) -> None:
+        """A ConfigError unless a checkpoint's ViT position embedding `have` [1, g*g, D] is a square grid of the
+        model's width (`want` [1, G*G, D])."""
+        old = int(round(np.sqrt(have[1])))
+        if len(have) != 3 or old * old != have[1] or have[2] != want[2]:
+            raise ConfigError(
+                f"model.stage_checkpoint's ViT position embedding has shape {have}, not a square grid "
+                f"of {want[2]}-wide rows."
+            )
+
+    def _resampled_posemb(self, posemb: jax.Array, want: jax.ShapeDtypeStruct) -> jax.Array:
         """A checkpoint's ViT position embedding [1, g*g, D] on this model's grid [1, G*G, D]
-        (`model.encoder_kwargs.posemb_resample`: "bilinear" or "bicubic")."""
+        (`model.encoder_kwargs.posemb_resample`: "bilinear" or "bicubic"), computed on device into `want`'s
+        sharding."""
         from vlm_jax.encoders.vit import resample_posemb
 
-        old, new = (int(round(np.sqrt(np.shape(p)[1]))) for p in (posemb, want))
-        if old * old != np.shape(posemb)[1] or np.shape(posemb)[2] != np.shape(want)[2]:
-            raise ConfigError(
-                f"model.stage_checkpoint's ViT position embedding has shape {np.shape(posemb)}, not a square grid "
-                f"of {np.shape(want)[2]}-wide rows."
-            )
+        old, new = (int(round(np.sqrt(shape[1]))) for shape in (posemb.shape, want.shape))
         method = self.config.model.encoder_kwargs.get("posemb_resample", "bilinear")
-        return np.asarray(resample_posemb(jnp.asarray(posemb), (old, old), (new, new), method))
-
-
-def _vit_tokens(path: str) -> dict:
-    """The ViT params of a `vision_encoder` or `dual_encoder` checkpoint (host arrays) without its pooling head
-    (SigLIP's `map_head`) or projection (`proj`): PaliGemma reads the tokens and has neither."""
-    from vlm_jax.train.checkpoint import load_params
-
-    config, _, params = load_params(path)
-    if config.model.name not in ("vision_encoder", "dual_encoder"):
-        raise ConfigError(f"model.vision_checkpoint {path} holds a {config.model.name}, not a vision encoder.")
-    vision = jax.device_get(params)
-    vision = vision["image_encoder"] if config.model.name == "dual_encoder" else vision
-    return {k: v for k, v in vision.items() if k not in ("map_head", "proj")}
+        resample = functools.partial(resample_posemb, old_hw=(old, old), new_hw=(new, new), method=method)
+        return jax.jit(resample, out_shardings=want.sharding)(posemb)

@@ -1,9 +1,10 @@
 """Pieces every multimodal system shares: building its vision encoder, counting FLOPs on abstract shapes, and
-starting frozen parts from other checkpoints (checked against the model's own shapes)."""
+starting frozen parts from other checkpoints (checked against the model's own shapes, then read straight into the
+shardings training gives them: never replicated, never the whole tree on the host)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -83,34 +84,71 @@ def same_shapes(want: Any, got: Any, what: str) -> Any:
     return got
 
 
-def load_vision(path: str, want: Any) -> Any:
-    """The vision encoder params of checkpoint `path` (a `vision_encoder`, or a `dual_encoder`'s image tower),
-    checked against `want` (the model's own vision params, host arrays)."""
-    from vlm_jax.train.checkpoint import load_params
+def placement(config: Any, mesh: Any = None, rules: Any = None) -> tuple[Any, tuple]:
+    """(mesh, rules) that `pretrained` places parts with: the given ones (the trainer's), or by default the
+    config's `mesh` (fitted to the devices present, `checkpoint.load_mesh`) and its `logical_axis_rules`."""
+    from vlm_jax.train.checkpoint import config_rules, load_mesh
 
-    config, _, vision = load_params(path)
-    if config.model.name not in ("vision_encoder", "dual_encoder"):
-        raise ConfigError(f"model.vision_checkpoint {path} holds a {config.model.name}, not a vision encoder.")
-    vision = jax.device_get(vision)
-    vision = vision["image_encoder"] if config.model.name == "dual_encoder" else vision
-    return same_shapes(want, vision, "vision_checkpoint")
+    mesh = load_mesh(config) if mesh is None else mesh
+    return mesh, config_rules(config) if rules is None else tuple(tuple(r) for r in rules)
 
 
-def load_lm(path: str) -> Any:
-    """The params of the `lm` checkpoint `path` (host arrays)."""
-    from vlm_jax.train.checkpoint import load_params
+def targets(system: Any, mesh: Any = None, rules: Any = None) -> Any:
+    """ShapeDtypeStructs of `system`'s params carrying the shardings training gives them: `sharding.tree_shardings`
+    of its init's logical names by `rules` on `mesh`, exactly as the trainer's `state_shardings.params` (defaults:
+    `placement`). Parts that `pretrained` loads from other checkpoints are read straight into these shardings."""
+    from vlm_jax import sharding
+    from vlm_jax.train.checkpoint import abstract_like
 
-    config, _, lm = load_params(path)
-    if config.model.name != "lm":
-        raise ConfigError(f"model.lm_checkpoint {path} holds a {config.model.name}, not an lm.")
-    return jax.device_get(lm)
+    mesh, rules = placement(system.config, mesh, rules)
+    boxed = jax.eval_shape(system.init, _KEY, system.dummy_batch(1))
+    return abstract_like(nn.unbox(boxed), sharding.tree_shardings(boxed, rules, mesh))
 
 
-def load_stage(path: str, system: str) -> Any:
-    """The params of checkpoint `path`, an earlier training stage of the same `system` (host arrays)."""
-    from vlm_jax.train.checkpoint import load_params
+def shardings_of(tree: Any) -> Any:
+    """The `.sharding` of every leaf (ShapeDtypeStructs or arrays): e.g. the `out_shardings` of a jit that
+    computes them."""
+    return jax.tree.map(lambda x: x.sharding, tree)
 
-    config, _, params = load_params(path)
-    if config.model.name != system:
-        raise ConfigError(f"model.stage_checkpoint {path} holds a {config.model.name}, not a {system}.")
-    return jax.device_get(params)
+
+def checkpoint(path: str, what: str, kinds: tuple[str, ...], kind: str) -> Any:
+    """The `SavedParams` of `model.<what>` = `path` (nothing read yet), after a ConfigError unless the checkpoint
+    holds one of the systems `kinds` (`kind` names them in the message)."""
+    from vlm_jax.train.checkpoint import SavedParams
+
+    saved = SavedParams(path)
+    if saved.config.model.name not in kinds:
+        raise ConfigError(f"model.{what} {path} holds a {saved.config.model.name}, not {kind}.")
+    return saved
+
+
+def load_vision(path: str, want: Any, drop: tuple[str, ...] = ()) -> Callable[[], Any]:
+    """Checks now, reads when called: the vision encoder params of checkpoint `path` (a `vision_encoder`, or a
+    `dual_encoder`'s image tower) without the parts named in `drop`, checked against `want` (the model's vision
+    params as ShapeDtypeStructs with shardings, see `targets`), then read straight into `want`'s shardings.
+    `pretrained` checks every checkpoint before it reads any, so a wrong one fails before a long read."""
+    saved = checkpoint(path, "vision_checkpoint", ("vision_encoder", "dual_encoder"), "a vision encoder")
+    tower = "image_encoder" if saved.config.model.name == "dual_encoder" else None
+    shapes = saved.shapes[tower] if tower else saved.shapes
+    same_shapes(want, {k: v for k, v in shapes.items() if k not in drop}, "vision_checkpoint")
+    if tower:
+        return lambda: saved.restore({tower: want})[tower]
+    return lambda: saved.restore(want)
+
+
+def load_lm(path: str, want: Any) -> Callable[[], Any]:
+    """Checks now, reads when called: the params of the `lm` checkpoint `path`, checked against `want` (the
+    model's decoder as ShapeDtypeStructs with shardings), then read straight into `want`'s shardings."""
+    saved = checkpoint(path, "lm_checkpoint", ("lm",), "an lm")
+    same_shapes(want, saved.shapes, "lm_checkpoint")
+    return lambda: saved.restore(want)
+
+
+def load_stage(path: str, system: str, want: Any, skip: tuple[str, ...] = ()) -> Callable[[], dict]:
+    """Checks now, reads when called: the params of checkpoint `path`, an earlier training stage of the same
+    `system`, checked against `want` (all the model's params as ShapeDtypeStructs with shardings), then read
+    straight into `want`'s shardings; the top-level parts in `skip` (those other checkpoints fill) are checked
+    but not read."""
+    saved = checkpoint(path, "stage_checkpoint", (system,), f"a {system}")
+    same_shapes(want, saved.shapes, "stage_checkpoint")
+    return lambda: dict(saved.restore({k: v for k, v in want.items() if k not in skip}))
