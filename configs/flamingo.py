@@ -171,6 +171,7 @@ def get_config(arg=None):
             seq_len=seq_len,
             max_images=max_images,
             packing_bins=32,
+            streams=0,  # data streams the records are dealt to; 0 = one per process (docs/data.md)
             shuffle=True,
             worker_count=0,
             interleaved=dict(max_tokens=seq_len, max_images=max_images),
@@ -190,7 +191,8 @@ def get_config(arg=None):
             weight_decay=0.1,
             wd_exclude=(".*latents",),  # matrices decay, vectors and scalars (gates, norms) never
             clip_norm=1.0,
-            freeze=FROZEN,
+            # a tied head is the embedding: there is no decoder/lm_head to freeze (and a pattern must match)
+            freeze=tuple(p for p in FROZEN if p != "decoder/lm_head/.*") if lm["tie_embeddings"] else FROZEN,
             lr_mults=(),
         )
     )

@@ -119,6 +119,7 @@ def get_config(arg=None):
             seq_len=seq_len,
             max_images=5 if anyres else 1,  # image slots per row: AnyRes takes a base view and up to 4 tiles
             packing_bins=32,
+            streams=0,  # data streams the records are dealt to; 0 = one per process (docs/data.md)
             shuffle=True,
             worker_count=0,
             interleaved=dict(max_tokens=seq_len, max_images=1),

@@ -125,6 +125,7 @@ def get_config(arg=None):
             seq_len=image_tokens + text_len,
             max_images=1,
             packing_bins=32,
+            streams=0,  # data streams the records are dealt to; 0 = one per process (docs/data.md)
             shuffle=True,
             worker_count=0,
             image=dict(mode="fixed", size=image_size, method="bilinear", normalization="siglip", max_aspect_ratio=20.0),

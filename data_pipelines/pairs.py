@@ -89,6 +89,7 @@ class PairsPipeline(BatchIteratorBase):
             ds.map(self.preprocessor.example).to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=64))
         )
         self._iterator = iter(examples.batch(config.batch_size // process_count, drop_remainder=True))
+        super().__init__(self._iterator)
 
     def encode_text(self, text: str) -> np.ndarray:
         """bos + text + eos, cut and padded to `text_len` (`PairsPreprocessor.encode_text`)."""

@@ -326,6 +326,33 @@ class Preprocessor:
         return feature_index(fitted.ids, self.placeholder_id, [orders[i] for i in kept], slots, self.tokens_per_slot)
 
 
+def local_streams(config: ml_collections.ConfigDict, process_index: int, process_count: int) -> tuple[range, int]:
+    """(the data streams this process reads, how many streams there are).
+
+    The shuffled records are dealt to `data.streams` streams (0: one per process), each packed and batched on
+    its own into `batch_size / streams` rows; process i reads streams i, i + N, ... and its rows are theirs,
+    in order. A global batch is therefore the same rows whatever the number of processes, as long as it
+    divides `data.streams`.
+    """
+    count = int(config.data.get("streams", 0)) or process_count
+    if count % process_count:
+        raise UserError(f"data.streams={count} is not divisible by the {process_count} processes of this run.")
+    if config.batch_size % count:
+        raise UserError(f"batch_size={config.batch_size} is not divisible by data.streams={count}.")
+    return range(process_index, count, process_count), count
+
+
+def concatenate_rows(batches: list[grain.IterDataset]) -> grain.IterDataset:
+    """One stream of batches from several: the i-th batch of each, concatenated row-wise in order."""
+    if len(batches) == 1:
+        return batches[0]
+
+    def concatenate(parts: tuple[dict[str, np.ndarray], ...]) -> dict[str, np.ndarray]:
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    return grain.experimental.ZipIterDataset(batches).map(concatenate)
+
+
 def records_dataset(
     config: ml_collections.ConfigDict,
     source,
@@ -344,10 +371,15 @@ def records_dataset(
     return ds
 
 
-class BatchIteratorBase:
-    """The trainer-facing side of a Grain iterator (`self._iterator`): next, state, skip counts."""
+class BatchIteratorBase(grain.DatasetIterator):
+    """The trainer-facing side of a Grain iterator (`self._iterator`): next, state, skip counts.
+
+    Itself a `grain.DatasetIterator` (with `self._iterator` as its parent), so Grain's orbax checkpoint handler
+    saves and restores its state, one file per process."""
 
     _iterator: grain.DatasetIterator
+    _parents: tuple = ()  # until `grain.DatasetIterator.__init__` runs (a constructor that raised earlier)
+    _closed = False
 
     def __iter__(self):
         return self
@@ -390,34 +422,40 @@ class GrainPipeline(BatchIteratorBase):
                 {"source": make_source(data, split), "weight": 1.0, "template": None, "template_options": None}
             ]
         self.sources = [c["source"] for c in components]
-        datasets = []
-        for k, c in enumerate(components):  # component k draws its shuffle and random ops from seed + k
-            seed = int(config.seed) + k
-            preprocessor = Preprocessor(
-                config, self.tokenizer, c["source"].format, training, c["template"], c["template_options"]
+        streams, count = local_streams(config, process_index, process_count)
+        rows_per_stream = config.batch_size // count
+        batches = []
+        for stream in streams:
+            datasets = []
+            for k, c in enumerate(components):  # component k draws its shuffle and random ops from seed + k
+                seed = int(config.seed) + k
+                preprocessor = Preprocessor(
+                    config, self.tokenizer, c["source"].format, training, c["template"], c["template_options"]
+                )
+                ds = records_dataset(config, c["source"], stream, count, repeat=repeat, seed=seed)
+                datasets.append(ds.random_map(preprocessor, seed=seed))
+            if not mixed:
+                ds = datasets[0]
+            elif repeat:
+                ds = grain.MapDataset.mix(datasets, [c["weight"] for c in components])
+            else:
+                ds = grain.MapDataset.concatenate(datasets)
+            read = grain.ReadOptions(
+                num_threads=int(data.get("read_threads", 2)), prefetch_buffer_size=int(data.get("read_buffer", 64))
             )
-            ds = records_dataset(config, c["source"], process_index, process_count, repeat=repeat, seed=seed)
-            datasets.append(ds.random_map(preprocessor, seed=seed))
-        if not mixed:
-            ds = datasets[0]
-        elif repeat:
-            ds = grain.MapDataset.mix(datasets, [c["weight"] for c in components])
-        else:
-            ds = grain.MapDataset.concatenate(datasets)
-        read = grain.ReadOptions(
-            num_threads=int(data.get("read_threads", 2)), prefetch_buffer_size=int(data.get("read_buffer", 64))
-        )
-        examples = CountSkips(ds.to_iter_dataset(read))
-        self.rows = pack(
-            examples,
-            int(data.seq_len),
-            int(data.max_images),
-            num_bins=int(data.get("packing_bins", 32)),
-            seed=int(config.seed),
-            with_prefix_mask=preprocessor.with_prefix_mask,  # the same for every component (mixture_components)
-            with_feature_index=preprocessor.with_feature_index,
-        )
-        batches = self.rows.batch(config.batch_size // process_count, drop_remainder=True)
+            examples = CountSkips(ds.to_iter_dataset(read))
+            rows = pack(
+                examples,
+                int(data.seq_len),
+                int(data.max_images),
+                num_bins=int(data.get("packing_bins", 32)),
+                seed=int(config.seed),
+                with_prefix_mask=preprocessor.with_prefix_mask,  # the same for every component (mixture_components)
+                with_feature_index=preprocessor.with_feature_index,
+            )
+            self.rows = rows  # the unbatched rows (of the last stream), for `data_stats`
+            batches.append(rows.batch(rows_per_stream, drop_remainder=True))
+        batches = concatenate_rows(batches)
         workers = int(data.get("worker_count", 0))
         if workers:
             from absl import flags
@@ -426,6 +464,7 @@ class GrainPipeline(BatchIteratorBase):
                 flags.FLAGS.mark_as_parsed()
             batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
         self._iterator = iter(batches)
+        super().__init__(self._iterator)
 
 
 def counts_of(iterator: grain.DatasetIterator) -> dict[str, int]:
@@ -435,14 +474,15 @@ def counts_of(iterator: grain.DatasetIterator) -> dict[str, int]:
     worker processes, from the iterator state (summed over workers), which lags
     by the examples the packer holds.
     """
-    stack = [iterator]
+    stack, live = [iterator], []
     while stack:
         it = stack.pop()
         if isinstance(it, CountSkipsIterator):
-            return dict(it.counts)
-        stack.extend(getattr(it, "_parents", ()))
+            live.append(it.counts)
+        else:
+            stack.extend(getattr(it, "_parents", ()))
     totals: dict[str, int] = {}
-    for counts in _find_counts(iterator.get_state()):
+    for counts in live or _find_counts(iterator.get_state()):
         for k, v in counts.items():
             totals[k] = totals.get(k, 0) + int(v)
     return totals
@@ -463,6 +503,8 @@ def data_stats(config: ml_collections.ConfigDict, split: str = "train", max_rows
     """One pass of the configured pipeline over `split`: counts, fill rates and speed (`vlm-jax data stats`)."""
     import time
 
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.data.streams = 1  # every record in one stream
     pipeline = GrainPipeline(config, split, repeat=False)
     iterator = iter(pipeline.rows)
     rows = tokens = slots = examples = 0

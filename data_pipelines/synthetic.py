@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import grain
 import numpy as np
 
 from vlm_jax.errors import ConfigError
@@ -22,10 +23,13 @@ from vlm_jax.errors import ConfigError
 _SPLIT_IDS = {"train": 0, "validation": 1}
 
 
-class SyntheticTokens:
-    """Iterator of packed LM batches; config keys: data.seq_len, data.min_doc_len, batch_size, seed, model.vocab_size."""
+class SyntheticTokens(grain.DatasetIterator):
+    """Iterator of packed LM batches; config keys: data.seq_len, data.min_doc_len, batch_size, seed, model.vocab_size.
+
+    A `grain.DatasetIterator` without parents, so Grain's checkpoint handler saves its state like any pipeline's."""
 
     def __init__(self, config, split: str, process_index: int = 0, process_count: int = 1):
+        super().__init__()
         if split not in _SPLIT_IDS:
             raise ConfigError(f"split {split!r} is not one of {sorted(_SPLIT_IDS)}.")
         self.seed = int(config.seed)

@@ -157,3 +157,38 @@ def packed_row(examples, length, slots=2, image_size=32):
         batch["images"][0, s - 1], batch["image_segment_ids"][0, s - 1] = image, s
         start += len(tokens)
     return batch
+
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
+
+
+@pytest.fixture(scope="session")
+def interleaved_folder(tmp_path_factory):
+    """`vlm-jax data build` of 200 interleaved documents whose text names the colour of the image before it
+    (the images, red.png, green.png and blue.png, lie in the folder above the records)."""
+    import io
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from vlm_jax import cli
+
+    root = tmp_path_factory.mktemp("flamingo_data")
+    for name, colour in COLOURS.items():
+        buffer = io.BytesIO()
+        Image.new("RGB", (40, 40), colour).save(buffer, format="PNG")
+        (root / f"{name}.png").write_bytes(buffer.getvalue())
+    rng = np.random.default_rng(0)
+    with open(root / "docs.jsonl", "w") as f:
+        for _ in range(200):
+            picks = rng.choice(list(COLOURS), size=int(rng.integers(1, 4)))
+            texts, images = ["A photo album."], [None]
+            for name in picks:
+                texts += [None, f"This one is {name}."]
+                images += [f"{name}.png", None]
+            f.write(json.dumps({"texts": texts, "images": images}) + "\n")
+    out = root / "records"
+    build = ["data", "build", "--format", "interleaved", "--input", str(root / "docs.jsonl"), "--out", str(out)]
+    assert cli.main(build) == 0
+    return str(out)

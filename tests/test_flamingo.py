@@ -1,6 +1,5 @@
 """The Flamingo system: zero gates leave the frozen LM untouched, and the tiny config trains through `vlm-jax train`."""
 
-import io
 import json
 import os
 
@@ -9,7 +8,6 @@ import jax
 import numpy as np
 import pytest
 from flax import traverse_util
-from PIL import Image
 
 from conftest import REPO, read_tensorboard_scalars
 from data_pipelines.tokenizer import Tokenizer
@@ -17,8 +15,6 @@ from vlm_jax import cli, models
 from vlm_jax.config_lib import load_config
 from vlm_jax.lm.decoder import DecoderLM, flamingo_layout
 from vlm_jax.prerequisites import resolve
-
-COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
 
 
 def tiny_config(**overrides):
@@ -57,35 +53,6 @@ def test_zero_gates_give_the_plain_lm_logits_bit_for_bit():
     moved = np.asarray(jax.jit(system.logits)(params, batch))
     np.testing.assert_array_equal(moved[:, :2], np.asarray(want)[:, :2])
     assert np.abs(moved[:, 2:] - np.asarray(want)[:, 2:]).max() > 1e-4
-
-
-def png(colour):
-    buffer = io.BytesIO()
-    Image.new("RGB", (40, 40), colour).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-@pytest.fixture(scope="module")
-def interleaved_folder(tmp_path_factory):
-    """`vlm-jax data build` of interleaved documents whose text names the colour of the image before it."""
-    root = tmp_path_factory.mktemp("flamingo_data")
-    for name, colour in COLOURS.items():
-        (root / f"{name}.png").write_bytes(png(colour))
-    rng = np.random.default_rng(0)
-    with open(root / "docs.jsonl", "w") as f:
-        for _ in range(200):
-            picks = rng.choice(list(COLOURS), size=int(rng.integers(1, 4)))
-            texts, images = ["A photo album."], [None]
-            for name in picks:
-                texts += [None, f"This one is {name}."]
-                images += [f"{name}.png", None]
-            f.write(json.dumps({"texts": texts, "images": images}) + "\n")
-    out = root / "records"
-    assert (
-        cli.main(["data", "build", "--format", "interleaved", "--input", str(root / "docs.jsonl"), "--out", str(out)])
-        == 0
-    )
-    return str(out)
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ import pytest
 from conftest import REPO
 from data_pipelines import templates
 from data_pipelines.builtin import build
-from vlm_jax.config_lib import load_config
 from vlm_jax import models
+from vlm_jax.config_lib import load_config
 from vlm_jax.evaluators import generative
 
 SIZES = {"captions": 6, "vqa": 12, "grounding": 6, "fewshot": 8}

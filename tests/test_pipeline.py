@@ -301,9 +301,10 @@ def test_lm_trains_on_grain_batches_and_the_checkpoint_carries_the_iterator(spm_
     fresh = GrainPipeline(config, "train")
     want = [next(fresh) for _ in range(4)][2:]
     ckpt = Checkpointer(str(tmp_path / "run"))
-    _, data_state = ckpt.restore(2, trainer.Trainer(config).abstract_state)
     resumed = GrainPipeline(config, "train")
-    resumed.set_state(data_state)
+    ckpt.restore(2, trainer.Trainer(config).abstract_state, resumed)  # through Grain's checkpoint handler
+    saved = os.listdir(tmp_path / "run" / "checkpoints" / "2" / "data")
+    assert [n for n in saved if n.endswith(".json")] == ["process_0-of-1.json"]
     for expected in want:
         got = next(resumed)
         for k in expected:

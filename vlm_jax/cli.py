@@ -2,7 +2,7 @@
 
     vlm-jax train   --config configs/X.py[:arg] --workdir DIR [--config.key=value ...]
     vlm-jax eval    --config configs/X.py[:arg] --workdir DIR [--checkpoint STEP]
-    vlm-jax forward --checkpoint DIR --inputs IN.npz --out OUT.npz
+    vlm-jax forward --checkpoint DIR --inputs IN.npz --out OUT.npz [--mesh fsdp=8]
     vlm-jax generate --checkpoint DIR --prompt TEXT [--image PATH ...] [sampling flags]
     vlm-jax generate --checkpoint DIR --prompts IN.jsonl --out OUT.jsonl [sampling flags]
     vlm-jax convert-hf --hf_dir DIR --out DIR
@@ -11,8 +11,10 @@
     vlm-jax data    train-tokenizer --input FILE [FILE ...] --out PREFIX --vocab_size N
     vlm-jax data    builtin --out DIR [--image_size N] [--scale F] [--seed S]
     vlm-jax data    fewshot --source digits|photos --out DIR [--episodes N] [--image_size N] [--seed S]
+    vlm-jax plan    --config CONFIG --mesh data=N,fsdp=M,tensor=K [--devices N] [--device_memory_gb G]
 
-`--config` and its overrides are ml_collections config flags. A user error
+`--config` and its overrides are ml_collections config flags. `forward` and `generate` read the params straight
+into their shardings on `--mesh` (default: the checkpoint's mesh, fitted to the devices present). A user error
 (`vlm_jax.errors.UserError`: bad config, arguments or inputs; a missing file)
 is printed as one sentence and exits with status 2.
 """
@@ -20,8 +22,11 @@ is printed as one sentence and exits with status 2.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
+
+from vlm_jax import distributed
 
 USAGE = """usage: vlm-jax COMMAND [flags]
 
@@ -33,6 +38,7 @@ commands:
   convert-hf  import a transformers (CLIP, SigLIP, LLaMA, Qwen2, Gemma, MPT, IDEFICS) or timm (NFNet) directory
   data      build (user JSONL -> ArrayRecord), stats (run the pipeline), train-tokenizer, builtin,
             fewshot (few-shot episodes on real images shipped with scikit-learn / scikit-image)
+  plan      per-device memory (parameters, optimizer state, gradients, activations) of a config on a mesh
 
 `vlm-jax COMMAND --help` lists a command's flags."""
 
@@ -72,20 +78,38 @@ def _parse_config_flags(argv: list[str], extra: dict[str, str]):
     return fv
 
 
+def _join_run(flag_values) -> None:
+    """Initialises JAX's distributed runtime from the --coordinator_address / --num_processes / --process_id
+    flags (argparse namespace or absl flag values) or from the detected cluster (`vlm_jax.distributed`)."""
+    distributed.initialize(*(getattr(flag_values, name) for name in distributed.FLAGS))
+
+
+def _add_distributed_flags(parser: argparse.ArgumentParser) -> None:
+    for name, help_text in distributed.FLAGS.items():
+        parser.add_argument(f"--{name}", help=help_text)
+
+
 def cmd_train(argv: list[str]) -> int:
     """`vlm-jax train`: returns the exit status."""
     if "--help" in argv or "-h" in argv:
-        print("usage: vlm-jax train --config configs/X.py[:arg] --workdir DIR [--config.key=value ...]")
+        print(
+            "usage: vlm-jax train --config configs/X.py[:arg] --workdir DIR [--config.key=value ...]\n"
+            "       [--coordinator_address HOST:PORT --num_processes N --process_id I]\n"
+            "The last three join a multi-process run (launch/local.py passes them); under SLURM and on Cloud TPU "
+            "pods the processes find each other by themselves (docs/scaling.md)."
+        )
         return 0
-    fv = _parse_config_flags(argv, {"workdir": "where checkpoints, logs and TensorBoard files go"})
+    fv = _parse_config_flags(argv, {"workdir": "where checkpoints, logs and TensorBoard files go", **distributed.FLAGS})
     if not fv.workdir:
         raise SystemExit("vlm-jax train: --workdir is required.")
+    _join_run(fv)
     from vlm_jax.train import trainer
 
     result = trainer.train(fv.config, fv.workdir)
     if result.stopped_by_signal is not None:
         return 128 + result.stopped_by_signal
-    print(f"Outputs (checkpoints, config.json, TensorBoard logs) are in {os.path.abspath(fv.workdir)}")
+    if distributed.is_main():
+        print(f"Outputs (checkpoints, config.json, TensorBoard logs) are in {os.path.abspath(fv.workdir)}")
     return 0
 
 
@@ -97,15 +121,17 @@ def cmd_eval(argv: list[str]) -> int:
         )
         return 0
     fv = _parse_config_flags(
-        argv, {"workdir": "the training workdir", "checkpoint": "step to evaluate (default: latest)"}
+        argv,
+        {"workdir": "the training workdir", "checkpoint": "step to evaluate (default: latest)", **distributed.FLAGS},
     )
     if not fv.workdir:
         raise SystemExit("vlm-jax eval: --workdir is required.")
+    _join_run(fv)
     import json
 
     from vlm_jax import prerequisites
     from vlm_jax.train import trainer
-    from vlm_jax.train.checkpoint import Checkpointer
+    from vlm_jax.train.checkpoint import Checkpointer, SavedParams
 
     ckpt = Checkpointer(fv.workdir, async_save=False)
     step = int(fv.checkpoint) if fv.checkpoint else ckpt.latest_step()
@@ -113,12 +139,15 @@ def cmd_eval(argv: list[str]) -> int:
         raise FileNotFoundError(f"{fv.workdir} holds no complete checkpoint.")
     # The evaluation data is built if missing; prerequisite runs are never trained: the checkpoint holds every weight.
     config = prerequisites.resolve(fv.config, train=False)
-    run = trainer.Trainer(config)
-    state, _ = ckpt.restore(step, run.abstract_state)
     ckpt.close()
-    metrics = trainer.evaluate(run, state.params)
+    run = trainer.Trainer(config)
+    # Only the params are read (no optimizer state), each device its own shards of the trainer's shardings.
+    params = SavedParams(os.path.join(fv.workdir, "checkpoints", str(step))).restore(run.abstract_state.params)
+    metrics = trainer.evaluate(run, params)
     from vlm_jax.report import write_report
 
+    if not distributed.is_main():  # the metrics are global sums, the same on every process; process 0 reports
+        return 0
     samples = getattr(run.system, "eval_samples", [])
     path = write_report(fv.workdir, config, {f"eval/{k}": v for k, v in metrics.items()}, samples)
     print(f"Report: {path}")
@@ -136,7 +165,10 @@ def cmd_forward(argv: list[str]) -> int:
     parser.add_argument("--checkpoint", required=True, help="a workdir (latest step) or a step directory")
     parser.add_argument("--inputs", required=True, help=".npz with input_ids [, attention_mask, ...]")
     parser.add_argument("--out", required=True, help=".npz to write (logits, or embeddings for dual encoders)")
+    parser.add_argument("--mesh", help=MESH_HELP)
+    _add_distributed_flags(parser)
     args = parser.parse_args(argv)
+    _join_run(args)
     import numpy as np
 
     from vlm_jax.train.checkpoint import load_params
@@ -145,11 +177,19 @@ def cmd_forward(argv: list[str]) -> int:
         raise FileNotFoundError(f"the inputs file {args.inputs} does not exist.")
     with np.load(args.inputs) as f:
         inputs = {k: f[k] for k in f.files}
-    config, system, params = load_params(args.checkpoint)
+    config, system, params = load_params(args.checkpoint, args.mesh)
     outputs = system.forward(params, inputs)
+    if not distributed.is_main():  # every process computed the same outputs; process 0 writes them
+        return 0
     np.savez(args.out, **outputs)
     print(f"Wrote {', '.join(f'{k} {v.shape}' for k, v in outputs.items())} to {args.out}")
     return 0
+
+
+MESH_HELP = (
+    "the mesh the params are read onto, sharded by the checkpoint's logical_axis_rules, e.g. fsdp=8 or "
+    "fsdp=4,tensor=2 (default: the checkpoint's mesh, fitted to the devices here)"
+)
 
 
 def _token_id(token: str | int, tokenizer) -> int:
@@ -187,7 +227,10 @@ def cmd_generate(argv: list[str]) -> int:
         help="comma-separated stop tokens (ids or pieces; default: the system template's: eos, <|endofchunk|>, ...)",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--mesh", help=MESH_HELP)
+    _add_distributed_flags(parser)
     args = parser.parse_args(argv)
+    _join_run(args)
     import json
 
     from vlm_jax import generate
@@ -198,7 +241,7 @@ def cmd_generate(argv: list[str]) -> int:
         raise UserError("give either --prompt (with its --image flags) or --prompts FILE.jsonl.")
     if args.prompts and not os.path.isfile(args.prompts):
         raise FileNotFoundError(f"the prompts file {args.prompts} does not exist.")
-    config, system, params = load_params(args.checkpoint)
+    config, system, params = load_params(args.checkpoint, args.mesh)
     tokenizer_path = args.tokenizer or config.get("data", {}).get("tokenizer")
     tokenizer = None
     if tokenizer_path:
@@ -225,6 +268,8 @@ def cmd_generate(argv: list[str]) -> int:
         lines.append({"tokens": row})
         if tokenizer is not None:
             lines[-1]["text"] = tokenizer.decode([t for t in row if t not in stop])  # without the stop token
+    if not distributed.is_main():  # every process generated the same rows; process 0 prints or writes them
+        return 0
     if not args.out:
         for line in lines:
             print(line.get("text", line["tokens"]))
@@ -342,6 +387,68 @@ def cmd_convert_hf(argv: list[str]) -> int:
     return 0
 
 
+PLAN_HOST_DEVICES = 64  # `vlm-jax plan` asks XLA for up to this many host CPU devices to compile a mesh on
+PLAN_USAGE = (
+    "usage: vlm-jax plan --config configs/X.py[:arg] --mesh data=N,fsdp=M,tensor=K [--devices N] "
+    "[--device_memory_gb G] [--config.key=value ...]"
+)
+
+
+def _plan_host_devices(argv: list[str]) -> None:
+    """Before jax is imported: asks XLA for as many host CPU devices as the --mesh of `vlm-jax plan` has (at most
+    PLAN_HOST_DEVICES), so its train step can be compiled for that mesh on CPU (or, for a bigger mesh, for as
+    large a part of it as can be). Does nothing if jax is already imported, XLA_FLAGS already sets a host
+    device count, or the mesh's size is not known from the flags."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "jax" in sys.modules or "xla_force_host_platform_device_count" in flags:
+        return
+    values = {}
+    for i, a in enumerate(argv):
+        for name in ("mesh", "devices"):
+            if a == f"--{name}" and i + 1 < len(argv):
+                values[name] = argv[i + 1]
+            elif a.startswith(f"--{name}="):
+                values[name] = a.split("=", 1)[1]
+    try:
+        sizes = [int(item.split("=")[1]) for item in values["mesh"].split(",") if item.strip()]
+        n = int(values["devices"]) if "devices" in values else math.prod(sizes)  # negative with a -1 axis
+    except (KeyError, IndexError, ValueError):
+        return  # plan itself reports a malformed mesh or device count
+    if n > 1:  # a bigger mesh is estimated from a compile on PLAN_HOST_DEVICES devices
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={min(n, PLAN_HOST_DEVICES)}".strip()
+
+
+def cmd_plan(argv: list[str]) -> int:
+    """`vlm-jax plan`: per-device bytes of parameters, optimizer state, gradients and activations of a config's
+    train step on a mesh, and whether they fit (vlm_jax/plan.py); the last line is one JSON object."""
+    if "--help" in argv or "-h" in argv:
+        print(PLAN_USAGE)
+        return 0
+    _plan_host_devices(argv)
+    fv = _parse_config_flags(
+        argv,
+        {
+            "mesh": "the target mesh, e.g. data=2,fsdp=8,tensor=4 (default: the config's)",
+            "devices": "the target's device count (default: the mesh's product; needed where the mesh has a -1)",
+            "device_memory_gb": "memory of one target device in GB (default: the local device's, if known)",
+        },
+    )
+    from vlm_jax import plan
+    from vlm_jax.errors import UserError
+
+    def number(flag: str, kind: type):
+        value = getattr(fv, flag)
+        try:
+            return None if value is None else kind(value)
+        except ValueError:
+            kind_name = "an integer" if kind is int else "a number"
+            raise UserError(f"--{flag} is {value!r}, which is not {kind_name}.") from None
+
+    result = plan.plan(fv.config, fv.mesh, number("devices", int), number("device_memory_gb", float))
+    print("\n".join(plan.report_lines(result)))
+    return 0
+
+
 COMMANDS = {
     "train": cmd_train,
     "eval": cmd_eval,
@@ -349,6 +456,7 @@ COMMANDS = {
     "generate": cmd_generate,
     "convert-hf": cmd_convert_hf,
     "data": cmd_data,
+    "plan": cmd_plan,
 }
 
 
@@ -363,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[argv[0]](argv[1:])
     except (UserError, FileNotFoundError) as e:
-        print(f"vlm-jax {argv[0]}: {e}", file=sys.stderr)
+        print(f"vlm-jax {argv[0]}: {distributed.process_label()}{e}", file=sys.stderr)
         return 2
 
 

@@ -127,11 +127,11 @@ class _Resolver:
             if kind == "builtin_data":
                 from data_pipelines.builtin import build
 
-                path = build.ensure(**spec)
+                path = _process_0_first(f"prerequisite {name}", lambda: build.ensure(**spec))
             elif kind == "real_images":
                 from data_pipelines import real_images
 
-                path = real_images.ensure(**spec)
+                path = _process_0_first(f"prerequisite {name}", lambda: real_images.ensure(**spec))
             else:
                 path = self._run(name, spec)
         finally:
@@ -157,7 +157,48 @@ class _Resolver:
             print(f"Training the prerequisite {name!r} ({run.total_steps} steps, once; kept in {path}).", flush=True)
             trainer.train(run, workdir)
 
-        return build.cached(path, "config.json", train)
+        import jax
+
+        if jax.process_count() == 1:
+            return build.cached(path, "config.json", train)
+        return _train_together(path, train)
+
+
+def _process_0_first(what: str, make: Any) -> str:
+    """`make()` on process 0, then on the others (which find its cached result): one build per multi-process
+    run instead of one per process."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    if jax.process_count() == 1:
+        return make()
+    if jax.process_index() == 0:
+        path = make()
+    multihost_utils.sync_global_devices(what)
+    return path if jax.process_index() == 0 else make()
+
+
+def _train_together(path: str, train: Any) -> str:
+    """A prerequisite run of a multi-process run: every process trains (the run is collective) in one shared
+    folder beside `path`, which process 0 renames into place when done; `path` is returned as is if complete."""
+    import shutil
+
+    import jax
+    from jax.experimental import multihost_utils
+
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return path
+    building = os.path.join(os.path.dirname(path), f".building-{os.path.basename(path)}")
+    if jax.process_index() == 0:
+        shutil.rmtree(building, ignore_errors=True)  # a stopped earlier attempt's
+        os.makedirs(building)
+    multihost_utils.sync_global_devices(f"start {path}")
+    train(building)
+    multihost_utils.sync_global_devices(f"trained {path}")
+    if jax.process_index() == 0:
+        os.rename(building, path)
+    multihost_utils.sync_global_devices(f"renamed {path}")
+    return path
 
 
 def fill_from_tokenizer(plain: dict[str, Any]) -> dict[str, Any]:

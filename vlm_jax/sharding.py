@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 from vlm_jax.errors import UserError
 
@@ -121,7 +121,9 @@ def _as_axes(target: Any) -> tuple[str, ...]:
     return tuple(target)
 
 
-def resolve(names: Sequence[str | None], rules: Rules, mesh: Mesh, shape: Sequence[int] | None = None) -> PartitionSpec:
+def resolve(
+    names: Sequence[str | None], rules: Rules, mesh: Mesh | AbstractMesh, shape: Sequence[int] | None = None
+) -> PartitionSpec:
     """Maps logical axis names to a `PartitionSpec` on `mesh`.
 
     For each dimension, the rules are scanned in order and the **first** rule
@@ -131,7 +133,8 @@ def resolve(names: Sequence[str | None], rules: Rules, mesh: Mesh, shape: Sequen
     divisible by the product of their sizes. Rules that cannot be used are
     skipped; a dimension with no usable rule is replicated. Mesh axes that the
     mesh does not have are dropped from a rule (so one rule set serves meshes
-    with and without, say, a "tensor" axis).
+    with and without, say, a "tensor" axis). Only the mesh's axis names and sizes are read, so `mesh` may be
+    a `jax.sharding.AbstractMesh` (shardings for a mesh whose devices are not here; tests/golden/).
     """
     used: set[str] = set()
     spec = []
@@ -160,7 +163,7 @@ def _is_box(x: Any) -> bool:
     return isinstance(x, nn.Partitioned)
 
 
-def tree_shardings(tree: Any, rules: Rules, mesh: Mesh) -> Any:
+def tree_shardings(tree: Any, rules: Rules, mesh: Mesh | AbstractMesh) -> Any:
     """`NamedSharding`s for a tree whose leaves may be flax `LogicallyPartitioned` boxes.
 
     Boxed leaves are resolved from their logical names (and shapes); plain
@@ -180,7 +183,7 @@ def tree_shardings(tree: Any, rules: Rules, mesh: Mesh) -> Any:
     return jax.tree.map(leaf_sharding, tree, is_leaf=_is_box)
 
 
-def unsharded(tree: Any, rules: Rules, mesh: Mesh) -> list[str]:
+def unsharded(tree: Any, rules: Rules, mesh: Mesh | AbstractMesh) -> list[str]:
     """One line per parameter dimension that a rule maps to mesh axes of size > 1 but that ends up replicated
     (not divisible by the axes' size, or the axes taken by another dimension): "path dim NAME of size S: why".
     `tree` holds flax `LogicallyPartitioned` boxes (e.g. `jax.eval_shape` of an init)."""

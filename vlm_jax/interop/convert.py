@@ -60,7 +60,7 @@ def write_checkpoint(config: ml_collections.ConfigDict, params: Any, out_dir: st
 
     params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
     ckpt = Checkpointer(out_dir, keep=1, async_save=False)
-    ckpt.save(0, {"step": np.zeros((), np.int32), "params": params}, {}, config, force=True)
+    ckpt.save(0, {"step": np.zeros((), np.int32), "params": params}, None, config, force=True)
     ckpt.close()
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=2))

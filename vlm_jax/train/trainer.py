@@ -49,6 +49,58 @@ class TrainState:
     opt_state: Any
 
 
+@dataclasses.dataclass
+class StateLayout:
+    """The train state of a config on a mesh, before anything is allocated (`state_layout`)."""
+
+    boxed: Any  # `jax.eval_shape` of the system's init: flax `LogicallyPartitioned` boxes of ShapeDtypeStructs
+    tx: optax.GradientTransformation  # the optimizer of the trainable parameters
+    schedule: optax.Schedule
+    init_state: Any  # rng -> TrainState (params and optimizer state), the function the trainer jits
+    abstract: TrainState  # its `jax.eval_shape`: ShapeDtypeStructs without shardings
+    shardings: TrainState  # NamedShardings of every leaf of `abstract` on the mesh
+
+
+def state_layout(config: ml_collections.ConfigDict, system: Any, mesh: Any, rules: Any) -> StateLayout:
+    """Shapes and shardings of the train state of `config` (its system built as `system`) on `mesh` (a `Mesh`, or
+    a `jax.sharding.AbstractMesh`: nothing here needs devices), by `jax.eval_shape`: nothing is allocated.
+
+    Parameters are sharded by `rules`; optimizer state (of the parameters `optim.freeze` leaves trainable) as
+    `_opt_state_shardings` says; the step counter is replicated. Checks the config's parameter regexes."""
+    freeze = list(config.optim.get("freeze", ()))
+    init_batch = system.dummy_batch(1)
+    boxed = jax.eval_shape(system.init, jax.random.key(0), init_batch)
+    param_names = sharding.logical_names(boxed)
+    paths = [optim_lib.path_str(k) for k in traverse_util.flatten_dict(param_names)]
+    config_lib.validate_patterns(config, paths)
+    trainable_names, _ = optim_lib.split_trainable(param_names, freeze)
+    tx, schedule = optim_lib.make_optimizer(config.optim, config.total_steps, trainable_names)
+
+    def init_state(rng):
+        params = nn.unbox(system.init(rng, init_batch))
+        trainable, _ = optim_lib.split_trainable(params, freeze)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(trainable))
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    param_shardings = sharding.tree_shardings(boxed, rules, mesh)
+    abstract = jax.eval_shape(init_state, jax.random.key(0))
+    shardings = TrainState(
+        step=replicated,
+        params=param_shardings,
+        opt_state=_opt_state_shardings(abstract.opt_state, abstract.params, param_shardings, replicated),
+    )
+    return StateLayout(boxed, tx, schedule, init_state, abstract, shardings)
+
+
+def batch_layout(system: Any, batch_size: int, mesh: Any, rules: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(shardings, ShapeDtypeStructs with those shardings) of a global batch of `batch_size` rows of `system`:
+    every key of its `dummy_batch`, split on the leading dim over the data-parallel axes of `mesh`."""
+    dummy = system.dummy_batch(batch_size)
+    shardings = {k: sharding.batch_sharding(mesh, rules, v.ndim) for k, v in dummy.items()}
+    abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k]) for k, v in dummy.items()}
+    return shardings, abstract
+
+
 class Trainer:
     """Mesh, system, optimizer, shardings and the jitted init / train / eval functions for a config."""
 
@@ -63,22 +115,9 @@ class Trainer:
         self.accum = int(config.get("grad_accum_steps", 1))
         self._told_ignored = False  # put_batch names the ignored batch keys once
 
-        init_batch = self.system.dummy_batch(1)
-        boxed = jax.eval_shape(self.system.init, jax.random.key(0), init_batch)
-        param_names = sharding.logical_names(boxed)
-        paths = [optim_lib.path_str(k) for k in traverse_util.flatten_dict(param_names)]
-        config_lib.validate_patterns(config, paths)
-        trainable_names, _ = optim_lib.split_trainable(param_names, self.freeze)
-        self.tx, self.schedule = optim_lib.make_optimizer(config.optim, config.total_steps, trainable_names)
-
-        def init_state(rng):
-            params = nn.unbox(self.system.init(rng, init_batch))
-            trainable, _ = optim_lib.split_trainable(params, self.freeze)
-            return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(trainable))
-
-        replicated = NamedSharding(self.mesh, PartitionSpec())
-        param_shardings = sharding.tree_shardings(boxed, self.rules, self.mesh)
-        replicated_dims = sharding.unsharded(boxed, self.rules, self.mesh)
+        layout = state_layout(config, self.system, self.mesh, self.rules)
+        self.tx, self.schedule = layout.tx, layout.schedule
+        replicated_dims = sharding.unsharded(layout.boxed, self.rules, self.mesh)
         if replicated_dims and jax.process_index() == 0:
             shown = "\n  ".join(replicated_dims[:10]) + (
                 f"\n  ... {len(replicated_dims) - 10} more" if len(replicated_dims) > 10 else ""
@@ -88,18 +127,12 @@ class Trainer:
                 f"replicated instead:\n  {shown}",
                 file=sys.stderr,
             )
-        abstract = jax.eval_shape(init_state, jax.random.key(0))
-        self.state_shardings = TrainState(
-            step=replicated,
-            params=param_shardings,
-            opt_state=_opt_state_shardings(abstract.opt_state, abstract.params, param_shardings, replicated),
-        )
-        self.abstract_state = abstract_like(abstract, self.state_shardings)
-        dummy = self.system.dummy_batch(config.batch_size)
-        self.batch_shardings = {k: sharding.batch_sharding(self.mesh, self.rules, v.ndim) for k, v in dummy.items()}
-        self.abstract_batch = {
-            k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self.batch_shardings[k]) for k, v in dummy.items()
-        }
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        self.state_shardings = layout.shardings
+        param_shardings = layout.shardings.params
+        self.abstract_state = abstract_like(layout.abstract, self.state_shardings)
+        self.batch_shardings, self.abstract_batch = batch_layout(self.system, config.batch_size, self.mesh, self.rules)
+        init_state = layout.init_state
         self.init = jax.jit(init_state, out_shardings=self.state_shardings)
         self.train_step = jax.jit(
             self._train_step,
@@ -215,26 +248,46 @@ class TrainResult:
 
 
 class _StopOnSignal:
-    """Turns SIGTERM / SIGINT into a flag the loop checks after each step (a second SIGINT aborts)."""
+    """Turns SIGTERM / SIGINT into a stop after a step, at the same step on every process (a second SIGINT aborts).
+
+    One process: the signal sets a flag the loop reads after each step. Several processes (JAX's distributed
+    runtime): SIGTERM, a scheduler's preemption notice, belongs to JAX's preemption service, which tells every
+    process; `stop_at(step)` is `multihost_utils.reached_preemption_sync_point`, true on all processes at the same
+    step, so all save that step. A SIGINT is passed on to that service as a SIGTERM of this process.
+    """
 
     def __init__(self):
         self.signum: int | None = None
+        self.multi_process = jax.process_count() > 1
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum, frame):
         if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signum = signum
+        if self.multi_process:
+            os.kill(os.getpid(), signal.SIGTERM)  # to JAX's preemption notifier, which owns SIGTERM
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGTERM, signal.SIGINT):
+            for s in (signal.SIGINT,) if self.multi_process else (signal.SIGTERM, signal.SIGINT):
                 self._previous[s] = signal.signal(s, self._handle)
         return self
 
     def __exit__(self, *exc):
         for s, handler in self._previous.items():
             signal.signal(s, handler)
+
+    def stop_at(self, step: int) -> bool:
+        """Whether to stop after `step` (called after every step, on every process)."""
+        if not self.multi_process:
+            return self.signum is not None
+        from jax.experimental import multihost_utils
+
+        if multihost_utils.reached_preemption_sync_point(step):
+            self.signum = self.signum or signal.SIGTERM
+            return True
+        return False
 
 
 def evaluate(trainer: Trainer, params: Any) -> dict[str, float]:
@@ -280,12 +333,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     latest = ckpt.latest_step()
     if latest is not None:
         config_lib.validate_checkpoint_config(ckpt.config(latest), config, workdir)
-        state, data_state = ckpt.restore(latest, trainer.abstract_state)
-        data.set_state(data_state)
+        state = ckpt.restore(latest, trainer.abstract_state, data)
     else:
         state = trainer.init(jax.random.key(config.seed))
         if hasattr(system, "pretrained"):  # e.g. a Flamingo's frozen LM and vision encoder from checkpoints
-            params = system.pretrained(jax.device_get(state.params))
+            # Each loaded part is read straight into its shardings on the trainer's mesh (no host copy).
+            params = system.pretrained(state.params, trainer.mesh, trainer.rules)
             state = state.replace(params=jax.device_put(params, trainer.state_shardings.params))
     step = int(jax.device_get(state.step))
     if is_main:
@@ -311,7 +364,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     loop_start = time.perf_counter()
     saved_step = latest
     with _StopOnSignal() as stop:
-        while step < config.total_steps and stop.signum is None:
+        stopping = False
+        while step < config.total_steps and not stopping:
             host_batch = next(data)
             batch = trainer.put_batch(host_batch)
             with jax.transfer_guard("disallow"):
@@ -319,6 +373,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
             step += 1
             window.add(step_metrics, system.tokens_in(host_batch) * jax.process_count())
             reporter.step_done(step)
+            stopping = stop.stop_at(step)
 
             if config.log_every and (step % config.log_every == 0 or step == config.total_steps):
                 metrics = window.summary()
@@ -327,7 +382,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
                 if hasattr(data, "stats"):
                     reporter.write(step, data.stats(), prefix="data")
             if config.checkpoint_every and step % config.checkpoint_every == 0:
-                ckpt.save(step, state, data.get_state(), config)
+                ckpt.save(step, state, data, config)
                 saved_step = step
             if config.eval_every and (step % config.eval_every == 0 or step == config.total_steps):
                 eval_start = time.perf_counter()
@@ -336,9 +391,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
                 window.exclude(time.perf_counter() - eval_start)
                 eval_s += time.perf_counter() - eval_start
         if saved_step != step:
-            ckpt.save(step, state, data.get_state(), config, force=True)
+            ckpt.save(step, state, data, config, force=True)
         ckpt.close()
-        if stop.signum is not None:
+        if stopping:
             name = signal.Signals(stop.signum).name
             reporter.message(
                 f"Caught {name} at step {step}: saved a checkpoint to {ckpt.directory}/{step}; "
@@ -360,7 +415,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
         path = report.write_report(workdir, config, final, getattr(system, "eval_samples", []), throughput)
         reporter.message(f"Report: {path}")
     reporter.close()
-    return TrainResult(step=step, metrics=metrics, eval_metrics=eval_metrics, stopped_by_signal=stop.signum)
+    return TrainResult(
+        step=step, metrics=metrics, eval_metrics=eval_metrics, stopped_by_signal=stop.signum if stopping else None
+    )
 
 
 def _count(params: Any) -> int:
