@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 
@@ -204,3 +205,54 @@ def test_forward_in_two_processes_reads_shards_and_matches_one_process(runs, tmp
     _, system, params = load_params(str(root / "two"))
     want = system.forward(params, inputs)["logits"]
     np.testing.assert_allclose(np.load(tmp_path / "out.npz")["logits"], want, rtol=0, atol=2e-5)
+
+
+PREREQUISITES_SCRIPT = """
+import os, sys
+import jax
+jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+from vlm_jax import prerequisites
+root = sys.argv[3]
+
+def build():  # like a data build: does nothing where its result is already there
+    path = os.path.join(root, "data")
+    if not os.path.isdir(path):
+        os.makedirs(path)
+        open(os.path.join(path, f"built-by-{jax.process_index()}"), "w").close()
+    return path
+
+def train(workdir):  # like a collective training run: every process takes part, in one shared workdir
+    open(os.path.join(workdir, f"trained-by-{jax.process_index()}"), "w").close()
+    if jax.process_index() == 0:
+        open(os.path.join(workdir, "config.json"), "w").close()
+
+prerequisites._process_0_first("data", build)
+prerequisites._train_together(os.path.join(root, "lm-0123456789"), train)
+"""
+
+
+def test_prerequisites_of_a_multi_process_run_are_built_once_and_trained_together(tmp_path):
+    """A declared data build runs on process 0 only (the others find its result); a prerequisite run is trained by
+    all processes together in one folder that appears under its final name only when complete."""
+    script = tmp_path / "prerequisites.py"
+    script.write_text(PREREQUISITES_SCRIPT)
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    processes = [
+        subprocess.Popen(
+            [sys.executable, str(script), f"localhost:{port}", str(i), str(tmp_path)],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outs = [finish(p, timeout=120) for p in processes]
+    assert [status for status, _ in outs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    assert os.listdir(tmp_path / "data") == ["built-by-0"]
+    assert sorted(os.listdir(tmp_path / "lm-0123456789")) == ["config.json", "trained-by-0", "trained-by-1"]
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".building")]
