@@ -24,7 +24,7 @@ def test_tiny_dual_encoder_learns_and_retrieval_improves(name, tmp_path, capsys)
     run = trainer_lib.Trainer(config)
     before = trainer_lib.evaluate(run, run.init(jax.random.key(config.seed)).params)
     result = trainer_lib.train(config, str(tmp_path))
-    state, _ = Checkpointer(str(tmp_path)).restore(result.step, run.abstract_state)
+    state = Checkpointer(str(tmp_path)).restore(result.step, run.abstract_state)
     after = trainer_lib.evaluate(run, state.params)
     assert after["loss"] < 0.8 * before["loss"], (before, after)
     # Held-out pairs (the validation split is drawn from other seeds): recall@5 well above chance (5/256).
