@@ -16,11 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlm_jax import losses, sharding
+from vlm_jax.encoders.text import TextTransformer
 from vlm_jax.encoders.two_tower import TwoTower
 from vlm_jax.encoders.vit import ViT
 from vlm_jax.errors import ConfigError, UserError
-from vlm_jax.models import register
+from vlm_jax.models import parts, register
 from vlm_jax.models.base import System
+from vlm_jax.nn.layers import DenseGeneral
 
 LOSSES = ("softmax", "sigmoid")
 
@@ -83,16 +85,27 @@ class DualEncoder(System):
         return loss, jnp.ones((), jnp.float32), metrics
 
     def flops_per_example(self) -> float:
-        """3x forward: 2 x (matmul weights x tokens through them) + attention scores, for both towers."""
-        v = ViT(**self.config.model.vision.to_dict()).shape()
-        t = self.config.model.text
-        patches = (self.image_size // v["patch_size"]) ** 2 + 1
-        vision = patches * (
-            v["depth"] * (4 * v["width"] ** 2 + 2 * v["width"] * v["mlp_dim"] + 2 * patches * v["width"])
-            + 3 * v["patch_size"] ** 2 * v["width"]
+        """Training FLOPs per image-text pair from each tower's forward matmul FLOPs (`vlm_jax.flops`; the B x B
+        logits of the loss are left out), following `optim.freeze` (`parts.training_flops`): each tower is its
+        encoder, then its projection (projection="clip"); a trained part costs 3x its forward, a frozen
+        projection over a trained encoder 2x, a frozen encoder 1x (nothing trains below it): LiT's locked image
+        tower (`image_encoder/.*`, `visual_projection/.*`) costs its forward only."""
+        m, trains = self.module, parts.trained(self)
+        images = jax.ShapeDtypeStruct((1, self.image_size, self.image_size, 3), jnp.float32)
+        ids = jax.ShapeDtypeStruct((1, self.text_len), jnp.int32)
+        towers = (
+            (ViT(**dict(m.vision)), images, "image_encoder", "visual_projection"),
+            (TextTransformer(**dict(m.text)), ids, "text_encoder", "text_projection"),
         )
-        text = self.text_len * t.depth * (4 * t.width**2 + 2 * t.width * t.mlp_dim + 2 * self.text_len * t.width)
-        return 3.0 * 2.0 * (vision + text)
+        total = 0.0
+        for tower, inputs, name, projection in towers:
+            chain = [(parts.forward_flops(tower, inputs), trains(name))]
+            if m.projection == "clip":
+                pooled = parts.output_shape(tower, inputs)["pooled"]
+                proj = DenseGeneral(m.embed_dim, ("embed", None))
+                chain.append((parts.forward_flops(proj, pooled), trains(projection)))
+            total += parts.training_flops(chain)
+        return total
 
     def tokens_in(self, batch):
         return int(np.count_nonzero(batch["texts"]))

@@ -150,28 +150,32 @@ class Flamingo(System):
         return loss, weight, metrics
 
     def flops_per_example(self) -> float:
-        """Training FLOPs per row, from each part's forward matmul FLOPs (`vlm_jax.flops`, on abstract shapes):
-        vision 1x (frozen, no gradient), resampler and cross-attention 3x, the frozen LM 2x (activation
-        gradients only)."""
+        """Training FLOPs per row, from each part's forward matmul FLOPs (`vlm_jax.flops`, on abstract shapes),
+        following `optim.freeze` (`parts.training_flops`): from the input up, the vision encoder, the resampler,
+        the media projection, then the LM (`parts.decoder_chain`: embeddings, each group's cross-attention block
+        then its layers, the head). A trained part costs 3x its forward; a frozen part 2x when a trained part
+        lies below it (its input gradient), else 1x. The paper's recipe (vision and LM frozen): vision 1x,
+        resampler and cross-attention 3x, and every LM layer and the head 2x, as a block runs before layer 0;
+        the main job (nothing frozen): every part 3x."""
         m = self.module
+        trains = parts.trained(self)
         images = jax.ShapeDtypeStruct((self.max_images, self.image_size, self.image_size, 3), jnp.float32)
-        vision = parts.forward_flops(m.vision, images)
+        chain = [(parts.forward_flops(m.vision, images), trains("vision"))]
         out = parts.output_shape(m.vision, images)
         features = out["tokens"] if "tokens" in out else out["features"]
         width, tokens = features.shape[-1], int(np.prod(features.shape[1:-1]))
-        resampler = 0.0
         latents = jax.ShapeDtypeStruct((1, self.max_images, tokens, width), jnp.float32)
         if m.perceiver is not None:
             media = jax.ShapeDtypeStruct((1, self.max_images, 1, tokens, width), jnp.float32)
-            resampler = parts.forward_flops(m.perceiver, media)
+            chain.append((parts.forward_flops(m.perceiver, media), trains("perceiver")))
             latents = parts.output_shape(m.perceiver, media)
         if m.project_media:
-            latents = jax.ShapeDtypeStruct(latents.shape[:-1] + (m.decoder.embed_dim,), jnp.float32)
-        row = jax.ShapeDtypeStruct((1, self.seq_len), jnp.int32)
+            proj = DenseGeneral(m.decoder.embed_dim, (None, "embed"))
+            chain.append((parts.forward_flops(proj, latents), trains("media_proj")))
+            latents = parts.output_shape(proj, latents)
         mask = jax.ShapeDtypeStruct((1, self.seq_len, self.max_images), jnp.bool_)
-        full = parts.forward_flops(m.decoder, row, row, row, latents, mask)
-        plain = parts.forward_flops(m.decoder.clone(cross_attn_every=0), row, row, row)
-        return vision + 3.0 * resampler + 3.0 * (full - plain) + 2.0 * plain
+        chain += parts.decoder_chain(m.decoder, "decoder", trains, self.seq_len, latents, mask)
+        return parts.training_flops(chain)
 
     def tokens_in(self, batch):
         return int(np.count_nonzero(batch["segment_ids"]))

@@ -204,10 +204,13 @@ class InSequenceSystem(System):
         return loss, weight, metrics
 
     def flops_per_example(self) -> float:
-        """Training FLOPs per row from each part's forward matmul FLOPs (`vlm_jax.flops`): 3x for a part that
-        trains; a frozen vision encoder 1x (nothing below it trains); a frozen LM 2x (activation gradients flow
-        through it to the connector); a frozen connector 2x when the vision encoder trains, else 1x."""
+        """Training FLOPs per row from each part's forward matmul FLOPs (`vlm_jax.flops`), following
+        `optim.freeze` (`parts.training_flops`): from the input up, the vision encoder, the connector, then the
+        LM (`parts.decoder_chain`: embeddings, layers, head). A trained part costs 3x its forward; a frozen part
+        2x when a trained part lies below it (its input gradient), else 1x: a frozen vision encoder 1x, a frozen
+        LM 2x when the connector trains (LLaVA stage 1)."""
         m = self.module
+        trains = parts.trained(self)
         images = jax.ShapeDtypeStruct((self.max_images, self.image_size, self.image_size, 3), jnp.float32)
         vision = parts.forward_flops(m.vision, images)
         out = parts.output_shape(m.vision, images)
@@ -215,29 +218,8 @@ class InSequenceSystem(System):
         if m.drop_class_token:
             tokens = jax.ShapeDtypeStruct((tokens.shape[0], tokens.shape[1] - 1, tokens.shape[2]), tokens.dtype)
         connector = parts.forward_flops(m.connector, tokens)
-        row = jax.ShapeDtypeStruct((1, self.seq_len), jnp.int32)
-        lm = parts.forward_flops(m.decoder, row, row, row)
-        trains = self._trains
-        vision_x = 3.0 if trains("vision") else 1.0
-        connector_x = 3.0 if trains("connector") else (2.0 if trains("vision") else 1.0)
-        lm_x = 3.0 if trains("decoder") else (2.0 if trains("vision") or trains("connector") else 1.0)
-        return vision_x * vision + connector_x * connector + lm_x * lm
-
-    def _trains(self, part: str) -> bool:
-        """Whether any parameter under `part/` escapes every `optim.freeze` regex."""
-        import re
-
-        freeze = list(self.config.get("optim", {}).get("freeze", ()))
-        paths = [path for path in self._param_paths if path.split("/")[0] == part]
-        return any(not any(re.fullmatch(p, path) for p in freeze) for path in paths)
-
-    @functools.cached_property
-    def _param_paths(self) -> list[str]:
-        """'/'-joined paths of every parameter (from abstract shapes: nothing is allocated)."""
-        from flax import traverse_util
-
-        boxed = jax.eval_shape(self.init, jax.random.key(0), self.dummy_batch(1))
-        return ["/".join(k) for k in traverse_util.flatten_dict(nn.unbox(boxed))]
+        chain = [(vision, trains("vision")), (connector, trains("connector"))]
+        return parts.training_flops(chain + parts.decoder_chain(m.decoder, "decoder", trains, self.seq_len))
 
     def tokens_in(self, batch):
         return int(np.count_nonzero(batch["segment_ids"]))

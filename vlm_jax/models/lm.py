@@ -78,18 +78,12 @@ class LanguageModel(System):
         return next_token_loss(self.logits(params, batch), batch)
 
     def flops_per_example(self) -> float:
-        m = self.module
-        d, hd, length = m.embed_dim, m.resolved_head_dim, self.seq_len
-        relative = m.position_embedding == "relative"
-        # Relative positions: W_R projects one sinusoid per distance (L per row, so one per token) and the
-        # position logits (q + v).W_R r cost as much as QK^T.
-        attn_params = d * hd * (2 * m.num_heads + 2 * m.num_kv_heads + relative * m.num_heads)
-        mlp_params = (3 if m.mlp == "gated" else 2) * d * m.mlp_dim
-        matmul_params = m.num_layers * (attn_params + mlp_params) + d * m.vocab_size  # + lm head / tied attend
-        # QK^T and AV (+ position logits), full (unskipped) mask
-        attention_scores = m.num_layers * (4 + 2 * relative) * length * m.num_heads * hd
-        forward_per_token = 2 * matmul_params + attention_scores
-        return 3.0 * forward_per_token * length
+        """Training FLOPs per row from the forward matmul FLOPs (`vlm_jax.flops`: projections, MLPs, attention
+        scores over the full mask, the head) of the embeddings, layers and head (`parts.decoder_chain`),
+        following `optim.freeze` (`parts.training_flops`): 3x for a trained part; a frozen part 2x when a
+        trained part lies below it (frozen layers under a trained head: 1x; over a trained embedding: 2x),
+        else 1x."""
+        return parts.training_flops(parts.decoder_chain(self.module, "", parts.trained(self), self.seq_len))
 
     def decoding(self, params, batch, length):
         """For `vlm_jax.generate`: the decoder and its params; a prefix-LM sees its whole prompt as the prefix."""

@@ -69,6 +69,77 @@ def output_shape(module: nn.Module, *args) -> Any:
     return jax.eval_shape(module.apply, jax.eval_shape(module.init, _KEY, *args), *args)
 
 
+# Training FLOPs that follow `optim.freeze` (the MFU numerator of every system's `flops_per_example`).
+
+
+def trained(system: Any) -> Callable[..., bool]:
+    """`trains(*prefixes)`: whether any parameter of `system` under one of the module paths `prefixes` (e.g.
+    "vision", "decoder/lm_head") is trained, i.e. escapes every `optim.freeze` regex. The split is the trainer's
+    own (`optimizer.split_trainable` of the init's abstract shapes: nothing is allocated)."""
+    from flax import traverse_util
+
+    from vlm_jax.train.optimizer import path_str, split_trainable
+
+    shapes = nn.unbox(jax.eval_shape(system.init, _KEY, system.dummy_batch(1)))
+    trainable, _ = split_trainable(shapes, list(system.config.get("optim", {}).get("freeze", ())))
+    paths = [path_str(k) for k in traverse_util.flatten_dict(trainable)]
+
+    def trains(*prefixes: str) -> bool:
+        return any(path == p or path.startswith(p + "/") for path in paths for p in prefixes)
+
+    return trains
+
+
+def training_flops(chain: Any) -> float:
+    """Training FLOPs of parts that run one above the other, `chain` = [(forward FLOPs, trained?), ...] from the
+    input up: a trained part costs 3x its forward (forward, input gradient, weight gradient); a frozen part with
+    a trained part below it 2x (forward and the input gradient that must pass through it); a frozen part with
+    nothing trained below it 1x (forward only). Parts that read the same input (two branches that meet, as
+    Flamingo's media and text) are listed one branch after the other, the branch without FLOPs (an embedding
+    lookup) last, next to where they meet.
+
+    Approximations, small against the whole: a part counts as trained when any of its parameters is (a part
+    that trains only its norms or gates is counted with every weight gradient); the lowest trained part's input
+    gradient is counted though nothing below needs it (a trained patch embedding's gradient of the pixels, or
+    LLaVA stage 1's connector, whose first matmul really costs 2x); and the input gradient of an
+    activation-by-activation matmul (attention scores and their weighted sum) is two matmuls, not one, so a
+    frozen part that gradients pass through costs its attention-score FLOPs once more than counted."""
+    total, below = 0.0, False
+    for flops, trains in chain:
+        total += flops * (3.0 if trains else 2.0 if below else 1.0)
+        below = below or trains
+    return total
+
+
+def decoder_chain(decoder: Any, prefix: str, trains: Callable[..., bool], seq_len: int, *media: Any) -> list:
+    """A `DecoderLM`'s parts for `training_flops`, from the input up, for one row of `seq_len` tokens: its
+    embeddings (a lookup: no matmul FLOPs, but trained they send gradients through everything above), for a
+    Flamingo LM (`media` = abstract latents and media mask) each group's cross-attention block then its layers
+    (so frozen LM layers above a trained block pass gradients: 2x), else all layers, the final norm, and the
+    head (with tied embeddings the embedding's matmul, trained with the embedding). `prefix` is the decoder's
+    module path ("" for the `lm` system) and `trains` the system's `trained`."""
+    p = prefix + "/" if prefix else ""
+    row = jax.ShapeDtypeStruct((1, seq_len), np.int32)
+    plain = decoder.clone(cross_attn_every=0)
+    head = forward_flops(plain.clone(num_layers=0), row, row, row)
+    layers = forward_flops(plain, row, row, row) - head
+    layer = layers / decoder.num_layers
+    chain = [(0.0, trains(p + "embed", p + "pos_embed"))]
+    every = decoder.cross_attn_every
+    if not every:
+        chain.append((layers, trains(p + "layers")))
+    else:
+        groups, tail = divmod(decoder.num_layers, every)
+        block = (forward_flops(decoder, row, row, row, *media) - head - layers) / (groups + bool(tail))
+        for name, count, depth in (("layer_groups", groups, every), ("layer_groups_tail", bool(tail), tail)):
+            for _ in range(count):
+                chain.append((block, trains(f"{p}{name}/xattn")))
+                chain.append((depth * layer, trains(f"{p}{name}/layers")))
+    chain.append((0.0, trains(p + "final_norm")))
+    chain.append((head, trains(p + ("embed" if decoder.tie_embeddings else "lm_head"))))
+    return chain
+
+
 def same_shapes(want: Any, got: Any, what: str) -> Any:
     """`got` if its tree and shapes equal `want`'s; else a ConfigError naming the first difference."""
     want_flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(want)[0]}
