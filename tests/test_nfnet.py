@@ -28,8 +28,9 @@ from vlm_jax.errors import UserError
 from vlm_jax.interop.timm_nfnet import load_timm_nfnet
 
 # A small dm_nfnet: every part of the real one (deep stem, transition blocks with and
-# without pooling, grouped convs with >1 group, SE, final conv, head), with fewer/narrower layers.
-TINY_ARGS = dict(depths=(1, 2, 1, 1), channels=(32, 64, 96, 96), stem_chs=32, group_size=16, num_features=128)
+# without pooling, grouped convs with >1 group, SE, final conv, head, a scanned stack of blocks
+# with different betas), with fewer/narrower layers.
+TINY_ARGS = dict(depths=(1, 3, 1, 1), channels=(32, 64, 96, 96), stem_chs=32, group_size=16, num_features=128)
 NUM_CLASSES = 7
 
 
@@ -330,6 +331,30 @@ def test_param_axis_names():
         if name.endswith("['kernel']") and len(leaf.value.shape) == 4:
             assert leaf.names == ("conv_h", "conv_w", "conv_in", "conv_out"), name
     assert boxed["stage0_block0"]["skipinit_gain"].value.shape == ()
+
+
+def test_scanned_stages_layout_and_gradient():
+    """A stage's blocks after the first are one scan: parameters stacked on a leading "layers" axis; the
+    whole network (strided transition blocks' average pool included) is differentiable."""
+    model = NFNet(num_classes=5, depths=(1, 3, 1, 2), widths=(32, 64, 64, 64), stem_width=16, group_size=16)
+    x = jnp.asarray(_images(2, 33, 31))
+    boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)["params"]
+    assert {k for k in boxed if k.startswith("stage")} == {
+        "stage0_block0",
+        "stage1_block0",
+        "stage1_blocks",
+        "stage2_block0",
+        "stage3_block0",
+        "stage3_blocks",
+    }
+    conv1 = boxed["stage1_blocks"]["conv1"]["kernel"]
+    assert conv1.names == ("layers", "conv_h", "conv_w", "conv_in", "conv_out") and conv1.value.shape[0] == 2
+    assert boxed["stage1_blocks"]["skipinit_gain"].names == ("layers",)
+    assert boxed["stage3_blocks"]["skipinit_gain"].value.shape == (1,) and "downsample" not in boxed["stage3_blocks"]
+    params = jax.tree.map(lambda a: a + 0.5, nn.meta.unbox(model.init(jax.random.PRNGKey(0), x)["params"]))
+    grads = jax.jit(jax.grad(lambda p: jnp.sum(model.apply({"params": p}, x)["logits"])))(params)
+    assert float(jnp.abs(grads["stage1_blocks"]["conv1"]["kernel"][1]).max()) > 0
+    assert float(jnp.abs(grads["stem_conv1"]["kernel"]).max()) > 0
 
 
 def test_bfloat16_compute_keeps_float32_params_and_pooled():

@@ -35,20 +35,28 @@ gamma constant 1.7015043497085571.
 Stochastic depth follows the Haiku code: block i of N gets rate
 `stochastic_depth_rate * i / N`, drops the whole residual branch per example,
 and does not rescale kept examples. It is only active with `deterministic=False`
-(which then needs a 'dropout' rng), like the head dropout.
+(which then needs a 'dropout' rng, split per block in the scanned stacks), like the head dropout.
 
-Logical axis names of the parameters:
+Parameters: `stem_conv1..4`, then per stage S (0-3) `stageS_block0` (the transition block: stride,
+`downsample` shortcut conv when the shape changes) and, when the stage has depth d > 1, `stageS_blocks`:
+blocks 1..d-1, identical in shape, as one `nn.scan`, so compile time does not grow with depth (F1..F7
+compile in about the same time). Every leaf of `stageS_blocks` is stacked on a leading axis of size d - 1, block 1
+first, with the logical name "layers" (as the decoder's scanned layers); each block's beta and
+stochastic-depth keep probability are scanned inputs, the same numbers the unrolled loop used. Then
+`final_conv` and, with classes, `head`.
+
+Logical axis names of the parameters (with "layers" first in `stageS_blocks`):
 
 * conv kernels [kh, kw, in/groups, out]: ("conv_h", "conv_w", "conv_in", "conv_out");
 * conv bias and WS gain [out]: ("conv_out",);
 * squeeze-excite: fc1 kernel ("conv_out", "se_hidden"), bias ("se_hidden",);
   fc2 kernel ("se_hidden", "conv_out"), bias ("conv_out",);
 * classifier: kernel ("conv_out", "classes"), bias ("classes",);
-* `skipinit_gain`: a scalar, ().
+* `skipinit_gain`: a scalar, () (("layers",) when stacked).
 
 Activations [B, h, w, C] are constrained to ("batch", "height", "width", "conv_out").
-None of these names except "batch" is in `sharding.DEFAULT_RULES`, so
-parameters are replicated unless a config adds rules for them.
+None of these names except "batch" is in `sharding.DEFAULT_RULES` ("layers" maps to no mesh axis there),
+so parameters are replicated unless a config adds rules for them.
 """
 
 from __future__ import annotations
@@ -208,30 +216,31 @@ class SqueezeExcite(nn.Module):
 def _avg_pool_same(x: jax.Array) -> jax.Array:
     """2x2 / stride-2 average pool with 'SAME' padding, averaging only the real (unpadded) inputs."""
     window, strides = (1, 2, 2, 1), (1, 2, 2, 1)
-    summed = jax.lax.reduce_window(x, jnp.zeros((), x.dtype), jax.lax.add, window, strides, "SAME")
+    # A NumPy zero as the initial value makes it lax's (differentiable) window sum; a jnp one is a tracer
+    # under jit, which leaves a generic reduce_window that reverse-mode autodiff cannot go through.
+    summed = jax.lax.reduce_window(x, np.zeros((), x.dtype), jax.lax.add, window, strides, "SAME")
     ones = jnp.ones((1,) + x.shape[1:3] + (1,), x.dtype)
-    counts = jax.lax.reduce_window(ones, jnp.zeros((), x.dtype), jax.lax.add, window, strides, "SAME")
+    counts = jax.lax.reduce_window(ones, np.zeros((), x.dtype), jax.lax.add, window, strides, "SAME")
     return summed / counts
 
 
-class NFBlock(nn.Module):
-    """One NF bottleneck block (see the module docstring)."""
+class _NFBlockBase(nn.Module):
+    """The fields and the computation shared by `NFBlock` (one block) and `NFBlockStep` (a scanned stack's body)."""
 
     out_ch: int
     stride: int
-    beta: float
     alpha: float = ALPHA
     group_size: int = GROUP_SIZE
     bottleneck_ratio: float = BOTTLENECK_RATIO
     se_ratio: float = SE_RATIO
-    stochastic_depth_rate: float = 0.0
     activation: str = "gelu"
     ws_eps: float = 1e-5
     ws_style: str = "timm"
     dtype: Any = "float32"
 
-    @nn.compact
-    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+    def block(self, x: jax.Array, beta: jax.Array, keep: Any) -> jax.Array:
+        """The block (called from a compact `__call__`) with `beta` [] in x.dtype and `keep`, the float32
+        stochastic-depth keep probability (None: no stochastic depth)."""
         act = scaled_activation(self.activation)
         conv = dict(eps=self.ws_eps, ws_style=self.ws_style, dtype=self.dtype)
         in_ch = x.shape[-1]
@@ -242,7 +251,7 @@ class NFBlock(nn.Module):
             )
         mid = groups * self.group_size
 
-        out = act(x) * jnp.asarray(self.beta, x.dtype)
+        out = act(x) * beta
         if in_ch != self.out_ch or self.stride != 1:
             shortcut = _avg_pool_same(out) if self.stride > 1 else out
             shortcut = WSConv2D(self.out_ch, 1, name="downsample", **conv)(shortcut)
@@ -254,15 +263,53 @@ class NFBlock(nn.Module):
         out = WSConv2D(self.out_ch, 1, name="conv3", **conv)(act(out))
         gate = SqueezeExcite(int(self.out_ch * self.se_ratio), dtype=self.dtype, name="se")(out)
         out = 2.0 * gate.astype(out.dtype) * out
-        if not deterministic and self.stochastic_depth_rate > 0.0:
+        if keep is not None:
             if not self.has_rng("dropout"):
                 raise ValueError("NFNet with deterministic=False needs a 'dropout' rng (rngs={'dropout': key}).")
-            keep = 1.0 - self.stochastic_depth_rate
             u = jax.random.uniform(self.make_rng("dropout"), (out.shape[0], 1, 1, 1), jnp.float32)
             out = out * jnp.floor(keep + u).astype(out.dtype)
         skipinit_gain = self.param("skipinit_gain", nn.with_logical_partitioning(nn.initializers.zeros, ()), ())
         out = out * skipinit_gain.astype(out.dtype)
         return out * jnp.asarray(self.alpha, out.dtype) + shortcut
+
+
+class NFBlock(_NFBlockBase):
+    """One NF bottleneck block (see the module docstring) with its own `beta` and stochastic depth rate."""
+
+    beta: float = 1.0
+    stochastic_depth_rate: float = 0.0
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+        rate = self.stochastic_depth_rate
+        keep = 1.0 - rate if not deterministic and rate > 0.0 else None
+        return self.block(x, jnp.asarray(self.beta, x.dtype), keep)
+
+
+class NFBlockStep(_NFBlockBase):
+    """The body of `nn.scan` over a stage's identical blocks (stride 1, in = out channels): carry x; scanned
+    `(beta, keep)`, each block's beta [] in x.dtype and float32 stochastic-depth keep probability [] (used
+    only when `stochastic_depth`, i.e. not deterministic and a non-zero rate). Returns `(x, None)`."""
+
+    stochastic_depth: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, consts: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, None]:
+        beta, keep = consts
+        x = self.block(x, beta, keep if self.stochastic_depth else None)
+        return sharding.constrain(x, ACT_AXES), None
+
+
+def _scan_blocks(length: int):
+    """`NFBlockStep` scanned `length` times; parameters stacked on a leading 'layers' axis."""
+    return nn.scan(
+        NFBlockStep,
+        variable_axes={"params": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=0,
+        length=length,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )
 
 
 class NFNet(nn.Module):
@@ -331,30 +378,46 @@ class NFNet(nn.Module):
         x = sharding.constrain(x, ACT_AXES)
 
         num_blocks = sum(cfg["depths"])
+        block_args = dict(
+            alpha=self.alpha,
+            group_size=self.group_size,
+            bottleneck_ratio=self.bottleneck_ratio,
+            se_ratio=self.se_ratio,
+            activation=self.activation,
+            ws_eps=self.ws_eps,
+            ws_style=self.ws_style,
+            dtype=self.dtype,
+        )
         index = 0
         expected_std = 1.0
         for stage, (depth, width, stride) in enumerate(zip(cfg["depths"], cfg["widths"], STAGE_STRIDES)):
+            betas, keeps = [], []  # of blocks 1..depth-1, from Python floats as NFBlock converts its fields
             for b in range(depth):
-                x = NFBlock(
-                    out_ch=width,
-                    stride=stride if b == 0 else 1,
-                    beta=1.0 / expected_std,
-                    alpha=self.alpha,
-                    group_size=self.group_size,
-                    bottleneck_ratio=self.bottleneck_ratio,
-                    se_ratio=self.se_ratio,
-                    stochastic_depth_rate=self.stochastic_depth_rate * index / num_blocks,
-                    activation=self.activation,
-                    ws_eps=self.ws_eps,
-                    ws_style=self.ws_style,
-                    dtype=self.dtype,
-                    name=f"stage{stage}_block{b}",
-                )(x, deterministic)
-                x = sharding.constrain(x, ACT_AXES)
+                rate = self.stochastic_depth_rate * index / num_blocks
+                if b == 0:  # the transition block: stride, maybe a shortcut conv
+                    x = NFBlock(
+                        out_ch=width,
+                        stride=stride,
+                        beta=1.0 / expected_std,
+                        stochastic_depth_rate=rate,
+                        name=f"stage{stage}_block0",
+                        **block_args,
+                    )(x, deterministic)
+                    x = sharding.constrain(x, ACT_AXES)
+                    expected_std = 1.0  # the expected variance resets after a stage's first block
+                else:
+                    betas.append(jnp.asarray(1.0 / expected_std, dtype))
+                    keeps.append(jnp.asarray(1.0 - rate, jnp.float32))
                 index += 1
-                if b == 0:  # the expected variance resets after a stage's first block (transition)
-                    expected_std = 1.0
                 expected_std = (expected_std**2 + self.alpha**2) ** 0.5
+            if betas:  # blocks 1..depth-1 are identical in shape: one scan, compiled once whatever the depth
+                x, _ = _scan_blocks(len(betas))(
+                    out_ch=width,
+                    stride=1,
+                    stochastic_depth=not deterministic and self.stochastic_depth_rate > 0.0,
+                    name=f"stage{stage}_blocks",
+                    **block_args,
+                )(x, (jnp.stack(betas), jnp.stack(keeps)))
 
         features = act(WSConv2D(cfg["final_width"], 1, name="final_conv", **conv)(x))
         features = sharding.constrain(features, ACT_AXES)

@@ -70,6 +70,17 @@ def _dense_from_conv1x1(sd: dict[str, np.ndarray], prefix: str) -> dict[str, np.
     return {"kernel": np.ascontiguousarray(w.reshape(w.shape[0], w.shape[1]).T), "bias": sd.pop(f"{prefix}.bias")}
 
 
+def _stack(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """Same-structure param trees -> one tree of arrays stacked on a new leading axis."""
+    first = entries[0]
+    if any(set(e) != set(first) for e in entries):
+        raise ValueError("their parameters differ")
+    return {
+        k: _stack([e[k] for e in entries]) if isinstance(first[k], dict) else np.stack([e[k] for e in entries])
+        for k in first
+    }
+
+
 def _read(path: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     config_path = os.path.join(path, "config.json")
     weights_path = os.path.join(path, "model.safetensors")
@@ -82,8 +93,9 @@ def _read(path: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
 def load_timm_nfnet(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """Reads a timm `dm_nfnet_f0`..`dm_nfnet_f6` directory; returns `(nfnet_kwargs, params)` for `NFNet`.
 
-    `params` is a nested dict of float32 numpy arrays (`{"stem_conv1": {"kernel": ...}, ...}`),
-    to be used as `NFNet(**nfnet_kwargs).apply({"params": params}, images)`.
+    `params` is a nested dict of float32 numpy arrays (`{"stem_conv1": {"kernel": ...}, ...}`; timm's
+    `stages.S.0` becomes `stageS_block0`, `stages.S.1..` are stacked into `stageS_blocks`, NFNet's scanned layout), to be used as
+    `NFNet(**nfnet_kwargs).apply({"params": params}, images)`.
     """
     config, sd = _read(path)
     arch = str(config.get("architecture", ""))
@@ -125,7 +137,10 @@ def _convert(sd: dict[str, np.ndarray], kwargs: dict[str, Any]) -> dict[str, Any
         {tuple(int(n) for n in k.split(".")[1:3]) for k in sd if k.startswith("stages.")},
     )
     depths = [0, 0, 0, 0]
+    stacked: dict[int, list[dict[str, Any]]] = {0: [], 1: [], 2: [], 3: []}
     for stage, block in blocks:
+        if stage > 3 or block != depths[stage]:
+            raise UserError(f"timm block stages.{stage}.{block} is unexpected: stages 0-3 of blocks 0, 1, ...")
         p = f"stages.{stage}.{block}"
         entry = {name: _conv(sd, f"{p}.{name}") for name in ("conv1", "conv2", "conv2b", "conv3")}
         if f"{p}.downsample.conv.weight" in sd:
@@ -136,8 +151,17 @@ def _convert(sd: dict[str, np.ndarray], kwargs: dict[str, Any]) -> dict[str, Any
         }
         # skipinit=False models have no gain: the residual branch is then scaled by 1.
         entry["skipinit_gain"] = np.asarray(sd.pop(f"{p}.skipinit_gain", np.float32(1.0)), np.float32).reshape(())
-        params[f"stage{stage}_block{block}"] = entry
+        if block == 0:  # a stage's transition block stands alone
+            params[f"stage{stage}_block0"] = entry
+        else:  # the others are NFNet's scanned stack: stacked on a leading layers axis
+            stacked[stage].append(entry)
         depths[stage] = max(depths[stage], block + 1)
+    for stage, entries in stacked.items():
+        if entries:
+            try:
+                params[f"stage{stage}_blocks"] = _stack(entries)
+            except ValueError as e:
+                raise UserError(f"timm stage {stage}'s blocks 1..{len(entries)} differ in shape: {e}") from e
     kwargs["depths"] = tuple(depths)
     params["final_conv"] = _conv(sd, "final_conv")
     if "head.fc.weight" in sd:
