@@ -141,16 +141,17 @@ FROZEN = (
 
 
 def vlm_jax_config(hf_dir: str, overrides: list[str]):
-    """A training config of the converted model: the converter's `model`, the same frozen parts, AdamW."""
+    """A training config of the converted model: the converter's `model`, the same frozen parts, AdamW; then the
+    `--config.key=value` overrides."""
     import ml_collections
 
-    from vlm_jax.cli import _parse_config_flags
+    from vlm_jax.cli import _override_flags
+    from vlm_jax.config_lib import training_config
     from vlm_jax.interop.convert import to_system_config
 
     converted, params = to_system_config(hf_dir)
-    c = ml_collections.ConfigDict()
-    c.seed, c.total_steps, c.batch_size, c.grad_accum_steps, c.mesh = 0, 1000, BATCH, 1, "data=-1"
-    c.log_every = c.checkpoint_every = c.eval_every = 0
+    c = training_config(total_steps=1000, batch_size=BATCH, mesh="data=-1")
+    c.log_every = c.checkpoint_every = 0
     c.model = converted.model
     c.data = ml_collections.ConfigDict(dict(seq_len=LENGTH, max_images=IMAGES))
     c.optim = ml_collections.ConfigDict(
@@ -170,13 +171,7 @@ def vlm_jax_config(hf_dir: str, overrides: list[str]):
             freeze=FROZEN,
         )
     )
-    if overrides:
-        with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
-            f.write(
-                f"import ml_collections\ndef get_config():\n    return ml_collections.ConfigDict({c.to_dict()!r})\n"
-            )
-        c = _parse_config_flags(["--config", f.name, *overrides], {}).config
-    return c, params
+    return _override_flags(c, overrides, {}).config, params
 
 
 def jax_batch(arrays) -> dict[str, np.ndarray]:

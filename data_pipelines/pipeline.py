@@ -424,25 +424,27 @@ class GrainPipeline(BatchIteratorBase):
         self.sources = [c["source"] for c in components]
         streams, count = local_streams(config, process_index, process_count)
         rows_per_stream = config.batch_size // count
+        preprocessors = [
+            Preprocessor(config, self.tokenizer, c["source"].format, training, c["template"], c["template_options"])
+            for c in components
+        ]
+        preprocessor = preprocessors[0]  # with_prefix_mask / with_feature_index: the same for every component
+        read = grain.ReadOptions(
+            num_threads=int(data.get("read_threads", 2)), prefetch_buffer_size=int(data.get("read_buffer", 64))
+        )
         batches = []
         for stream in streams:
             datasets = []
-            for k, c in enumerate(components):  # component k draws its shuffle and random ops from seed + k
+            for k, (c, prep) in enumerate(zip(components, preprocessors)):  # component k: seed + k
                 seed = int(config.seed) + k
-                preprocessor = Preprocessor(
-                    config, self.tokenizer, c["source"].format, training, c["template"], c["template_options"]
-                )
                 ds = records_dataset(config, c["source"], stream, count, repeat=repeat, seed=seed)
-                datasets.append(ds.random_map(preprocessor, seed=seed))
+                datasets.append(ds.random_map(prep, seed=seed))
             if not mixed:
                 ds = datasets[0]
             elif repeat:
                 ds = grain.MapDataset.mix(datasets, [c["weight"] for c in components])
             else:
                 ds = grain.MapDataset.concatenate(datasets)
-            read = grain.ReadOptions(
-                num_threads=int(data.get("read_threads", 2)), prefetch_buffer_size=int(data.get("read_buffer", 64))
-            )
             examples = CountSkips(ds.to_iter_dataset(read))
             rows = pack(
                 examples,

@@ -6,11 +6,11 @@ the same step with a checkpoint, and the resumed run ends bit-identical to an un
 move between process counts.
 """
 
+import importlib.util
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 
@@ -20,6 +20,10 @@ import pytest
 
 from conftest import REPO
 from vlm_jax.config_lib import load_config
+
+_spec = importlib.util.spec_from_file_location("local_launcher", os.path.join(REPO, "launch", "local.py"))
+launcher = importlib.util.module_from_spec(_spec)  # launch/local.py: free_port, environment
+_spec.loader.exec_module(launcher)
 
 STEPS = 4
 OVERRIDES = {
@@ -170,21 +174,16 @@ def test_a_one_process_checkpoint_resumes_in_two_processes(runs, tmp_path):
 def test_forward_in_two_processes_reads_shards_and_matches_one_process(runs, tmp_path):
     """`vlm-jax forward` joins the run like `train`: 2 processes read the 2-process checkpoint onto an
     fsdp x tensor mesh spanning both, and process 0 writes the logits of 1 process on its data-parallel mesh."""
-    import importlib.util
-
     from vlm_jax.train.checkpoint import load_params
 
     _, root = runs
-    spec_ = importlib.util.spec_from_file_location("local_launcher", os.path.join(REPO, "launch", "local.py"))
-    local = importlib.util.module_from_spec(spec_)
-    spec_.loader.exec_module(local)
     rng = np.random.default_rng(0)
     inputs = {
         "input_ids": rng.integers(5, 300, (2, 12)).astype(np.int32),
         "pixel_values": rng.random((2, 1, 3, 32, 32), np.float32),
     }
     np.savez(tmp_path / "in.npz", **inputs)
-    port = local.free_port()
+    port = launcher.free_port()
     argv = [sys.executable, "-m", "vlm_jax.cli", "forward", "--checkpoint", str(root / "two")]
     argv += ["--inputs", str(tmp_path / "in.npz"), "--out", str(tmp_path / "out.npz"), "--mesh", "fsdp=4,tensor=2"]
     argv += ["--coordinator_address", f"localhost:{port}", "--num_processes", "2"]
@@ -192,7 +191,7 @@ def test_forward_in_two_processes_reads_shards_and_matches_one_process(runs, tmp
         subprocess.Popen(
             argv + ["--process_id", str(i)],
             cwd=REPO,
-            env=local.environment(4),
+            env=launcher.environment(4),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -236,15 +235,12 @@ def test_prerequisites_of_a_multi_process_run_are_built_once_and_trained_togethe
     all processes together in one folder that appears under its final name only when complete."""
     script = tmp_path / "prerequisites.py"
     script.write_text(PREREQUISITES_SCRIPT)
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    port = launcher.free_port()
     processes = [
         subprocess.Popen(
             [sys.executable, str(script), f"localhost:{port}", str(i), str(tmp_path)],
             cwd=REPO,
-            env=env,
+            env=launcher.environment(1),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

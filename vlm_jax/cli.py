@@ -45,9 +45,6 @@ commands:
 
 def _parse_config_flags(argv: list[str], extra: dict[str, str]):
     """Loads `--config path[:arg]`, then parses `--config.x=y` overrides and string flags with absl."""
-    from absl import flags
-    from ml_collections import config_flags
-
     from vlm_jax.config_lib import load_config
     from vlm_jax.errors import ConfigError
 
@@ -62,7 +59,17 @@ def _parse_config_flags(argv: list[str], extra: dict[str, str]):
             rest.append(a)
     if not spec:
         raise ConfigError("--config is required, e.g. --config configs/lm.py:variant=tiny")
-    config = load_config(spec)
+    return _override_flags(load_config(spec), rest, extra)
+
+
+def _override_flags(config, rest: list[str], extra: dict[str, str]):
+    """absl flag values of `rest`: `--config.key=value` overrides applied to `config` (as `.config`), and the
+    string flags named in `extra`."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    from vlm_jax.errors import ConfigError
+
     fv = flags.FlagValues()
     rest = ["vlm-jax"] + rest
     for name, help_text in extra.items():
