@@ -77,3 +77,19 @@ def test_kv_heads_must_divide_query_heads():
     kv = jnp.zeros((1, 2, 2, 4))
     with pytest.raises(UserError, match="3 query heads, which 2 key/value heads do not divide"):
         attend(q, kv, kv)
+
+
+@pytest.mark.parametrize("cap", [0.0, 2.0], ids=["plain", "softcap"])
+@pytest.mark.parametrize("window", [0, 3], ids=["causal", "causal_window3"])
+def test_causal_and_window_flags_equal_the_same_rule_as_a_mask(cap, window):
+    # `causal` / `window` (dot_product_attention's is_causal / local_window_size, or the einsum's own rule)
+    # against the reference given the rule j <= i (and i - j < window) as part of an explicit mask.
+    q, k, v, mask, bias = inputs()
+    i, j = np.arange(T)[:, None], np.arange(S)[None, :]
+    rule = (j <= i) & ((i - j < window) if window else True)
+    f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
+    got = attend(f32(q), f32(k), f32(v), jnp.asarray(mask), f32(bias), cap, causal=True, window=window)
+    want = reference(q, k, v, mask & rule, bias, cap)
+    np.testing.assert_allclose(np.asarray(got), want, atol=2e-6, rtol=2e-6)
+    if window:  # the window matters here: without it query 4 also sees keys 0 and 1
+        assert not np.allclose(want, reference(q, k, v, mask & (j <= i), bias, cap), atol=1e-3)

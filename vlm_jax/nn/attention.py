@@ -26,8 +26,6 @@ def causal_segment_mask(
     *,
     prefix_mask: jax.Array | None = None,
     kv_prefix_mask: jax.Array | None = None,
-    positions: jax.Array | None = None,
-    kv_positions: jax.Array | None = None,
     sliding_window: int = 0,
 ) -> jax.Array:
     """[B, 1, T, S] boolean mask: query i sees key j iff both share a segment and j <= i + offset.
@@ -39,52 +37,71 @@ def causal_segment_mask(
     `prefix_mask` [B, T] (and `kv_prefix_mask` [B, S] for the keys) marks a
     bidirectional prefix (prefix-LM: PaLI, PaliGemma): two prefix tokens of
     one segment see each other whatever their order. `sliding_window` = w > 0
-    (Mistral) also requires positions_i - positions_j < w, with `positions`
-    [B, T] and `kv_positions` [B, S] the positions within each segment.
+    (Mistral) also requires (i + offset) - j < w: the window counts slots,
+    which within a segment are its positions shifted by a constant.
     """
     kv_segment_ids = segment_ids if kv_segment_ids is None else kv_segment_ids
-    q_slots = jnp.arange(segment_ids.shape[-1]) + offset
-    causal = jnp.arange(kv_segment_ids.shape[-1])[None, :] <= q_slots[:, None]
+    q_slots = (jnp.arange(segment_ids.shape[-1]) + offset)[:, None]
+    kv_slots = jnp.arange(kv_segment_ids.shape[-1])[None, :]
+    causal = kv_slots <= q_slots
     if prefix_mask is not None:
         kv_prefix_mask = prefix_mask if kv_prefix_mask is None else kv_prefix_mask
         causal = causal | (prefix_mask[:, :, None] & kv_prefix_mask[:, None, :])
-    same = segment_ids[:, :, None] == kv_segment_ids[:, None, :]
-    mask = same & causal
     if sliding_window:
-        kv_positions = positions if kv_positions is None else kv_positions
-        mask = mask & (positions[:, :, None] - kv_positions[:, None, :] < sliding_window)
-    return mask[:, None, :, :]
+        causal = causal & (q_slots - kv_slots < sliding_window)
+    same = segment_ids[:, :, None] == kv_segment_ids[:, None, :]
+    return (same & causal)[:, None, :, :]
 
 
-def attend(q, k, v, mask=None, bias=None, logit_softcap: float = 0.0) -> jax.Array:
+def segment_mask(segment_ids: jax.Array) -> jax.Array:
+    """[B, 1, T, T] boolean: query i may see key j iff both lie in one packed segment (no causality: `attend`'s
+    `causal` adds it without a materialised [T, T] causal mask)."""
+    return (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None, :, :]
+
+
+def attend(q, k, v, mask=None, bias=None, logit_softcap: float = 0.0, *, causal: bool = False, window: int = 0):
     """Softmax attention of q [B, T, H, D] over k, v [B, S, K, D] (K divides H; head h reads KV head h // (H / K)).
 
     The one attention function of every module (decoder, encoders, connectors,
     gated cross-attention). `mask` [B or 1, 1 or H, T, S] bool (True = may
     attend); `bias` [B or 1, H, T, S] is added to the logits scaled by
-    D^-1/2. Logits and the softmax are float32 whatever the input dtype; the
-    weights are cast to v's dtype. A fully masked row gets the uniform average
-    of the values (callers that need zero there mask the output).
+    D^-1/2. `causal` lets query i see only keys j <= i, and `window` = w > 0
+    only keys with i - j < w (query and key slots both counted from 0: a
+    training or prompt pass, not a step against a KV cache); both combine
+    with `mask`. Logits and the softmax are float32 whatever the input dtype;
+    the weights are cast to v's dtype. A fully masked row gets the uniform
+    average of the values (callers that need zero there mask the output).
 
     Without a soft-cap this is `jax.nn.dot_product_attention` with its default
-    implementation (XLA in jax 0.10; it computes the logits with float32
-    accumulation and the softmax in float32). `logit_softcap` = c > 0 (Gemma 2)
-    maps the logits (bias included) to c * tanh(logits / c) before masking,
-    which `dot_product_attention` cannot do, so that case is an explicit
-    einsum with the same float32 semantics.
+    implementation (XLA in jax 0.10, which computes the logits with float32
+    accumulation and the softmax in float32); `causal` and `window` go to its
+    `is_causal` and `local_window_size`, so a fused implementation (cuDNN on
+    GPU) applies them without a materialised mask. `logit_softcap` = c > 0
+    (Gemma 2) maps the logits (bias included) to c * tanh(logits / c) before
+    masking, which `dot_product_attention` cannot do, so that case is an
+    explicit einsum with the same float32 semantics.
     """
     b, t, h, d = q.shape
     kv_heads = k.shape[2]
     if h % kv_heads:
         raise UserError(f"attention has {h} query heads, which {kv_heads} key/value heads do not divide.")
+    if window < 0:
+        raise UserError(f"attention window={window} must be 0 (off) or a positive number of slots.")
     if not logit_softcap:
-        return jax.nn.dot_product_attention(q, k, v, bias, mask)
+        local = (window - 1, 0) if window else None
+        return jax.nn.dot_product_attention(q, k, v, bias, mask, is_causal=causal, local_window_size=local)
     grouped = q.reshape(b, t, kv_heads, h // kv_heads, d)
     logits = jnp.einsum("btkgd,bskd->bkgts", grouped, k, preferred_element_type=jnp.float32)
     logits = logits.reshape(b, h, t, -1) * d**-0.5
     if bias is not None:
         logits = logits + bias
     logits = logit_softcap * jnp.tanh(logits / logit_softcap)
+    if causal or window:
+        q_slots, kv_slots = jnp.arange(t)[:, None], jnp.arange(k.shape[1])[None, :]
+        allowed = (kv_slots <= q_slots) if causal else jnp.ones((t, k.shape[1]), bool)
+        if window:
+            allowed = allowed & (q_slots - kv_slots < window)
+        mask = allowed if mask is None else mask & allowed
     if mask is not None:
         logits = jnp.where(mask, logits, _MASKED)
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype).reshape(b, kv_heads, h // kv_heads, t, -1)
@@ -151,16 +168,20 @@ class SelfAttention(nn.Module):
             k, v, kv_segment_ids, kv_positions, kv_prefix, offset = self._cache(
                 k, v, segment_ids, positions, prefix_mask
             )
-        mask = causal_segment_mask(
-            segment_ids,
-            kv_segment_ids,
-            offset,
-            prefix_mask=prefix_mask,
-            kv_prefix_mask=kv_prefix,
-            positions=positions,
-            kv_positions=kv_positions,
-            sliding_window=self.sliding_window,
-        )
+        # Without a cache or a prefix the causal rule and the window go to `attend` as flags (fused paths);
+        # otherwise the whole rule is one mask.
+        structured = not self.decode and prefix_mask is None
+        if structured:
+            mask = segment_mask(segment_ids)
+        else:
+            mask = causal_segment_mask(
+                segment_ids,
+                kv_segment_ids,
+                offset,
+                prefix_mask=prefix_mask,
+                kv_prefix_mask=kv_prefix,
+                sliding_window=self.sliding_window,
+            )
 
         bias = None
         if self.position_embedding == "alibi":
@@ -168,7 +189,8 @@ class SelfAttention(nn.Module):
         elif self.position_embedding == "relative":
             bias = self._relative_logits(q, positions, kv_positions, embed_dim)
             q = q + self._head_bias("content_bias")  # u
-        out = attend(q, k, v, mask, bias, self.logit_softcap)
+        flags = dict(causal=True, window=self.sliding_window) if structured else {}
+        out = attend(q, k, v, mask, bias, self.logit_softcap, **flags)
         out = sharding.constrain(out, ("batch", "length", "heads", "head_dim"))
         return DenseGeneral(
             embed_dim, ("heads", "head_dim", "embed"), in_dims=2, dtype=self.dtype, use_bias=self.out_bias, name="out"
