@@ -102,8 +102,11 @@ def count(model) -> tuple[int, int]:
     return total, trained
 
 
-def torch_side(model, arrays):
-    """(train step, forward) closures of the torch reference."""
+def torch_side(model, arrays, autocast: bool = False):
+    """(train step, forward) closures of the torch reference; `autocast`: its matmuls in bfloat16 under
+    `torch.autocast` (float32 weights and optimizer, like vlm_jax's bfloat16 `dtype`)."""
+    import contextlib
+
     import torch
 
     inputs = {k: torch.from_numpy(v) for k, v in arrays.items()}
@@ -113,8 +116,11 @@ def torch_side(model, arrays):
 
     def loss():  # next-token cross-entropy over the whole vocabulary (transformers' own IDEFICS loss views the
         # logits as `vocab_size` wide, without the added tokens, and fails)
-        logits = model(**inputs, use_cache=False).logits
-        return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(targets.shape[0], -1), targets)
+        context = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+        with context:
+            logits = model(**inputs, use_cache=False).logits
+        logits = logits.float()[:, :-1].reshape(targets.shape[0], -1)
+        return torch.nn.functional.cross_entropy(logits, targets)
 
     def step():
         optimizer.zero_grad(set_to_none=True)
@@ -141,18 +147,24 @@ FROZEN = (
 
 
 def vlm_jax_config(hf_dir: str, overrides: list[str]):
-    """A training config of the converted model: the converter's `model`, the same frozen parts, AdamW; then the
-    `--config.key=value` overrides."""
+    """A training config of the converted model: the converter's `model` (its vision encoder, resampler and LM with
+    every setting of their modules, so `--config.model.lm.remat=full` or `--config.model.resampler.dtype=bfloat16`
+    works), the same frozen parts, AdamW; then the `--config.key=value` overrides."""
     import ml_collections
 
     from vlm_jax.cli import _override_flags
-    from vlm_jax.config_lib import training_config
+    from vlm_jax.config_lib import module_defaults, training_config
+    from vlm_jax.connectors.perceiver import PerceiverResampler
+    from vlm_jax.encoders.vit import ViT
     from vlm_jax.interop.convert import to_system_config
+    from vlm_jax.lm.decoder import DecoderLM
 
     converted, params = to_system_config(hf_dir)
     c = training_config(total_steps=1000, batch_size=BATCH, mesh="data=-1")
     c.log_every = c.checkpoint_every = 0
     c.model = converted.model
+    for key, module in (("encoder_kwargs", ViT), ("resampler", PerceiverResampler), ("lm", DecoderLM)):
+        c.model[key] = ml_collections.ConfigDict({**module_defaults(module), **converted.model[key].to_dict()})
     c.data = ml_collections.ConfigDict(dict(seq_len=LENGTH, max_images=IMAGES))
     c.optim = ml_collections.ConfigDict(
         dict(
@@ -236,6 +248,7 @@ def main(argv: list[str]) -> dict:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--xla_dump", default="")
+    parser.add_argument("--torch_autocast", action="store_true", help="torch's matmuls in bfloat16 (torch.autocast)")
     args, overrides = parser.parse_known_args(argv)
     if args.xla_dump:
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={args.xla_dump}".strip()
@@ -248,7 +261,7 @@ def main(argv: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as hf_dir:
         model.save_pretrained(hf_dir, safe_serialization=True)
         config, params = vlm_jax_config(hf_dir, overrides)
-    torch_step, torch_forward = torch_side(model, arrays)
+    torch_step, torch_forward = torch_side(model, arrays, args.torch_autocast)
     jax_step, jax_forward, compile_s, jax_trained = jax_side(config, params, arrays)
     if jax_trained != torch_trained:
         raise SystemExit(f"the two sides train different parameters: torch {torch_trained:,}, vlm_jax {jax_trained:,}.")
@@ -264,6 +277,7 @@ def main(argv: list[str]) -> dict:
         "trained_params": torch_trained,
         "batch": f"{BATCH}x{LENGTH} tokens, {IMAGES} images of {IMAGE_SIZE}px per row",
         "torch_threads": args.threads,
+        "torch_autocast_bf16": args.torch_autocast,
         "torch_version": torch.__version__,
         "jax_compile_s": round(compile_s, 2),
         **{f"{k}_s": round(v, 4) for k, v in best.items()},

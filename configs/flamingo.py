@@ -36,7 +36,7 @@ import os
 from ml_collections import FieldReference
 
 from vlm_jax import sharding
-from vlm_jax.config_lib import ConfigDict, ConfigError, load_config, module_defaults, parse_arg
+from vlm_jax.config_lib import ConfigDict, ConfigError, compute_dtype, load_config, module_defaults, parse_arg
 from vlm_jax.connectors.perceiver import PerceiverResampler
 from vlm_jax.encoders.nfnet import NFNet
 from vlm_jax.encoders.vit import ViT
@@ -115,7 +115,7 @@ def get_config(arg=None):
     # third, so `--config.data.seq_len=256` (or any of the names) changes every place.
     # Every setting of the vision encoder, the resampler, the LM and its cross-attention blocks is a key, at the
     # module's default unless set here (`module_defaults`).
-    xattn_defaults = module_defaults(GatedCrossAttention, exclude=("dtype",))  # the LM's dtype
+    xattn_defaults = module_defaults(GatedCrossAttention, exclude=("dtype", "decode"))  # the LM's dtype and mode
     lm_defaults = dict(module_defaults(DecoderLM), head_dim=0)  # 0 = embed_dim // num_heads
     if arg.variant == "tiny":
         image_size, seq_len, max_images = FieldReference(32), FieldReference(64), FieldReference(4)
@@ -144,6 +144,7 @@ def get_config(arg=None):
             mlp_dim=4 * width, mlp="plain", mlp_act="gelu", position_embedding="relative", tie_embeddings=True,
             cross_attn_every=every, cross_attn=dict(xattn_defaults, num_heads=heads, head_dim=128, ff_act="sqrelu"),
         )  # fmt: skip
+    compute_dtype(encoder_kwargs, resampler, lm, tiny=arg.variant == "tiny")
     c.model = ConfigDict(
         dict(
             name="flamingo",

@@ -32,7 +32,7 @@ read when the config is resolved (vlm_jax/prerequisites.py).
 
 from ml_collections import FieldReference
 
-from vlm_jax.config_lib import ConfigDict, ConfigError, module_defaults, parse_arg, training_config
+from vlm_jax.config_lib import ConfigDict, ConfigError, compute_dtype, module_defaults, parse_arg, training_config
 from vlm_jax.encoders.vit import ViT
 from vlm_jax.lm.decoder import DecoderLM
 
@@ -90,6 +90,7 @@ def get_config(arg=None):
         )  # fmt: skip
     # CLIP's vision tower: pre-LayerNorm, quick GELU, LayerNorm eps 1e-5, a class token.
     vit.update(image_size=image_size, pre_norm=True, norm_eps=1e-5, mlp_act="quick_gelu", pool="cls")
+    compute_dtype(vit, lm, tiny=tiny)
     c.model = ConfigDict(
         dict(
             name="llava",

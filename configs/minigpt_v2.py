@@ -16,7 +16,7 @@ as "[vqa]" to the instruction, which is text).
 
 from ml_collections import FieldReference
 
-from vlm_jax.config_lib import ConfigDict, ConfigError, module_defaults, parse_arg, training_config
+from vlm_jax.config_lib import ConfigDict, ConfigError, compute_dtype, module_defaults, parse_arg, training_config
 from vlm_jax.encoders.vit import ViT
 from vlm_jax.lm.decoder import DecoderLM
 
@@ -52,6 +52,7 @@ def get_config(arg=None):
             norm_eps=1e-5,
         )  # fmt: skip
     vit.update(image_size=image_size, norm_eps=1e-6, mlp_act="gelu", pool="cls")
+    compute_dtype(vit, lm, tiny=tiny)
     c.model = ConfigDict(
         dict(
             name="minigpt_v2",

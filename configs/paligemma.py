@@ -39,7 +39,7 @@ resolved (vlm_jax/prerequisites.py).
 
 from ml_collections import FieldReference
 
-from vlm_jax.config_lib import ConfigDict, ConfigError, module_defaults, parse_arg, training_config
+from vlm_jax.config_lib import ConfigDict, ConfigError, compute_dtype, module_defaults, parse_arg, training_config
 from vlm_jax.encoders.vit import ViT
 from vlm_jax.lm.decoder import DecoderLM
 
@@ -97,6 +97,7 @@ def get_config(arg=None):
     # Gemma: GeGLU (tanh GELU), embeddings scaled by sqrt(width), head tied to the embeddings, RMSNorm eps 1e-6.
     lm.update(mlp_act="gelu_tanh", embed_scale=True, tie_embeddings=True, norm_eps=1e-6, rope_theta=10000.0)
     image_tokens = (image_size // patch) * (image_size // patch)
+    compute_dtype(vit, lm, tiny=tiny)
     c.model = ConfigDict(
         dict(
             name="paligemma",

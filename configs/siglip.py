@@ -21,7 +21,7 @@ from ml_collections import FieldReference
 
 from data_pipelines import shapes
 from vlm_jax import sharding
-from vlm_jax.config_lib import ConfigDict, ConfigError, module_defaults, parse_arg
+from vlm_jax.config_lib import ConfigDict, ConfigError, compute_dtype, module_defaults, parse_arg
 from vlm_jax.encoders.text import TextTransformer
 from vlm_jax.encoders.vit import ViT
 
@@ -62,6 +62,7 @@ def get_config(arg=None):
     # reference each). Every ViT and text-tower setting is a key, at the module's default unless set here.
     vision = dict(module_defaults(ViT), **dict(vision, image_size=FieldReference(vision["image_size"])))
     text = dict(module_defaults(TextTransformer), **dict(text, max_len=FieldReference(text["max_len"])))
+    compute_dtype(vision, text, tiny=arg.variant == "tiny")
     c.zero_shot = ConfigDict(shapes.zero_shot_config())
     c.model = ConfigDict(
         dict(

@@ -146,6 +146,17 @@ FOLLOWERS = [
     ("clip.py", "--config.model.text.max_len=24", ["data.text_len"]),
     ("siglip.py:data=builtin", "--config.model.vision.image_size=96", ["data.image_size"]),
     ("siglip.py:data=builtin", "--config.data.text_len=60", ["model.text.max_len"]),
+    # paper sizes compute in bfloat16; one key sets every part's dtype
+    (
+        "flamingo.py:variant=3B",
+        "--config.model.lm.dtype=float32",
+        ["model.encoder_kwargs.dtype", "model.resampler.dtype"],
+    ),
+    ("flamingo.py", "--config.model.resampler.dtype=bfloat16", ["model.lm.dtype", "model.encoder_kwargs.dtype"]),
+    ("llava.py:variant=7b", "--config.model.lm.dtype=float32", ["model.encoder_kwargs.dtype"]),
+    ("paligemma.py:variant=3b-224", "--config.model.encoder_kwargs.dtype=float32", ["model.lm.dtype"]),
+    ("minigpt_v2.py:variant=7b", "--config.model.lm.dtype=float32", ["model.encoder_kwargs.dtype"]),
+    ("siglip.py:variant=B/16", "--config.model.text.dtype=float32", ["model.vision.dtype"]),
     (
         "paligemma.py:variant=3b-224",
         "--config.model.image_size=448",

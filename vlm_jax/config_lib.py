@@ -104,6 +104,17 @@ def module_defaults(module: type, exclude: Iterable[str] = ()) -> dict[str, Any]
     }
 
 
+def compute_dtype(*parts: dict[str, Any], tiny: bool) -> ml_collections.FieldReference:
+    """One activation dtype shared by the `dtype` key of every model part in `parts` (a FieldReference, so
+    `--config.model.lm.dtype=float32` changes them all): float32 for tiny test models, bfloat16 for paper sizes.
+    Either way parameters, optimizer state, logits, softmaxes and the loss stay float32 and matmuls accumulate
+    in float32 (`vlm_jax/nn/layers.py`, `matmul`)."""
+    dtype = ml_collections.FieldReference("float32" if tiny else "bfloat16")
+    for part in parts:
+        part["dtype"] = dtype
+    return dtype
+
+
 def to_json(config: ConfigDict) -> str:
     """The config as JSON (what checkpoints store beside the state)."""
     return config.to_json_best_effort(sort_keys=True, indent=2)

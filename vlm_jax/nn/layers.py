@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -15,12 +16,59 @@ from vlm_jax.nn.activations import activation
 Dtype = Any
 
 
+def matmul(x: jax.Array, kernel: jax.Array, in_dims: int, dtype: Dtype) -> jax.Array:
+    """x's trailing `in_dims` dims contracted with kernel's leading ones, both cast to `dtype`, the result in `dtype`.
+
+    Products always accumulate in float32. In float32 this is one `dot_general`. In a lower precision
+    (bfloat16) the forward and both backward products are `dot_general`s of `dtype` operands with a float32
+    result cast to `dtype` (`_low_precision_matmul`): what TPUs and GPUs do with a bfloat16 matmul, and on
+    CPUs the form XLA hands to its fast (AMX / AVX512-BF16) kernels, where a bfloat16-result product, or
+    the float32 cotangent autodiff would give the backward products, runs several times slower.
+    """
+    x, kernel = x.astype(dtype), kernel.astype(dtype)
+    if jnp.dtype(dtype) == jnp.float32:
+        return jax.lax.dot_general(x, kernel, _contraction(x.ndim, in_dims))
+    return _low_precision_matmul(x, kernel, in_dims)
+
+
+def _contraction(x_ndim: int, in_dims: int):
+    return (tuple(range(x_ndim - in_dims, x_ndim)), tuple(range(in_dims))), ((), ())
+
+
+def _accumulated(a: jax.Array, b: jax.Array, dims, dtype: Dtype) -> jax.Array:
+    return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32).astype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _low_precision_matmul(x: jax.Array, kernel: jax.Array, in_dims: int) -> jax.Array:
+    return _accumulated(x, kernel, _contraction(x.ndim, in_dims), x.dtype)
+
+
+def _low_precision_forward(x, kernel, in_dims):
+    return _low_precision_matmul(x, kernel, in_dims), (x, kernel)
+
+
+def _low_precision_backward(in_dims, residuals, grad):
+    """dx = grad . kernel over the output dims; dkernel = x . grad over the leading (batch) dims."""
+    x, kernel = residuals
+    grad = grad.astype(x.dtype)
+    batch, out_dims = x.ndim - in_dims, kernel.ndim - in_dims
+    over_outputs = tuple(range(grad.ndim - out_dims, grad.ndim)), tuple(range(in_dims, kernel.ndim))
+    over_batch = tuple(range(batch)), tuple(range(batch))
+    dx = _accumulated(grad, kernel, (over_outputs, ((), ())), x.dtype)
+    dkernel = _accumulated(x, grad, (over_batch, ((), ())), kernel.dtype)
+    return dx, dkernel
+
+
+_low_precision_matmul.defvjp(_low_precision_forward, _low_precision_backward)
+
+
 class DenseGeneral(nn.Module):
     """A linear map over the trailing `in_dims` dims of x, with a named kernel.
 
     The kernel has shape `x.shape[-in_dims:] + features`, and `kernel_axes`
     names each of its dims (inputs first, then outputs). Parameters are float32;
-    the matmul runs in `dtype`.
+    the matmul runs in `dtype` with float32 accumulation (`matmul`).
     """
 
     features: int | Sequence[int]
@@ -44,8 +92,7 @@ class DenseGeneral(nn.Module):
         kernel = self.param(
             "kernel", nn.with_logical_partitioning(init, self.kernel_axes), in_shape + features, jnp.float32
         )
-        contract = (tuple(range(x.ndim - self.in_dims, x.ndim)), tuple(range(self.in_dims)))
-        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contract, ((), ())))
+        y = matmul(x, kernel, self.in_dims, self.dtype)
         if self.use_bias:
             bias = self.param(
                 "bias", nn.with_logical_partitioning(nn.initializers.zeros, self.kernel_axes[self.in_dims :]), features
