@@ -9,15 +9,23 @@ import jax.numpy as jnp
 
 from vlm_jax.errors import UserError
 
+
+def _x_sigmoid(x: jax.Array, slope: float = 1.0) -> jax.Array:
+    """x * sigmoid(slope * x), computed in float32 as x * (1 + tanh(slope * x / 2)) / 2 and cast back: the same
+    function as `jax.nn.silu`, whose logistic derivative XLA's CPU backend runs ~4x slower than tanh's."""
+    y = x.astype(jnp.float32)
+    return (y * (0.5 + 0.5 * jnp.tanh((0.5 * slope) * y))).astype(x.dtype)
+
+
 # "silu": LLaMA's SwiGLU; "gelu": exact GELU (ViT, MPT, GPT-NeoX, open_flamingo); "gelu_tanh": tanh-approximated
 # GELU (Gemma's GeGLU, GPT-2, SigLIP); "quick_gelu": CLIP's x * sigmoid(1.702 x); "relu" (IDEFICS's resampler);
 # "sqrelu": squared ReLU (the Flamingo paper's feed-forward blocks); the rest are the NFNet nonlinearities
 # (Haiku's `base.nonlinearities`, timm's `_nonlin_gamma`), which `vlm_jax/encoders/nfnet.py` scales by its gammas.
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "silu": jax.nn.silu,
+    "silu": _x_sigmoid,
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
     "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "quick_gelu": lambda x: _x_sigmoid(x, 1.702),
     "relu": jax.nn.relu,
     "sqrelu": lambda x: jnp.square(jax.nn.relu(x)),
     "identity": lambda x: x,
