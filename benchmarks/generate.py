@@ -2,13 +2,14 @@
 
     python benchmarks/generate.py --config configs/flamingo.py:variant=tiny [--batch 8 --prompt_len 32
         --new_tokens 64 --images 2] [--config.x=y ...]
+    python benchmarks/generate.py --config configs/lm.py:variant=50m      (a ~50M-parameter LM)
 
 Method. Prompts of `prompt_len` random tokens (each with `images` `<image>`
 tokens and random images for a system with media) go through
 `vlm_jax.generate.generate` greedily, never stopping early. The first call
 compiles (reported as compile_s, including that call's run); the next
 `--repeats` calls are timed to the end. tokens/s counts new tokens of the
-whole batch. The last line is JSON.
+whole batch; `params` counts the system's parameters. The last line is JSON.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ def main(argv: list[str]) -> dict:
     assert out.shape == (args.batch, args.new_tokens) and (out >= 0).all()
     result = {
         "config": config.model.name,
+        "params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)),
         "batch": args.batch,
         "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens,

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import open_flamingo_helpers
+from vlm_jax.errors import UserError
 from vlm_jax.interop.open_flamingo import gated_xattn_params
 from vlm_jax.lm.gated_xattn import GatedCrossAttention, media_mask
 
@@ -118,3 +119,24 @@ def test_text_before_media_gets_exactly_zero_cross_attention_with_open_gates():
     out = np.asarray(module.apply(params, x, media, mask))
     np.testing.assert_array_equal(out[0, :2], np.asarray(x)[0, :2])  # bit for bit: no media, nothing added
     assert np.abs(out[0, 2:] - np.asarray(x)[0, 2:]).min() > 1e-4  # tokens after the image do attend
+
+
+def test_decode_projects_media_once_and_steps_read_the_cached_keys_and_values():
+    module = GatedCrossAttention(num_heads=2, head_dim=4, qk_norm=True, gate_init=1.0)
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(1, 5, 8)), jnp.float32)
+    media = jnp.asarray(rng.normal(size=(1, 1, 2, 6)), jnp.float32)
+    mask = media_mask(jnp.array([[1, IMG, 2, 3, 4]]) == IMG, jnp.ones((1, 5), jnp.int32), jnp.ones((1, 1), jnp.int32))
+    params = module.init(jax.random.key(0), x, media, mask)["params"]
+    full = np.asarray(module.apply({"params": params}, x, media, mask))
+    decoder = module.clone(decode=True)
+    _, cache = decoder.apply({"params": params}, x[:, :3], media, mask[:, :3], mutable=["cache"])  # the prompt
+    assert cache["cache"]["media_key"].shape == cache["cache"]["media_value"].shape == (1, 2, 2, 4)
+    for t in (3, 4):  # one-token steps: no media, the prompt's keys and values
+        out, _ = decoder.apply(
+            {"params": params, **cache}, x[:, t : t + 1], None, mask[:, t : t + 1], mutable=["cache"]
+        )
+        np.testing.assert_allclose(np.asarray(out), full[:, t : t + 1], atol=1e-6)
+    for without_cache in (decoder, module):
+        with pytest.raises(UserError, match="cross-attention without media needs decode=True"):
+            without_cache.apply({"params": params}, x[:, 3:4], None, mask[:, 3:4], mutable=["cache"])

@@ -2,6 +2,7 @@
 
 import json
 import os
+from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -12,6 +13,8 @@ import pytest
 from conftest import REPO
 from vlm_jax import cli, generate, models
 from vlm_jax.config_lib import load_config
+from vlm_jax.errors import UserError
+from vlm_jax.models.base import Decoding
 
 
 def full_forward_greedy(system, params, prompt, steps, images=None):
@@ -100,6 +103,88 @@ def test_stop_tokens_end_a_row_and_the_others_go_on(flamingo):
     assert (stopped[0, first + 1 :] == generate.PAD).all()
     if stop not in free[1].tolist():
         assert stopped[1].tolist() == free[1].tolist()
+
+
+class CountingDecoder(nn.Module):
+    """A decoder that counts its forward passes as they run (a host callback, so every loop iteration counts)."""
+
+    lm: nn.Module
+    count: Callable[[], None]
+
+    @nn.compact
+    def __call__(self, *args, **kwargs):
+        jax.debug.callback(self.count)
+        return self.lm(*args, **kwargs)
+
+
+class CountedSystem:
+    """`system` generating through a `CountingDecoder`."""
+
+    def __init__(self, system):
+        self.system, self.calls = system, []
+
+    def decoding(self, params, batch, length):
+        d = self.system.decoding(params, batch, length)
+        decoder = CountingDecoder(d.decoder, lambda: self.calls.append(1))
+        return Decoding(decoder, {"lm": d.params}, d.prompt_inputs, d.step_inputs, d.cache_inputs)
+
+
+def test_the_decoder_runs_on_a_new_token_only_when_another_token_follows():
+    system = models.build(load_config(os.path.join(REPO, "configs/lm.py:variant=tiny")))
+    params = nn.unbox(jax.jit(system.init)(jax.random.PRNGKey(1), system.dummy_batch(1)))
+    batch = generate.left_pad([[5, 6, 7]])
+    free = generate.generate(system, params, batch, generate.Sampling(max_new_tokens=6))[0].tolist()
+    counted = CountedSystem(system)
+    assert generate.generate(counted, params, batch, generate.Sampling(max_new_tokens=6))[0].tolist() == free
+    jax.effects_barrier()
+    assert len(counted.calls) == 6  # the prompt pass, then the first five new tokens
+    stop = free[2]
+    first = free.index(stop)
+    counted.calls.clear()
+    out = generate.generate(counted, params, batch, generate.Sampling(max_new_tokens=6, stop_tokens=(stop,)))
+    jax.effects_barrier()
+    assert out[0].tolist() == free[: first + 1] + [generate.PAD] * (5 - first)
+    assert len(counted.calls) == first + 1  # nothing runs on the stop token
+
+
+def test_flamingo_steps_reuse_the_prompts_media_keys_and_values(flamingo):
+    """Each step's computation projects no media: no matmul takes the media latents [B, M * n, Dv]."""
+    system, params = flamingo
+    batch = generate.left_pad([[1, system.config.model.media_token_id, 9]])
+    batch.update(generate.pad_images([np.zeros((2, 32, 32, 3), np.float32)], 32))
+    d = system.decoding(params, batch, 5)
+    latents = d.prompt_inputs["media"]
+    b, m, n, width = latents.shape
+    dummy = jnp.zeros((b, 5), jnp.int32)
+    cache = d.decoder.init(jax.random.PRNGKey(0), dummy, dummy, dummy, **d.cache_inputs, decode=True)["cache"]
+
+    def run(cache, tokens, inputs):
+        ones = jnp.ones_like(tokens)
+        variables = {"params": d.params, "cache": cache}
+        return d.decoder.apply(variables, tokens, ones, ones, **inputs, decode=True, mutable=["cache"])
+
+    def media_matmuls(inputs):
+        jaxpr = jax.make_jaxpr(run)(cache, jnp.ones((b, 1), jnp.int32), inputs).jaxpr
+        return [e for e in equations(jaxpr) if e.primitive.name == "dot_general" and media_operand(e)]
+
+    def media_operand(eqn):
+        return any(getattr(v.aval, "shape", None) == (b, m * n, width) for v in eqn.invars)
+
+    assert media_matmuls({**d.step_inputs, "media": latents})  # what a step that got the media would do
+    assert not media_matmuls(d.step_inputs)
+    with pytest.raises(UserError, match="cross-attention without media needs decode=True"):
+        run({}, jnp.ones((b, 1), jnp.int32), d.step_inputs)
+
+
+def equations(jaxpr):
+    """Every equation of `jaxpr` and of the jaxprs inside it (scan bodies, nested calls)."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            for inner in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(inner, "jaxpr", inner)
+                if hasattr(inner, "eqns"):
+                    yield from equations(inner)
 
 
 def empirical(logits, settings, draws=4000):

@@ -5,9 +5,13 @@ lengths — and, for a Flamingo system, different numbers of images — as one
 batch. Prompts are left-padded (padding is segment 0, so no token attends to
 it; positions start at 0 at each prompt's first token); media are encoded
 once per prompt before decoding starts. The prompt fills the cache in one
-pass, then one jitted `lax.while_loop` decodes a token per step until every
-row has produced a stop token or `max_new_tokens` tokens. A new token sees
-the same media as the last prompt token (the latest image of its prompt).
+pass and gives the first new token; then one jitted `lax.while_loop` runs
+the decoder on the latest token and samples the next, until every row has
+produced a stop token or `max_new_tokens` tokens, so no forward pass follows
+the last token (n new tokens: the prompt pass and n - 1 steps). A new token
+sees the same media as the last prompt token (the latest image of its
+prompt); a Flamingo LM projects the media to cross-attention keys and values
+once per prompt, in the prompt pass, and its steps read them from the cache.
 
 A system supports generation through its `decoding(params, batch, length)`
 (`vlm_jax/models/base.py`): its decoder with a KV cache and the inputs of
@@ -177,24 +181,30 @@ def _decode(
     logits, cache = run(cache, tokens, segment_ids, positions, prompt_inputs)
     stop = jnp.asarray(settings.stop_tokens or (-2,), jnp.int32)
 
-    def body(state):
-        step, cache, logits, position, done, out, rng = state
+    def choose(step, logits, done, out, rng):
+        """Samples new token `step` from its logits and records it (PAD in rows that stopped before it)."""
         rng, key = jax.random.split(rng)
         token = sample(logits, key, settings)
         out = out.at[:, step].set(jnp.where(done, PAD, token))
-        done = done | jnp.isin(token, stop)
+        return token, done | jnp.isin(token, stop), out, rng
+
+    # The prompt pass gave the first new token's logits; each step runs the decoder on the latest token only
+    # because another token follows it, so no forward pass comes after the last token.
+    def body(state):
+        step, cache, token, position, done, out, rng = state
         position = position + 1
         ones = jnp.ones((batch, 1), jnp.int32)
         logits, cache = run(cache, token[:, None], ones, position[:, None], step_inputs)
-        return step + 1, cache, logits, position, done, out, rng
+        token, done, out, rng = choose(step, logits, done, out, rng)
+        return step + 1, cache, token, position, done, out, rng
 
     def cond(state):
         step, done = state[0], state[4]
         return (step < settings.max_new_tokens) & ~jnp.all(done)
 
     out = jnp.full((batch, settings.max_new_tokens), PAD, jnp.int32)
-    done = jnp.zeros((batch,), bool)
-    state = (jnp.zeros((), jnp.int32), cache, logits, positions[:, -1], done, out, rng)
+    token, done, out, rng = choose(0, logits, jnp.zeros((batch,), bool), out, rng)
+    state = (jnp.ones((), jnp.int32), cache, token, positions[:, -1], done, out, rng)
     return jax.lax.while_loop(cond, body, state)[5]
 
 

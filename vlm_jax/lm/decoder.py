@@ -224,7 +224,9 @@ class DecoderLM(nn.Module):
         left-padded, with positions counting from each row's first real token.
         The prompt call may carry `features` and a `prefix_mask` (the prefix
         flags are cached, so the prompt's prefix stays bidirectional); steps
-        without a `prefix_mask` are causal.
+        without a `prefix_mask` are causal. A Flamingo LM's prompt call caches
+        the media keys and values of every cross-attention block, and its steps
+        give media=None (and their tokens' media_mask rows) to reuse them.
         """
         self.check()
         if (features is None) != (feature_mask is None):
@@ -285,9 +287,9 @@ class DecoderLM(nn.Module):
             layers = _scan_layers(block, self.num_layers, 3)(**block_args, name="layers")
             x, _ = layers(x, segment_ids, positions, prefix_mask)
         else:
-            if media is None or media_mask is None:
+            if media_mask is None or (media is None and not decode):
                 raise UserError("a Flamingo LM (cross_attn_every > 0) needs media latents and a media mask.")
-            xattn_args = dict(self.cross_attn or {}, dtype=dtype)
+            xattn_args = dict(self.cross_attn or {}, dtype=dtype, decode=decode)
             every, tail = self.cross_attn_every, self.num_layers % self.cross_attn_every
             groups = _scan_layers(CrossAttentionGroup, self.num_layers // every, 5)
             inputs = (x, segment_ids, positions, media, media_mask, prefix_mask)

@@ -22,6 +22,9 @@ otherwise every earlier one (time greater or equal). Here times count within the
 a token only ever sees media slots of its segment (`image_segment_ids`), so no
 example reaches another example's images. A token with no visible media (text
 before the first image) gets exactly zero cross-attention output.
+
+For generation (`decode=True`) the block caches the media keys and values, so
+the media are projected once per prompt rather than at every new token.
 """
 
 from __future__ import annotations
@@ -80,11 +83,17 @@ class GatedCrossAttention(nn.Module):
     gate_shape: str = "scalar"  # or "vector": one gate per channel
     qk_norm: bool = False
     gate_init: float = 0.0  # both gates' initial value (before tanh); 0 = Flamingo's identity at init
+    decode: bool = False  # generation: media keys and values in the "cache" collection (see __call__)
 
     @nn.compact
-    def __call__(self, x: jax.Array, media: jax.Array, mask: jax.Array) -> jax.Array:
-        """x [B, L, D], media [B, M, n, Dv] latents, mask [B, L, M] from `media_mask`."""
-        b, m, n, _ = media.shape
+    def __call__(self, x: jax.Array, media: jax.Array | None, mask: jax.Array) -> jax.Array:
+        """x [B, L, D], media [B, M, n, Dv] latents, mask [B, L, M] from `media_mask`.
+
+        With `decode=True` the media keys and values [B, M*n, heads, head_dim]
+        are kept in the "cache" collection (`media_key`, `media_value`; `init`
+        sizes them): a call with media (the prompt pass) projects and stores
+        them, a call with media=None (each one-token step) reads them.
+        """
         width = x.shape[-1]
         if self.gate_shape not in ("scalar", "vector"):
             raise UserError(f"gate_shape {self.gate_shape!r} is not 'scalar' or 'vector'.")
@@ -92,15 +101,24 @@ class GatedCrossAttention(nn.Module):
         init = nn.with_logical_partitioning(nn.initializers.constant(self.gate_init), gate_axes)
         attn_gate, ff_gate = (self.param(name, init, gate_dims) for name in ("attn_gate", "ff_gate"))
         h = Norm(self.norm, self.norm_eps, dtype=self.dtype, name="norm")(x)
-        kv = media.reshape(b, m * n, media.shape[-1]).astype(self.dtype)
         proj = dict(kernel_axes=("embed", "heads", "head_dim"), dtype=self.dtype)
         q = DenseGeneral((self.num_heads, self.head_dim), name="query", **proj)(h)
-        k = DenseGeneral((self.num_heads, self.head_dim), name="key", **proj)(kv)
-        v = DenseGeneral((self.num_heads, self.head_dim), name="value", **proj)(kv)
         if self.qk_norm:
             q = Norm("rmsnorm", self.norm_eps, ("head_dim",), self.dtype, name="query_norm")(q)
-            k = Norm("rmsnorm", self.norm_eps, ("head_dim",), self.dtype, name="key_norm")(k)
-        out = attend(q, k, v, jnp.repeat(mask, n, axis=-1)[:, None])  # mask [B, 1, L, M*n]
+        if media is None:
+            k, v = self._cached_media_keys_values()
+        else:
+            b, m, n, dv = media.shape
+            kv = media.reshape(b, m * n, dv).astype(self.dtype)
+            k = DenseGeneral((self.num_heads, self.head_dim), name="key", **proj)(kv)
+            v = DenseGeneral((self.num_heads, self.head_dim), name="value", **proj)(kv)
+            if self.qk_norm:
+                k = Norm("rmsnorm", self.norm_eps, ("head_dim",), self.dtype, name="key_norm")(k)
+            if self.decode:
+                self.put_variable("cache", "media_key", k)
+                self.put_variable("cache", "media_value", v)
+        latents = k.shape[1] // mask.shape[-1]  # per media slot
+        out = attend(q, k, v, jnp.repeat(mask, latents, axis=-1)[:, None])  # mask [B, 1, L, M*n]
         out = jnp.where(mask.any(-1)[:, :, None, None], out, 0)  # a token with no media: exactly zero
         out = DenseGeneral(width, ("heads", "head_dim", "embed"), in_dims=2, dtype=self.dtype, name="out")(out)
         x = x + jnp.tanh(attn_gate).astype(self.dtype) * out
@@ -114,3 +132,12 @@ class GatedCrossAttention(nn.Module):
         else:
             raise UserError(f"cross-attention ff {self.ff!r} is not 'plain' or 'gated'.")
         return x + jnp.tanh(ff_gate).astype(self.dtype) * h
+
+    def _cached_media_keys_values(self) -> tuple[jax.Array, jax.Array]:
+        """The media keys and values a decode call with media stored (UserError when there are none)."""
+        if not (self.decode and self.has_variable("cache", "media_key")):
+            raise UserError(
+                "cross-attention without media needs decode=True and the media keys and values of an earlier "
+                "decode call with media (the prompt pass) in the cache."
+            )
+        return self.get_variable("cache", "media_key"), self.get_variable("cache", "media_value")

@@ -226,8 +226,9 @@ class Flamingo(System):
         return generative.evaluate_system(self, params, trainer.config)
 
     def decoding(self, params, batch, length):
-        """For `vlm_jax.generate`: the LM with its media latents (images encoded once), the prompt's media mask,
-        and for each new token the media of the last prompt token (the latest image of its prompt)."""
+        """For `vlm_jax.generate`: the LM with its media latents (images encoded once) and the prompt's media mask;
+        each new token sees the media of the last prompt token (the latest image of its prompt) through the media
+        keys and values the prompt pass cached, so steps get no media."""
         latents = self._encode_media({"params": params}, batch["images"])
         mask = self._media_mask({"params": params}, batch["tokens"], batch["segment_ids"], batch["image_segment_ids"])
         empty = jnp.zeros((mask.shape[0], length, mask.shape[-1]), bool)
@@ -235,7 +236,7 @@ class Flamingo(System):
             self.module.decoder,
             params["decoder"],
             prompt_inputs={"media": latents, "media_mask": mask},
-            step_inputs={"media": latents, "media_mask": mask[:, -1:]},
+            step_inputs={"media_mask": mask[:, -1:]},
             cache_inputs={"media": latents, "media_mask": empty},
         )
 
