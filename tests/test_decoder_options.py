@@ -262,3 +262,27 @@ def test_flop_count_of_relative_positions_and_plain_mlp_matches_xla_cost_analysi
     xla_flops = jax.jit(system.logits).lower(params, batch).compile().cost_analysis()["flops"]
     analytic_forward = system.flops_per_example() / 3 * 2
     assert analytic_forward <= xla_flops <= 1.15 * analytic_forward, (analytic_forward, xla_flops)
+
+
+@pytest.mark.parametrize("option", ["plain", "flamingo_groups"])
+def test_unrolled_layer_scan_gives_the_same_logits_without_a_loop(option):
+    """`scan_unroll` >= the depth: the same parameters give the same logits, and the program has no loop left."""
+    extra = {} if option == "plain" else CACHED["flamingo_groups"]
+    rolled, unrolled = DecoderLM(**{**BASE, **extra}), DecoderLM(**{**BASE, **extra, "scan_unroll": 4})
+    rng = np.random.default_rng(2)
+    tokens, segment_ids, positions = left_padded_batch(rng, [5, 8], 8, BASE["vocab_size"])
+    media = ()
+    if rolled.cross_attn_every:
+        locations = np.zeros((2, 8), bool)
+        locations[:, 3] = True
+        mask = np.asarray(media_mask(locations, segment_ids, np.ones((2, 1), np.int32)))
+        media = (rng.normal(size=(2, 1, 3, 8)).astype(np.float32), mask)
+    inputs = (tokens, segment_ids, positions, *media)
+    params = random_params(rolled, *inputs)
+    want, got = (jax.jit(m.apply)({"params": params}, *inputs) for m in (rolled, unrolled))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+    loops = [
+        jax.jit(m.apply).lower({"params": params}, *inputs).as_text().count("stablehlo.while")
+        for m in (rolled, unrolled)
+    ]
+    assert loops[0] >= 1 and loops[1] == 0, loops

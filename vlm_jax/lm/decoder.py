@@ -78,14 +78,17 @@ def _norm(m, name: str) -> nn.Module:
     return RMSNorm(m.norm_eps, jnp.dtype(m.dtype), name=name)
 
 
-def _scan_layers(block, length: int, num_broadcast: int):
-    """`block` scanned `length` times; parameters (and KV caches) stacked on a leading 'layers' axis."""
+def _scan_layers(block, length: int, num_broadcast: int, unroll: int = 1):
+    """`block` scanned `length` times; parameters (and KV caches) stacked on a leading 'layers' axis.
+
+    `unroll` layers run per loop iteration (`jax.lax.scan`'s unroll; >= length: no loop at all)."""
     return nn.scan(
         block,
         variable_axes={"params": 0, "cache": 0},
         split_rngs={"params": True},
         in_axes=(nn.broadcast,) * num_broadcast,
         length=length,
+        unroll=min(max(unroll, 1), length),
         metadata_params={nn.PARTITION_NAME: "layers"},
     )
 
@@ -97,11 +100,12 @@ class CrossAttentionGroup(nn.Module):
     block: Any  # the (possibly rematerialised) DecoderBlock class
     block_args: dict
     xattn_args: dict
+    unroll: int = 1
 
     @nn.compact
     def __call__(self, x, segment_ids, positions, media, media_mask, prefix_mask=None):
         x = GatedCrossAttention(**self.xattn_args, name="xattn")(x, media, media_mask)
-        layers = _scan_layers(self.block, self.every, 3)(**self.block_args, name="layers")
+        layers = _scan_layers(self.block, self.every, 3, self.unroll)(**self.block_args, name="layers")
         x, _ = layers(x, segment_ids, positions, prefix_mask)
         return x, None
 
@@ -164,6 +168,10 @@ class DecoderLM(nn.Module):
     # "high_freq_factor", "original_max_position_embeddings"} (Llama 3.1); see `vlm_jax/nn/rope.py`.
     rope_scaling: Any = None
     sliding_window: int = 0  # Mistral: a query sees keys less than this many positions back; 0 = all
+    # Layers per iteration of the scanned stack (and groups per iteration of a Flamingo LM's group scan): 1 keeps
+    # one loop body, so compile time is flat in depth; >= the depth unrolls the loop (slower to compile, no
+    # per-iteration slicing of stacked weights and residuals). The parameter layout is the same either way.
+    scan_unroll: int = 1
 
     @property
     def resolved_head_dim(self) -> int:
@@ -183,6 +191,8 @@ class DecoderLM(nn.Module):
         if self.rope_scaling is not None and self.position_embedding != "rope":
             raise UserError(f"rope_scaling needs position_embedding='rope', not {self.position_embedding!r}.")
         check_scaling(self.rope_scaling)
+        if self.scan_unroll < 1:
+            raise UserError(f"scan_unroll={self.scan_unroll} must be >= 1 (layers per iteration of the scan).")
         if self.sliding_window < 0:
             raise UserError(f"sliding_window={self.sliding_window} must be 0 (off) or a positive number of positions.")
 
@@ -284,19 +294,21 @@ class DecoderLM(nn.Module):
             mlp_bias=self.mlp_bias,
         )
         if not self.cross_attn_every:
-            layers = _scan_layers(block, self.num_layers, 3)(**block_args, name="layers")
+            layers = _scan_layers(block, self.num_layers, 3, self.scan_unroll)(**block_args, name="layers")
             x, _ = layers(x, segment_ids, positions, prefix_mask)
         else:
             if media_mask is None or (media is None and not decode):
                 raise UserError("a Flamingo LM (cross_attn_every > 0) needs media latents and a media mask.")
             xattn_args = dict(self.cross_attn or {}, dtype=dtype, decode=decode)
             every, tail = self.cross_attn_every, self.num_layers % self.cross_attn_every
-            groups = _scan_layers(CrossAttentionGroup, self.num_layers // every, 5)
+            unroll = self.scan_unroll
+            groups = _scan_layers(CrossAttentionGroup, self.num_layers // every, 5, unroll)
             inputs = (x, segment_ids, positions, media, media_mask, prefix_mask)
-            x, _ = groups(every, block, block_args, xattn_args, name="layer_groups")(*inputs)
+            x, _ = groups(every, block, block_args, xattn_args, unroll, name="layer_groups")(*inputs)
             if tail:
                 inputs = (x,) + inputs[1:]
-                x, _ = CrossAttentionGroup(tail, block, block_args, xattn_args, name="layer_groups_tail")(*inputs)
+                tail_group = CrossAttentionGroup(tail, block, block_args, xattn_args, unroll, name="layer_groups_tail")
+                x, _ = tail_group(*inputs)
         x = _norm(self, "final_norm")(x)
         if self.tie_embeddings:
             logits = embed.attend(x)

@@ -90,9 +90,10 @@ class GatedCrossAttention(nn.Module):
         """x [B, L, D], media [B, M, n, Dv] latents, mask [B, L, M] from `media_mask`.
 
         With `decode=True` the media keys and values [B, M*n, heads, head_dim]
-        are kept in the "cache" collection (`media_key`, `media_value`; `init`
-        sizes them): a call with media (the prompt pass) projects and stores
-        them, a call with media=None (each one-token step) reads them.
+        are kept in the "cache" collection (`media_key`, `media_value`; the
+        call that creates the cache, `init`, stores zeros of their shapes): a
+        later call with media (the prompt pass) projects and stores them, a
+        call with media=None (each one-token step) reads them.
         """
         width = x.shape[-1]
         if self.gate_shape not in ("scalar", "vector"):
@@ -114,9 +115,10 @@ class GatedCrossAttention(nn.Module):
             v = DenseGeneral((self.num_heads, self.head_dim), name="value", **proj)(kv)
             if self.qk_norm:
                 k = Norm("rmsnorm", self.norm_eps, ("head_dim",), self.dtype, name="key_norm")(k)
-            if self.decode:
-                self.put_variable("cache", "media_key", k)
-                self.put_variable("cache", "media_value", v)
+            if self.decode:  # the call that creates the cache (`init`) only sizes it, like the self-attention's
+                creating = not self.has_variable("cache", "media_key")
+                self.put_variable("cache", "media_key", jnp.zeros_like(k) if creating else k)
+                self.put_variable("cache", "media_value", jnp.zeros_like(v) if creating else v)
         latents = k.shape[1] // mask.shape[-1]  # per media slot
         out = attend(q, k, v, jnp.repeat(mask, latents, axis=-1)[:, None])  # mask [B, 1, L, M*n]
         out = jnp.where(mask.any(-1)[:, :, None, None], out, 0)  # a token with no media: exactly zero
