@@ -88,7 +88,9 @@ def main(argv: list[str]) -> dict:
         ours_s, reference_s = timed(ours, qkv, args.repeats), timed(reference, qkv, args.repeats)
         results[name] = {"attend_s": round(ours_s, 5), "einsum_s": round(reference_s, 5)}
         results[name]["ratio"] = round(ours_s / reference_s, 3)
-        print(f"{name:40s} attend {ours_s * 1e3:8.2f} ms  einsum {reference_s * 1e3:8.2f} ms  {ours_s / reference_s:.2f}x")
+        print(
+            f"{name:40s} attend {ours_s * 1e3:8.2f} ms  einsum {reference_s * 1e3:8.2f} ms  {ours_s / reference_s:.2f}x"
+        )
     out = {"dtype": args.dtype, "backend": jax.default_backend(), "cases": results}
     print(json.dumps(out))
     return out

@@ -20,7 +20,6 @@ import tempfile
 import time
 
 import numpy as np
-
 import peer_flamingo
 
 DTYPE_KEYS = ("model.lm.dtype", "model.resampler.dtype", "model.encoder_kwargs.dtype")
