@@ -130,8 +130,10 @@ def test_decode_projects_media_once_and_steps_read_the_cached_keys_and_values():
     params = module.init(jax.random.key(0), x, media, mask)["params"]
     full = np.asarray(module.apply({"params": params}, x, media, mask))
     decoder = module.clone(decode=True)
-    _, cache = decoder.apply({"params": params}, x[:, :3], media, mask[:, :3], mutable=["cache"])  # the prompt
-    assert cache["cache"]["media_key"].shape == cache["cache"]["media_value"].shape == (1, 2, 2, 4)
+    prompt = (x[:, :3], media, mask[:, :3])
+    empty = decoder.init(jax.random.key(0), *prompt)["cache"]  # zeros of the cache's shapes
+    assert empty["media_key"].shape == empty["media_value"].shape == (1, 2, 2, 4) and not empty["media_key"].any()
+    _, cache = decoder.apply({"params": params, "cache": empty}, *prompt, mutable=["cache"])
     for t in (3, 4):  # one-token steps: no media, the prompt's keys and values
         out, _ = decoder.apply(
             {"params": params, **cache}, x[:, t : t + 1], None, mask[:, t : t + 1], mutable=["cache"]
