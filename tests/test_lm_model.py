@@ -104,3 +104,25 @@ def test_flop_count_matches_xla_cost_analysis(tiny_lm_config):
     analytic_forward = system.flops_per_example() / 3 * 2
     # XLA also counts softmax, norms and elementwise ops, which the matmul count leaves out.
     assert analytic_forward <= xla_flops <= 1.15 * analytic_forward, (analytic_forward, xla_flops)
+
+
+def test_next_token_loss_against_numpy():
+    """The summed masked cross-entropy, its weight, and the top-1 correct count of `next_token_loss` against a
+    float64 NumPy log-softmax and argmax on random logits (one row's target is made the top logit)."""
+    from vlm_jax.models.lm import next_token_loss
+
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(2, 5, 11)).astype(np.float32)
+    targets = rng.integers(0, 11, (2, 5))
+    logits[0, :, :] -= 10.0
+    logits[0, np.arange(5), targets[0]] += 20.0  # row 0: every target is the top logit
+    mask = np.array([[1, 1, 1, 1, 0], [1, 0, 1, 1, 1]], np.float32)
+    batch = {"targets": jnp.asarray(targets, jnp.int32), "loss_mask": jnp.asarray(mask)}
+    loss, weight, metrics = next_token_loss(jnp.asarray(logits), batch)
+    x = logits.astype(np.float64)
+    logp = x - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True)) - x.max(-1, keepdims=True)
+    ce = -np.take_along_axis(logp, targets[..., None], -1)[..., 0]
+    correct = (np.argmax(x, -1) == targets).astype(np.float64)
+    np.testing.assert_allclose(float(loss), (ce * mask).sum(), rtol=1e-5)
+    assert float(weight) == mask.sum()
+    assert float(metrics["accuracy"]) == (correct * mask).sum() and (correct * mask).sum() >= 4

@@ -18,10 +18,15 @@ from vlm_jax.models.base import Decoding, System
 
 
 def next_token_loss(logits: jax.Array, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array, dict]:
-    """(cross-entropy summed over `loss_mask`, its weight, {"accuracy": correct top-1 sum}) of next-token logits."""
+    """(cross-entropy summed over `loss_mask`, its weight, {"accuracy": correct top-1 sum}) of next-token logits.
+
+    A prediction is correct when the target's logit is the largest (a tie for the top counts as correct): a max
+    over the vocabulary, which the cross-entropy's log-sum-exp computes too, instead of an argmax, whose
+    (value, index) reduction XLA's CPU backend runs ~8x slower (120 ms a step at 4 x 512 x 32,000 logits)."""
     mask = batch["loss_mask"].astype(jnp.float32)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-    correct = (jnp.argmax(logits, axis=-1) == batch["targets"]).astype(jnp.float32)
+    target_logit = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
+    correct = (target_logit >= jnp.max(logits, axis=-1)).astype(jnp.float32)
     return jnp.sum(ce * mask), jnp.sum(mask), {"accuracy": jnp.sum(correct * mask)}
 
 
