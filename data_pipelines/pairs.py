@@ -22,7 +22,7 @@ import numpy as np
 
 from data_pipelines import image_ops, shapes
 from data_pipelines.packing import REPAIRS, SKIP, CountSkips
-from data_pipelines.pipeline import BatchIteratorBase, make_source, records_dataset, repair_text
+from data_pipelines.pipeline import BatchIteratorBase, in_workers, make_source, records_dataset, repair_text
 from data_pipelines.tokenizer import Tokenizer
 
 
@@ -88,7 +88,9 @@ class PairsPipeline(BatchIteratorBase):
         examples = CountSkips(
             ds.map(self.preprocessor.example).to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=64))
         )
-        self._iterator = iter(examples.batch(config.batch_size // process_count, drop_remainder=True))
+        self._iterator = iter(
+            in_workers(examples.batch(config.batch_size // process_count, drop_remainder=True), config.data)
+        )
         super().__init__(self._iterator)
 
     def encode_text(self, text: str) -> np.ndarray:
@@ -111,4 +113,5 @@ def builtin_captions_config(root: str, image_size: int, text_len: int, normaliza
         normalization=normalization,
         tokenizer=f"{root}/{build.TOKENIZER}.model",
         shuffle=True,
+        worker_count=0,  # Grain worker processes preparing batches; 0 = in the training process
     )

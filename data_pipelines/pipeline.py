@@ -457,16 +457,20 @@ class GrainPipeline(BatchIteratorBase):
             )
             self.rows = rows  # the unbatched rows (of the last stream), for `data_stats`
             batches.append(rows.batch(rows_per_stream, drop_remainder=True))
-        batches = concatenate_rows(batches)
-        workers = int(data.get("worker_count", 0))
-        if workers:
-            from absl import flags
-
-            if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags; a library caller never parsed them
-                flags.FLAGS.mark_as_parsed()
-            batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
-        self._iterator = iter(batches)
+        self._iterator = iter(in_workers(concatenate_rows(batches), data))
         super().__init__(self._iterator)
+
+
+def in_workers(batches: grain.IterDataset, data: ml_collections.ConfigDict) -> grain.IterDataset:
+    """`batches` prepared by `data.worker_count` Grain worker processes (`mp_prefetch`; 0: in this process)."""
+    workers = int(data.get("worker_count", 0))
+    if not workers:
+        return batches
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags; a library caller never parsed them
+        flags.FLAGS.mark_as_parsed()
+    return batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
 
 
 def counts_of(iterator: grain.DatasetIterator) -> dict[str, int]:

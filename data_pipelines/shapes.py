@@ -110,6 +110,7 @@ def pairs_data_config(image_size: int, text_len: int, normalization: str) -> dic
         text_len=text_len,
         normalization=normalization,
         tokenizer="",  # "" = this dataset's own SentencePiece model (`tokenizer_path`)
+        worker_count=0,  # Grain worker processes preparing batches; 0 = in the training process
     )
 
 

@@ -53,3 +53,22 @@ def test_pairs_pipeline_batches_and_resume():
     c = PairsPipeline(config, "train")
     c.set_state(b.get_state())
     np.testing.assert_array_equal(next(c)["texts"], batches[1]["texts"])
+
+
+def test_pairs_pipeline_in_a_worker_process_makes_the_same_batches_and_resumes():
+    """data.worker_count=1 moves the pairs pipeline to a Grain worker process: the same batches, and its state
+    resumes the sequence (benchmarks/pipeline_vs_step.py: the dual encoders need workers to keep ahead)."""
+    config = load_config(os.path.join(REPO, "configs/siglip.py:variant=tiny"))
+    assert config.data.worker_count == 0
+    config.batch_size = 8
+    local = PairsPipeline(config, "train")
+    want = [next(local) for _ in range(4)]
+    config.data.worker_count = 1  # a key of the config (settable as --config.data.worker_count)
+    worker = PairsPipeline(config, "train")
+    got = [next(worker) for _ in range(2)]
+    resumed = PairsPipeline(config, "train")
+    resumed.set_state(json.loads(json.dumps(worker.get_state())))
+    got += [next(resumed) for _ in range(2)]
+    for x, y in zip(want, got):
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
