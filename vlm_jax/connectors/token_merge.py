@@ -14,6 +14,11 @@
   `ps_version="v2"` (and transformers' `InternVLModel.pixel_shuffle`)
   computes; `version="v1"` keeps InternVL's first version, whose output grid
   is transposed ([..., w / 2, h / 2, 4 D]).
+* `PixelShuffleMLP(out_dim)`: InternVL 1.5's connector (`mlp1`, transformers'
+  `InternVLMultiModalProjector`): a square grid of N tokens pixel-shuffled to
+  N / 4 tokens of 4 D channels, then LayerNorm (eps 1e-5), a linear map to the
+  LM width, GELU, a second linear map (params `layer_norm`, `linear_1`,
+  `linear_2`). A 448 px tile's 1024 InternViT tokens become 256.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ import jax
 import jax.numpy as jnp
 
 from vlm_jax.errors import UserError
-from vlm_jax.nn.layers import DenseGeneral
+from vlm_jax.nn.activations import activation
+from vlm_jax.nn.layers import DenseGeneral, Norm
 
 
 def concat_tokens(x: jax.Array, group: int = 4) -> jax.Array:
@@ -66,3 +72,29 @@ class ConcatProjector(nn.Module):
             self.out_dim, (None, "embed"), use_bias=self.use_bias, dtype=jnp.dtype(self.dtype), name="linear"
         )
         return linear(merged)
+
+
+class PixelShuffleMLP(nn.Module):
+    """InternVL's connector: features [..., N, D] (a square grid, row-major) -> [..., N / f^2, out_dim] by
+    `linear_2(act(linear_1(layer_norm(pixel_shuffle(grid, f)))))`, the MLP as wide as the LM."""
+
+    out_dim: int
+    factor: int = 2  # InternVL's downsample_ratio 0.5
+    version: str = "v2"  # InternVL's ps_version
+    act: str = "gelu"  # exact GELU (torch nn.GELU())
+    norm_eps: float = 1e-5  # torch nn.LayerNorm's default, which InternVL's mlp1 keeps
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, features: jax.Array) -> jax.Array:
+        *lead, n, d = features.shape
+        side = int(round(n**0.5))
+        if side * side != n:
+            raise UserError(f"pixel shuffle needs a square grid of visual tokens; got {n} tokens.")
+        grid = pixel_shuffle(features.reshape(*lead, side, side, d), self.factor, self.version)
+        h = grid.reshape(*lead, -1, grid.shape[-1])
+        dtype = jnp.dtype(self.dtype)
+        h = Norm("layernorm", self.norm_eps, (None,), dtype, name="layer_norm")(h)
+        h = DenseGeneral(self.out_dim, (None, "mlp"), use_bias=True, dtype=dtype, name="linear_1")(h)
+        h = activation(self.act)(h)
+        return DenseGeneral(self.out_dim, ("mlp", "embed"), use_bias=True, dtype=dtype, name="linear_2")(h)

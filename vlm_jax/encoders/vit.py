@@ -225,6 +225,7 @@ class ViT(nn.Module):
     norm_eps: float = 1e-6
     mlp_act: str = "gelu"
     attn_bias: bool = True
+    attn_out_bias: bool | None = None  # default: attn_bias (InternViT-6B: False on q/k/v, True on the output)
     patch_bias: bool = True
     stem: str = "patch"
     stem_width: int | None = None
@@ -312,6 +313,7 @@ class ViT(nn.Module):
             norm_eps=self.norm_eps,
             mlp_act=self.mlp_act,
             attn_bias=self.attn_bias,
+            attn_out_bias=self.attn_out_bias,
             qk_norm=self.qk_norm,
             qk_norm_over=self.qk_norm_over,
             layer_scale=self.layer_scale,

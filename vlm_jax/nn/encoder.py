@@ -30,10 +30,13 @@ class MultiHeadAttention(nn.Module):
 
     `mask` is a boolean [B, 1, Lq, Lk] (True = may attend). `qk_norm` normalises
     queries and keys per head ("head") or over all heads jointly ("all", InternViT).
+    `out_bias` (default: `use_bias`) sets the output projection's bias apart from
+    the q/k/v biases (InternViT-6B: none on q/k/v, one on the output).
     """
 
     num_heads: int
     use_bias: bool = True
+    out_bias: bool | None = None
     qk_norm: bool = False
     qk_norm_over: str = "head"
     norm: str = "layernorm"
@@ -58,8 +61,9 @@ class MultiHeadAttention(nn.Module):
         names = ("batch", "length", "heads", "head_dim")
         q, k, v = (sharding.constrain(t, names) for t in (q, k, v))
         out = sharding.constrain(attend(q, k, v, mask), names)
+        out_bias = self.use_bias if self.out_bias is None else self.out_bias
         return DenseGeneral(
-            width, ("heads", "head_dim", "embed"), in_dims=2, use_bias=self.use_bias, dtype=self.dtype, name="out"
+            width, ("heads", "head_dim", "embed"), in_dims=2, use_bias=out_bias, dtype=self.dtype, name="out"
         )(out)
 
 
@@ -75,6 +79,7 @@ class EncoderBlock(nn.Module):
     norm_eps: float = 1e-6
     mlp_act: str = "gelu"
     attn_bias: bool = True
+    attn_out_bias: bool | None = None  # default: attn_bias
     qk_norm: bool = False
     qk_norm_over: str = "head"
     layer_scale: float | None = None
@@ -88,6 +93,7 @@ class EncoderBlock(nn.Module):
         h = MultiHeadAttention(
             self.num_heads,
             self.attn_bias,
+            self.attn_out_bias,
             self.qk_norm,
             self.qk_norm_over,
             self.norm,
