@@ -54,6 +54,15 @@ SPECS = [
     "paligemma.py:variant=3b-448,data=/no/data,tokenizer=/no/spm.model,init=/no/run",
     "paligemma.py:variant=3b-896,stage=transfer,init=/no/run",
     "paligemma.py:data=builtin",
+    "internvl.py",
+    "internvl.py:variant=1.5",
+    "internvl.py:variant=mini-4b,stage=1,data=/no/data,tokenizer=/no/spm.model",
+    "internvl.py:variant=2-8b",
+    "internvl.py:data=builtin,scale=0.02",
+    "qwen2_vl.py",
+    "qwen2_vl.py:variant=tiny-2.5",
+    "qwen2_vl.py:variant=7b",
+    "qwen2_vl.py:variant=2.5-7b",
     "paligemma.py:data=builtin,scale=0.02",
 ]
 
@@ -156,6 +165,13 @@ FOLLOWERS = [
     ("llava.py:variant=7b", "--config.model.lm.dtype=float32", ["model.encoder_kwargs.dtype"]),
     ("paligemma.py:variant=3b-224", "--config.model.encoder_kwargs.dtype=float32", ["model.lm.dtype"]),
     ("minigpt_v2.py:variant=7b", "--config.model.lm.dtype=float32", ["model.encoder_kwargs.dtype"]),
+    ("internvl.py:variant=1.5", "--config.model.lm.dtype=float32", ["model.encoder_kwargs.dtype"]),
+    ("qwen2_vl.py:variant=7b", "--config.model.lm.dtype=float32", ["model.vision.dtype"]),
+    (
+        "internvl.py:variant=mini-4b",
+        "--config.model.image_size=896",
+        ["model.encoder_kwargs.image_size", "data.image.size"],
+    ),
     ("siglip.py:variant=B/16", "--config.model.text.dtype=float32", ["model.vision.dtype"]),
     (
         "paligemma.py:variant=3b-224",

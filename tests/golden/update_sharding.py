@@ -73,6 +73,8 @@ GOLDEN = (
     ("paligemma", "3b-224"),
     ("paligemma", "3b-448"),
     ("paligemma", "3b-896"),
+    ("qwen2_vl", "7b"),
+    ("qwen2_vl", "2.5-7b"),
     ("siglip", "B/16"),
     ("siglip", "So400m/14"),
 )

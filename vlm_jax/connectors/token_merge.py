@@ -19,6 +19,11 @@
   N / 4 tokens of 4 D channels, then LayerNorm (eps 1e-5), a linear map to the
   LM width, GELU, a second linear map (params `layer_norm`, `linear_1`,
   `linear_2`). A 448 px tile's 1024 InternViT tokens become 256.
+* `PatchMerger(out_dim, merge=2)`: Qwen2-VL's merger: LayerNorm (eps 1e-6) on
+  each ViT token, each run of merge^2 consecutive tokens (one 2 x 2 block: the
+  native-resolution ViT's tokens come block by block) concatenated, then
+  linear (4 D -> 4 D), GELU, linear to the LM width (params `norm`,
+  `linear_1`, `linear_2`: transformers' `merger.ln_q`, `mlp.0`, `mlp.2`).
 """
 
 from __future__ import annotations
@@ -97,4 +102,23 @@ class PixelShuffleMLP(nn.Module):
         h = Norm("layernorm", self.norm_eps, (None,), dtype, name="layer_norm")(h)
         h = DenseGeneral(self.out_dim, (None, "mlp"), use_bias=True, dtype=dtype, name="linear_1")(h)
         h = activation(self.act)(h)
+        return DenseGeneral(self.out_dim, ("mlp", "embed"), use_bias=True, dtype=dtype, name="linear_2")(h)
+
+
+class PatchMerger(nn.Module):
+    """Qwen2-VL's merger: tokens [..., N, D] in merge blocks -> [..., N / merge^2, out_dim] by
+    `linear_2(gelu(linear_1(concat_tokens(layer_norm(tokens), merge^2))))`."""
+
+    out_dim: int
+    merge: int = 2
+    norm: str = "layernorm"  # Qwen2.5-VL: "rmsnorm"
+    norm_eps: float = 1e-6
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        dtype = jnp.dtype(self.dtype)
+        h = concat_tokens(Norm(self.norm, self.norm_eps, dtype=dtype, name="norm")(tokens), self.merge**2)
+        h = DenseGeneral(h.shape[-1], (None, "mlp"), use_bias=True, dtype=dtype, name="linear_1")(h)
+        h = activation("gelu")(h)
         return DenseGeneral(self.out_dim, ("mlp", "embed"), use_bias=True, dtype=dtype, name="linear_2")(h)

@@ -80,7 +80,7 @@ class TextTransformer(nn.Module):
             mlp_act=self.mlp_act,
             attn_bias=self.attn_bias,
             dtype=dtype,
-        )(x, mask)
+        )(x, mask, None)
         x = Norm(self.norm, self.norm_eps, dtype=dtype, name="final_norm")(x)
 
         if self.pool == "eos":

@@ -319,7 +319,7 @@ class ViT(nn.Module):
             layer_scale=self.layer_scale,
             emit=bool(taps),
             dtype=dtype,
-        )(x, None)
+        )(x, None, None)
 
         out: dict[str, Any] = {"taps": {t: stacked[t] for t in taps}}
         y = Norm(self.norm, self.norm_eps, dtype=dtype, name="final_norm")(x) if self.final_norm else x

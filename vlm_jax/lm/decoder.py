@@ -2,8 +2,9 @@
 
 Options by field cover Qwen2 and Gemma (q/k/v biases, GeGLU, embedding
 scale, Gemma 2 logit soft-capping), Llama 3.1 and linear RoPE scaling,
-Mistral's sliding window, MPT / GPT style models (ALiBi or learned absolute
-positions, LayerNorm, plain GELU MLP, biases) and the Transformer-XL
+Mistral's sliding window, Persimmon (Fuyu's LM: partial rotary, per-head
+query/key LayerNorm, squared-ReLU MLP with biases), MPT / GPT style models
+(ALiBi or learned absolute positions, LayerNorm, plain GELU MLP, biases) and the Transformer-XL
 relative positions of Gopher / Chinchilla, the LM inside Flamingo.
 `decode=True` runs with a KV cache for generation. In-sequence VLMs (LLaVA,
 PaliGemma) pass image `features` that replace placeholder embeddings, and a
@@ -172,6 +173,13 @@ class DecoderLM(nn.Module):
     # one loop body, so compile time is flat in depth; >= the depth unrolls the loop (slower to compile, no
     # per-iteration slicing of stacked weights and residuals). The parameter layout is the same either way.
     scan_unroll: int = 1
+    # Persimmon (Fuyu's LM): RoPE on the first int(head_dim * rope_fraction) dims of each head (partial rotary;
+    # 0.5 there), and a LayerNorm (scale and bias, epsilon norm_eps) on each head's queries and keys before RoPE.
+    rope_fraction: float = 1.0
+    qk_norm: bool = False
+    # Qwen2-VL: multimodal RoPE over positions [B, 3, L] (temporal, height, width), the head_dim / 2 frequencies
+    # split into these sections, one per axis in turn (e.g. (16, 24, 24)); () = positions [B, L], 1D RoPE.
+    mrope_sections: tuple[int, ...] = ()
 
     @property
     def resolved_head_dim(self) -> int:
@@ -195,6 +203,21 @@ class DecoderLM(nn.Module):
             raise UserError(f"scan_unroll={self.scan_unroll} must be >= 1 (layers per iteration of the scan).")
         if self.sliding_window < 0:
             raise UserError(f"sliding_window={self.sliding_window} must be 0 (off) or a positive number of positions.")
+        rotary = self.resolved_head_dim * self.rope_fraction
+        if self.rope_fraction != 1 and (not 0 < self.rope_fraction < 1 or rotary != int(rotary) or int(rotary) % 2):
+            raise UserError(
+                f"rope_fraction={self.rope_fraction} must lie in (0, 1] and give an even whole number of rotary "
+                f"dims of head_dim={self.resolved_head_dim}."
+            )
+        if self.rope_fraction != 1 and self.position_embedding != "rope":
+            raise UserError(f"rope_fraction needs position_embedding='rope', not {self.position_embedding!r}.")
+        if self.mrope_sections and (
+            self.position_embedding != "rope" or sum(self.mrope_sections) * 2 != self.resolved_head_dim
+        ):
+            raise UserError(
+                f"mrope_sections={tuple(self.mrope_sections)} needs position_embedding='rope' and must add up to "
+                f"head_dim / 2 = {self.resolved_head_dim // 2}."
+            )
 
     @nn.compact
     def __call__(
@@ -280,6 +303,10 @@ class DecoderLM(nn.Module):
             logit_softcap=self.attn_logit_softcap,
             rope_scaling=self.rope_scaling,
             sliding_window=self.sliding_window,
+            rope_fraction=self.rope_fraction,
+            qk_norm=self.qk_norm,
+            qk_norm_eps=self.norm_eps,
+            mrope_sections=tuple(self.mrope_sections),
             decode=decode,
         )
         block_args = dict(

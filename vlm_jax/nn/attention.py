@@ -11,9 +11,9 @@ import jax.numpy as jnp
 
 from vlm_jax import sharding
 from vlm_jax.errors import UserError
-from vlm_jax.nn.layers import DenseGeneral
+from vlm_jax.nn.layers import DenseGeneral, Norm
 from vlm_jax.nn.positions import alibi_bias, alibi_slopes, sinusoid
-from vlm_jax.nn.rope import apply_rope
+from vlm_jax.nn.rope import apply_rope, mrope_angles, rotate
 
 # The logit of a masked pair: finite in float32, so a fully masked row softmaxes to uniform weights, not NaN.
 _MASKED = jnp.finfo(jnp.float32).min
@@ -118,7 +118,9 @@ class SelfAttention(nn.Module):
     biases u ('content_bias') and v ('position_bias') (Gopher, Chinchilla,
     Flamingo's LM); "learned" and "none" add nothing here. Distances come from
     `positions`, so they are per segment. `rope_scaling` rescales the RoPE
-    frequencies (`vlm_jax/nn/rope.py`: "linear", "llama3"); `sliding_window`
+    frequencies (`vlm_jax/nn/rope.py`: "linear", "llama3") and `rope_fraction`
+    < 1 rotates only the leading dims of each head; `qk_norm` LayerNorms each
+    head's queries and keys before RoPE (Persimmon); `sliding_window`
     = w > 0 lets a query see only keys less than w positions back (Mistral);
     a `prefix_mask` [B, T] makes its tokens a bidirectional prefix of their
     segment (prefix-LM; see `causal_segment_mask`).
@@ -146,6 +148,15 @@ class SelfAttention(nn.Module):
     logit_softcap: float = 0.0
     rope_scaling: Any = None  # None or a dict, e.g. {"rope_type": "linear", "factor": 2.0}
     sliding_window: int = 0  # 0 = no window
+    # Persimmon / Fuyu: RoPE on the first int(head_dim * rope_fraction) dims of each head (partial rotary).
+    rope_fraction: float = 1.0
+    # Persimmon / Fuyu: LayerNorm (scale and bias over head_dim, shared by the heads) on each head's query and key,
+    # before RoPE ('query_norm', 'key_norm'), with epsilon `qk_norm_eps`.
+    qk_norm: bool = False
+    qk_norm_eps: float = 1e-5
+    # Qwen2-VL: multimodal RoPE; positions are [B, 3, L] (temporal, height, width) and the head_dim / 2
+    # frequencies split into these sections, one per axis in turn (`nn/rope.mrope_angles`). () = 1D RoPE.
+    mrope_sections: tuple[int, ...] = ()
     decode: bool = False
 
     @nn.compact
@@ -157,8 +168,18 @@ class SelfAttention(nn.Module):
         q = DenseGeneral((self.num_heads, self.head_dim), ("embed", "heads", "head_dim"), name="query", **kw)(x)
         k = DenseGeneral((self.num_kv_heads, self.head_dim), ("embed", "kv_heads", "head_dim"), name="key", **kw)(x)
         v = DenseGeneral((self.num_kv_heads, self.head_dim), ("embed", "kv_heads", "head_dim"), name="value", **kw)(x)
-        if self.position_embedding == "rope":
-            rope = lambda a: apply_rope(a, positions, self.rope_theta, self.rope_scaling)  # noqa: E731
+        if self.qk_norm:
+            norm = lambda name: Norm("layernorm", self.qk_norm_eps, ("head_dim",), self.dtype, name=name)  # noqa: E731
+            q, k = norm("query_norm")(q), norm("key_norm")(k)
+        if self.position_embedding == "rope" and self.mrope_sections:
+            if self.rope_scaling is not None or self.rope_fraction != 1.0:
+                raise UserError("M-RoPE (mrope_sections) does not combine with rope_scaling or rope_fraction < 1.")
+            angles = mrope_angles(positions, self.head_dim, self.rope_theta, tuple(self.mrope_sections))
+            q, k = rotate(q, angles), rotate(k, angles)
+            positions = positions[:, 0]  # [B, L]: the temporal axis, which the KV cache keeps
+        elif self.position_embedding == "rope":
+            dims = int(self.head_dim * self.rope_fraction)
+            rope = lambda a: apply_rope(a, positions, self.rope_theta, self.rope_scaling, dims)  # noqa: E731
             q, k = rope(q), rope(k)
         q = sharding.constrain(q, ("batch", "length", "heads", "head_dim"))
         k = sharding.constrain(k, ("batch", "length", "kv_heads", "head_dim"))

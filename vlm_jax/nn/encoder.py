@@ -21,8 +21,9 @@ import jax.numpy as jnp
 from vlm_jax import sharding
 from vlm_jax.errors import UserError
 from vlm_jax.nn.attention import attend
-from vlm_jax.nn.layers import DenseGeneral, Mlp, Norm
+from vlm_jax.nn.layers import DenseGeneral, Mlp, Norm, SwiGLU
 from vlm_jax.nn.remat import remat as remat_block
+from vlm_jax.nn.rope import rotate
 
 
 class MultiHeadAttention(nn.Module):
@@ -31,7 +32,8 @@ class MultiHeadAttention(nn.Module):
     `mask` is a boolean [B, 1, Lq, Lk] (True = may attend). `qk_norm` normalises
     queries and keys per head ("head") or over all heads jointly ("all", InternViT).
     `out_bias` (default: `use_bias`) sets the output projection's bias apart from
-    the q/k/v biases (InternViT-6B: none on q/k/v, one on the output).
+    the q/k/v biases (InternViT-6B: none on q/k/v, one on the output). `rope`
+    [B, L, head_dim / 2] turns queries and keys by those angles (`nn/rope.rotate`).
     """
 
     num_heads: int
@@ -44,7 +46,9 @@ class MultiHeadAttention(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, kv: jax.Array | None = None, mask: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, kv: jax.Array | None = None, mask: jax.Array | None = None, rope: jax.Array | None = None
+    ) -> jax.Array:
         kv = x if kv is None else kv
         width = x.shape[-1]
         if width % self.num_heads:
@@ -58,6 +62,8 @@ class MultiHeadAttention(nn.Module):
             axes = ("head_dim",) if self.qk_norm_over == "head" else ("heads", "head_dim")
             q = Norm(self.norm, self.norm_eps, axes, self.dtype, name="query_norm")(q)
             k = Norm(self.norm, self.norm_eps, axes, self.dtype, name="key_norm")(k)
+        if rope is not None:  # self-attention with rotation angles [B, L, head_dim / 2] (2D RoPE: Qwen2-VL)
+            q, k = rotate(q, rope), rotate(k, rope)
         names = ("batch", "length", "heads", "head_dim")
         q, k, v = (sharding.constrain(t, names) for t in (q, k, v))
         out = sharding.constrain(attend(q, k, v, mask), names)
@@ -70,7 +76,7 @@ class MultiHeadAttention(nn.Module):
 class EncoderBlock(nn.Module):
     """Pre-norm block: x + ls1 * attn(norm(x)), then x + ls2 * mlp(norm(x)).
 
-    Used as the body of `nn.scan`: returns (x, x if `emit` else None).
+    Used as the body of `nn.scan` over (x, mask, rope): returns (x, x if `emit` else None).
     """
 
     num_heads: int
@@ -83,11 +89,12 @@ class EncoderBlock(nn.Module):
     qk_norm: bool = False
     qk_norm_over: str = "head"
     layer_scale: float | None = None
+    mlp: str = "plain"  # "plain": fc2(act(fc1)); "gated": down(act(gate) * up), with biases (Qwen2.5-VL's ViT)
     emit: bool = False
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array | None):
+    def __call__(self, x: jax.Array, mask: jax.Array | None, rope: jax.Array | None = None):
         names = ("batch", "length", "embed")
         h = Norm(self.norm, self.norm_eps, dtype=self.dtype, name="attn_norm")(x)
         h = MultiHeadAttention(
@@ -100,10 +107,13 @@ class EncoderBlock(nn.Module):
             self.norm_eps,
             self.dtype,
             name="attn",
-        )(h, mask=mask)
+        )(h, mask=mask, rope=rope)
         x = sharding.constrain(x + self._layer_scale("ls1", h), names)
         h = Norm(self.norm, self.norm_eps, dtype=self.dtype, name="mlp_norm")(x)
-        h = Mlp(self.mlp_dim, self.mlp_act, self.dtype, name="mlp")(h)
+        if self.mlp == "gated":
+            h = SwiGLU(self.mlp_dim, self.dtype, self.mlp_act, use_bias=True, name="mlp")(h)
+        else:
+            h = Mlp(self.mlp_dim, self.mlp_act, self.dtype, name="mlp")(h)
         x = sharding.constrain(x + self._layer_scale("ls2", h), names)
         return x, (x if self.emit else None)
 
@@ -117,12 +127,13 @@ class EncoderBlock(nn.Module):
 
 def encoder_stack(depth: int, remat: str, name: str = "layers", **block_kwargs) -> nn.Module:
     """`depth` EncoderBlocks as one `nn.scan` (params stacked on a leading 'layers' axis), rematerialised
-    under the policy `remat` names (`vlm_jax/nn/remat.py`)."""
+    under the policy `remat` names (`vlm_jax/nn/remat.py`); called as `stack(x, mask, rope)` (mask and rope
+    may be None)."""
     stack = nn.scan(
         remat_block(EncoderBlock, remat),
         variable_axes={"params": 0},
         split_rngs={"params": True},
-        in_axes=(nn.broadcast,),
+        in_axes=(nn.broadcast, nn.broadcast),
         length=depth,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )

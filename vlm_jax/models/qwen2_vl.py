@@ -1,0 +1,219 @@
+"""Qwen2-VL and Qwen2.5-VL (`model.name = "qwen2_vl"`): native-resolution patches, 2 x 2 merged, in place of
+`<|image_pad|>` tokens, with multimodal RoPE in the LM.
+
+Qwen2-VL (Wang et al. 2024, arXiv:2409.12191): a 675M ViT (32 layers of width 1280, patch 14, 2D RoPE, no
+position table) reads each image at (nearly) its own resolution — sides rounded to multiples of 28 px, area
+within [min_pixels, max_pixels] — as a variable number of patches; several images (of one example, or of
+several packed examples) share one patch sequence per row and attend only within themselves. An MLP merges
+each 2 x 2 block of patch tokens into one LM token. The LM (Qwen2) rotates queries and keys by M-RoPE: text
+positions count up on all three axes, an image's tokens take (p, p + row, p + column) from the next position p,
+and the text after it resumes at p + max(rows, columns) (`data_pipelines/native_resolution.mrope_positions`).
+Qwen2.5-VL: the ViT has RMSNorm, a gated SiLU MLP and window attention (112 px windows) in all but four layers.
+
+Batch (beyond the LM's tokens, targets, loss_mask, segment_ids): `positions` [B, 3, L] (per packed example),
+`patches` [B, P, 1176], `patch_positions` [B, P, 2], `patch_groups` [B, P] (attention groups: one per image;
+0 = padding) and `patch_segment_ids` [B, P] (the example each patch belongs to). The k-th placeholder of an
+example takes the k-th merged token of that example's patches (`nn/placement.place_features`, one feature per
+slot), so no token ever sees another example's image.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vlm_jax.connectors.token_merge import PatchMerger
+from vlm_jax.encoders.native_vit import NativeViT
+from vlm_jax.errors import ConfigError, UserError
+from vlm_jax.lm.decoder import DecoderLM
+from vlm_jax.models import parts, register
+from vlm_jax.models.base import System
+from vlm_jax.models.lm import next_token_loss
+from vlm_jax.nn.placement import place_features
+
+PATCH_KEYS = ("patches", "patch_positions", "patch_groups", "patch_segment_ids")
+
+
+class Qwen2VLModel(nn.Module):
+    """(tokens, segment_ids, positions [B, 3, L], patches, patch_positions, patch_groups, patch_segment_ids)
+    -> logits [B, L, vocab]. Sows the placeholders left without a merged token ("intermediates", "unplaced")."""
+
+    vision: NativeViT
+    merger: PatchMerger
+    decoder: DecoderLM
+    image_token_id: int
+
+    def encode(self, patches, patch_positions, patch_groups) -> jax.Array:
+        """Merged tokens [B, P / merge^2, D_lm], in patch order."""
+        return self.merger(self.vision(patches, patch_positions, patch_groups))
+
+    def place(self, tokens, segment_ids, merged, patch_segment_ids):
+        """(values [B, L, D], placed [B, L]): each example's merged tokens at its own placeholders, in order."""
+        merged_segments = patch_segment_ids[:, :: self.vision.merge**2]
+        placeholders = tokens == self.image_token_id
+        return place_features(merged[:, :, None], placeholders, segment_ids, merged_segments)
+
+    def __call__(self, tokens, segment_ids, positions, patches, patch_positions, patch_groups, patch_segment_ids):
+        merged = self.encode(patches, patch_positions, patch_groups)
+        values, placed = self.place(tokens, segment_ids, merged, patch_segment_ids)
+        self.sow("intermediates", "unplaced", jnp.sum((tokens == self.image_token_id) & (segment_ids > 0) & ~placed))
+        return self.decoder(tokens, segment_ids, positions, features=values, feature_mask=placed)
+
+
+@register("qwen2_vl")
+class Qwen2VL(System):
+    """Native-resolution ViT -> 2 x 2 patch merger -> merged tokens at `<|image_pad|>` placeholders of an M-RoPE
+    Qwen2 LM."""
+
+    fusion = "in_sequence"
+
+    def __init__(self, config):
+        super().__init__(config)
+        m = config.model
+        parts.check_lm_settings(m.lm)
+        if not m.lm.get("mrope_sections"):
+            raise ConfigError("model.lm.mrope_sections must be set for qwen2_vl (M-RoPE over 3 position axes).")
+        vision = NativeViT(**m.vision.to_dict())
+        self.module = Qwen2VLModel(
+            vision=vision,
+            merger=PatchMerger(int(m.lm.embed_dim), vision.merge, **m.merger.to_dict()),
+            decoder=DecoderLM(**m.lm.to_dict()),
+            image_token_id=int(m.image_token_id),
+        )
+        self.seq_len = int(config.data.seq_len)
+        self.max_patches = int(config.data.max_patches)
+        block = vision.merge**2
+        if self.max_patches % block:
+            raise ConfigError(
+                f"data.max_patches {self.max_patches} must be a multiple of {block} (whole merge blocks)."
+            )
+
+    @property
+    def image_tokens(self) -> int:
+        """Native resolution has no fixed count per image: each image's is its merged grid's size."""
+        return 0
+
+    # ---------------------------------------------------------------- training
+
+    def dummy_batch(self, batch_size: int) -> dict[str, np.ndarray]:
+        shape, vision = (batch_size, self.seq_len), self.module.vision
+        merged = self.max_patches // vision.merge**2
+        tokens = np.zeros(shape, np.int32)
+        tokens[:, : min(self.seq_len, merged)] = self.module.image_token_id
+        return {
+            "tokens": tokens,
+            "targets": np.zeros(shape, np.int32),
+            "loss_mask": np.zeros(shape, np.float32),
+            "segment_ids": np.ones(shape, np.int32),
+            "positions": np.broadcast_to(np.arange(self.seq_len, dtype=np.int32), (batch_size, 3, self.seq_len)).copy(),
+            "patches": np.zeros((batch_size, self.max_patches, vision.patch_dim), np.float32),
+            "patch_positions": np.zeros((batch_size, self.max_patches, 2), np.int32),
+            "patch_groups": np.ones((batch_size, self.max_patches), np.int32),
+            "patch_segment_ids": np.ones((batch_size, self.max_patches), np.int32),
+        }
+
+    @staticmethod
+    def _args(batch):
+        return [batch[k] for k in ("tokens", "segment_ids", "positions", *PATCH_KEYS)]
+
+    def init(self, rng, batch):
+        return self.module.init(rng, *self._args(batch))["params"]
+
+    def logits(self, params: Any, batch: dict[str, jax.Array]) -> jax.Array:
+        """[B, L, vocab] float32 logits."""
+        return self.module.apply({"params": params}, *self._args(batch))
+
+    def loss(self, params, batch):
+        logits, state = self.module.apply({"params": params}, *self._args(batch), mutable=["intermediates"])
+        loss, weight, metrics = next_token_loss(logits, batch)
+        unplaced = state["intermediates"]["unplaced"][0]
+        metrics["unplaced_image_tokens"] = unplaced.astype(jnp.float32) * weight / batch["tokens"].shape[0]
+        return loss, weight, metrics
+
+    def flops_per_example(self) -> float:
+        """Training FLOPs of one row with `data.max_patches` patches (as `InSequenceSystem`, `parts.training_flops`:
+        vision encoder, merger, LM, following `optim.freeze`)."""
+        m, trains = self.module, parts.trained(self)
+        p = self.max_patches
+        args = (
+            jax.ShapeDtypeStruct((1, p, m.vision.patch_dim), jnp.float32),
+            jax.ShapeDtypeStruct((1, p, 2), jnp.int32),
+            jax.ShapeDtypeStruct((1, p), jnp.int32),
+        )
+        vision = parts.forward_flops(m.vision, *args)
+        tokens = jax.ShapeDtypeStruct((1, p, m.vision.width), jnp.float32)
+        merger = parts.forward_flops(m.merger, tokens)
+        chain = [(vision, trains("vision")), (merger, trains("merger"))]
+        return parts.training_flops(chain + parts.decoder_chain(m.decoder, "decoder", trains, self.seq_len))
+
+    def tokens_in(self, batch):
+        return int(np.count_nonzero(batch["segment_ids"]))
+
+    # ---------------------------------------------------------------- vlm-jax forward
+
+    def forward(self, params, inputs):
+        """transformers-style inputs -> logits: input_ids [B, L], optional attention_mask [B, L] (left padding),
+        pixel_values [patches, 1176] (every image's patches in batch order, as `Qwen2VLImageProcessor` gives
+        them) with image_grid_thw [images, 3]; an optional mm_token_type_ids is accepted and checked against the
+        placeholders. Positions are M-RoPE's, computed per row on its real tokens
+        (`native_resolution.mrope_positions`), as transformers' `get_rope_index` does."""
+        from data_pipelines import native_resolution as nr
+
+        tokens, present = parts.text_inputs(inputs, self.module.decoder.vocab_size)
+        known = {"input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids"}
+        extra = sorted(set(inputs) - known)
+        if extra:
+            raise UserError(f"the {self.config.model.name} system does not read the inputs {', '.join(extra)}.")
+        image_id, merge = self.module.image_token_id, self.module.vision.merge
+        is_image = (tokens == image_id) & present
+        if "mm_token_type_ids" in inputs and not np.array_equal(
+            (np.asarray(inputs["mm_token_type_ids"]) == 1) & present, is_image
+        ):
+            raise UserError("mm_token_type_ids marks other tokens as image tokens than the image placeholders.")
+        grids = [tuple(int(v) for v in g) for g in np.asarray(inputs.get("image_grid_thw", np.zeros((0, 3))))]
+        pixels = np.asarray(inputs.get("pixel_values", np.zeros((0, self.module.vision.patch_dim))), np.float32)
+        if sum(t * h * w for t, h, w in grids) != len(pixels):
+            raise UserError(f"pixel_values has {len(pixels)} patches; image_grid_thw asks for another number.")
+        starts = np.cumsum([0] + [t * h * w for t, h, w in grids])
+        rows, width = tokens.shape
+        positions = np.zeros((rows, 3, width), np.int32)
+        per_row, image = [], 0
+        for r in range(rows):
+            wanted, mine = int(is_image[r].sum()), []
+            while wanted > 0 and image < len(grids):
+                mine.append(image)
+                wanted -= nr.merged_tokens(grids[image], merge)
+                image += 1
+            if wanted != 0:
+                raise UserError(f"row {r}'s image placeholders do not add up to whole images of image_grid_thw.")
+            real = np.flatnonzero(present[r])
+            positions[r][:, real] = nr.mrope_positions(tokens[r, real], [grids[i] for i in mine], image_id, merge)
+            per_row.append(mine)
+        if image != len(grids):
+            raise UserError(f"image_grid_thw lists {len(grids)} images; the placeholders take {image}.")
+        count = max([1] + [sum(int(starts[i + 1] - starts[i]) for i in mine) for mine in per_row])
+        count = -(-count // merge**2) * merge**2
+        batch = {
+            "patches": np.zeros((rows, count, pixels.shape[-1]), np.float32),
+            "patch_positions": np.zeros((rows, count, 2), np.int32),
+            "patch_groups": np.zeros((rows, count), np.int32),
+            "patch_segment_ids": np.zeros((rows, count), np.int32),
+        }
+        for r, mine in enumerate(per_row):
+            at, group = 0, 1
+            for i in mine:
+                n, (t, h, w) = int(starts[i + 1] - starts[i]), grids[i]
+                span = slice(at, at + n)
+                batch["patches"][r, span] = pixels[starts[i] : starts[i + 1]]
+                batch["patch_positions"][r, span] = nr.patch_positions(grids[i], merge)
+                # Each frame its own attention group (transformers' cu_seqlens: one segment per frame).
+                batch["patch_groups"][r, span] = group + np.repeat(np.arange(t), h * w)
+                group += t
+                batch["patch_segment_ids"][r, span] = 1
+                at += n
+        batch.update(tokens=tokens, segment_ids=present.astype(np.int32), positions=positions)
+        return {"logits": np.asarray(jax.jit(self.logits)(params, batch))}
