@@ -1,7 +1,7 @@
 """Qwen2-VL (Wang et al. 2024, arXiv:2409.12191) and Qwen2.5-VL (Bai et al. 2025, arXiv:2502.13923): a
 native-resolution ViT, a 2 x 2 patch merger and a Qwen2 / Qwen2.5 LM with M-RoPE.
 
-Variants (`--config configs/qwen2_vl.py:variant=NAME`):
+Variants (`--config configs/qwen2_vl.py:variant=NAME[,data=DIR,tokenizer=FILE.model]`):
   tiny                  a 2-layer native-resolution ViT (width 32, patch 14), the merger, a 2-layer M-RoPE LM
   tiny-2.5              the same with Qwen2.5-VL's ViT (RMSNorm, gated SiLU MLP, window attention but layer 1)
   2b, 7b, 72b           Qwen2-VL: the 675M ViT (32 layers of width 1280, LayerNorm, quick-GELU MLP of 5120)
@@ -14,9 +14,11 @@ their aspect ratio: sides rounded to multiples of 28 px, area within [`data.imag
 `max_pixels`] (transformers' defaults 56^2 and 28^2 x 1280: at most 1280 LM tokens per image); a row holds
 at most `data.max_patches` patches (4 per LM token).
 
-Training data for native resolution (the "native" image mode, the two-budget packer and the "qwen2_vl" chat
-template) does not exist yet: these configs build, count and convert (`vlm-jax convert-hf`, `vlm-jax forward`);
-`vlm-jax train` stops at the data config with a clear error.
+Data: `data.image.mode="native"` (`data_pipelines/native_resolution.py`): every image is its own number of
+patches; the packer fills rows under two budgets at once, `data.seq_len` tokens and `data.max_patches`
+patches, and writes each example's M-RoPE positions; the "qwen2_vl" chat template writes
+`<|vision_start|>` + one `<|image_pad|>` per merged token + `<|vision_end|>` per image.
+`configs/qwen2_vl.py:data=builtin[,variant=tiny-2.5,scale=F]` trains the tiny model on the built-in dataset.
 """
 
 from ml_collections import FieldReference
@@ -44,10 +46,14 @@ QWEN25_VIT = dict(
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, variant="tiny")
+    arg = parse_arg(arg, variant="tiny", data="", tokenizer="", scale=1.0)
     tiny = arg.variant.startswith("tiny")
     if arg.variant not in ("tiny", "tiny-2.5") and arg.variant not in LMS:
         raise ConfigError(f"variant {arg.variant!r} is not one of tiny, tiny-2.5, {', '.join(LMS)}.")
+    if arg.data == "builtin":
+        if not tiny:
+            raise ConfigError("data=builtin trains tiny or tiny-2.5; paper-size variants need data=DIR,tokenizer=FILE.")
+        return builtin(arg)
     qwen25 = "2.5" in arg.variant
     c = training_config(
         total_steps=60 if tiny else 5000,
@@ -85,9 +91,9 @@ def get_config(arg=None):
         dict(
             name="grain",
             source="array_record",
-            train_path="",
-            validation_path="",
-            tokenizer="",
+            train_path=arg.data,
+            validation_path=arg.data,
+            tokenizer=arg.tokenizer,
             template="qwen2_vl",
             seq_len=seq_len,
             max_patches=max_patches,  # patches per packed row (4 per LM image token)
@@ -97,9 +103,17 @@ def get_config(arg=None):
             shuffle=True,
             worker_count=0,
             interleaved=dict(max_tokens=seq_len, max_images=1),
-            image=dict(mode="native", min_pixels=56 * 56, max_pixels=28 * 28 * 1280, normalization="clip"),
+            image=dict(
+                mode="native",
+                min_pixels=56 * 56,
+                max_pixels=28 * 28 * 1280,
+                normalization="clip",
+                max_aspect_ratio=200.0,
+            ),  # fmt: skip
         )
     )
+    if arg.tokenizer:
+        c.from_tokenizer = (("model.lm.vocab_size", "vocab_size"), ("model.image_token_id", "<|image_pad|>"))
     c.optim = ConfigDict(
         dict(
             name="adamw",
@@ -117,4 +131,28 @@ def get_config(arg=None):
             lr_mults=(),
         )
     )
+    return c
+
+
+def builtin(arg):
+    """The tiny Qwen2-VL (or, `variant=tiny-2.5`, Qwen2.5-VL) on the built-in dataset (a declared prerequisite,
+    built when training starts): captions, VQA and grounding conversations in Qwen2-VL chat, each 112 px image
+    at its native resolution (8 x 8 patches -> 16 LM tokens), rows of 192 tokens and 256 patches, nothing
+    frozen, VQA and caption evaluations on held-out combinations."""
+    from data_pipelines.builtin import build
+
+    root = "prerequisite:builtin"
+    c = get_config(f"variant={arg.variant},tokenizer={root}/{build.TOKENIZER}.model,data={root}")
+    c.prerequisites = {"builtin": dict(kind="builtin_data", seed=0, image_size=112, scale=float(arg.scale))}
+    steps = max(4, round(300 * float(arg.scale)))
+    c.total_steps, c.batch_size, c.log_every = steps, 16, 50
+    c.checkpoint_every, c.eval_every, c.eval_examples = steps, steps, 100
+    c.data.seq_len, c.data.max_patches = 192, 256
+    c.data.mixture = [
+        dict(train_path=f"{root}/{task}/train", validation_path=f"{root}/{task}/validation", weight=weight)
+        for task, weight in {"captions": 1.0, "vqa": 2.0, "grounding": 0.5}.items()
+    ]
+    c.eval_tasks = {task: f"{root}/{task}/validation" for task in ("vqa", "captions")}
+    c.eval_baselines = {task: f"{root}/{task}/train" for task in ("vqa", "captions")}  # model-free bars to clear
+    c.optim.update(lr=2e-3, warmup_steps=20)
     return c

@@ -23,6 +23,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
@@ -111,3 +112,39 @@ def mrope_positions(tokens: np.ndarray, grids: list[tuple[int, int, int]], place
         out[:, i : i + n] = pos + np.stack([tt.reshape(-1), hh.reshape(-1), ww.reshape(-1)])
         i, pos, image = i + n, pos + max(gh, gw), image + 1
     return out.astype(np.int32)
+
+
+def image_patches(image: np.ndarray, settings: Any) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """(patches, (1, h, w)) of one decoded uint8 image under `data.image` settings (`min_pixels`, `max_pixels`,
+    `normalization`): resized to its smart size, normalised, patchified."""
+    resized = resize(image, min_pixels=int(settings.min_pixels), max_pixels=int(settings.max_pixels))
+    return patchify(image_ops.normalize(resized, settings.normalization))
+
+
+def row_inputs(
+    examples: list[tuple[np.ndarray, list[tuple[np.ndarray, tuple[int, int, int]]]]], max_patches: int | None = None
+) -> dict[str, np.ndarray]:
+    """The patch inputs of rows, one row per (tokens, images) with images [(patches, grid), ...] in the order
+    of the row's placeholder runs: patches [B, P, D], patch_positions [B, P, 2], patch_groups [B, P] (1, 2, ...
+    per image) and patch_segment_ids [B, P] (1: each row one example); P = `max_patches` or the most a row has,
+    rounded up to whole merge blocks."""
+    counts = [sum(len(p) for p, _ in images) for _, images in examples]
+    most = max([MERGE * MERGE] + counts)
+    width = -(-most // (MERGE * MERGE)) * MERGE * MERGE if max_patches is None else max_patches
+    if most > width:
+        raise UserError(f"a prompt's images have {most} patches, more than the {width} a row takes (data.max_patches).")
+    dim = 3 * FRAMES * PATCH * PATCH
+    out = {
+        "patches": np.zeros((len(examples), width, dim), np.float32),
+        "patch_positions": np.zeros((len(examples), width, 2), np.int32),
+        "patch_groups": np.zeros((len(examples), width), np.int32),
+        "patch_segment_ids": np.zeros((len(examples), width), np.int32),
+    }
+    for r, (_, images) in enumerate(examples):
+        at = 0
+        for k, (patches, grid) in enumerate(images):
+            span = slice(at, at + len(patches))
+            out["patches"][r, span], out["patch_positions"][r, span] = patches, patch_positions(grid)
+            out["patch_groups"][r, span], out["patch_segment_ids"][r, span] = k + 1, 1
+            at += len(patches)
+    return out

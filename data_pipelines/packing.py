@@ -3,9 +3,11 @@
 Examples arrive as dicts of per-example arrays: `tokens`, `targets`,
 `loss_mask` (length n), optionally `prefix_mask` and `feature_index` (LLaVA-NeXT's
 feature order, relative to the example's own slots), and `images` [k, H, W, C]
-(k media slots: images, tiles or frames; k may be 0). Grain's first-fit packer
+(k media slots: images, tiles or frames; k may be 0) — or, at native resolution
+(Qwen2-VL), `patches` [n, 1176] with `patch_positions`, `patch_groups` and the
+example's M-RoPE `mrope_positions` [length, 3]. Grain's first-fit packer
 (`grain.experimental.FirstFitPackIterDataset`) places whole examples into rows
-of `seq_len` tokens and `max_images` media slots: an example that does not fit
+of `seq_len` tokens and `max_images` media slots (or `max_patches` patches): an example that does not fit
 either budget goes to a later row, never split. Because Grain writes one
 segment id per example into every packed feature, the image slots of a row
 carry the same segment ids as the example's tokens, so an image can only ever
@@ -83,12 +85,19 @@ def pack(
     seed: int,
     with_prefix_mask: bool = False,
     with_feature_index: bool = False,
+    max_patches: int = 0,
 ) -> grain.IterDataset:
-    """Packs examples into rows in the batch format (one row per element; batch afterwards)."""
+    """Packs examples into rows in the batch format (one row per element; batch afterwards). `max_patches` > 0:
+    native-resolution examples (`mrope_positions`, `patches`, `patch_positions`, `patch_groups`), packed under
+    `max_patches` patches per row in place of `max_images` media slots."""
     sequence_keys = ["tokens", "targets", "loss_mask"] + (["prefix_mask"] if with_prefix_mask else [])
     sequence_keys += ["feature_index"] if with_feature_index else []
+    sequence_keys += ["mrope_positions"] if max_patches else []
     length_struct = {k: seq_len for k in sequence_keys}
-    length_struct["images"] = max_images
+    if max_patches:
+        length_struct.update(patches=max_patches, patch_positions=max_patches, patch_groups=max_patches)
+    else:
+        length_struct["images"] = max_images
     packed = grain.experimental.FirstFitPackIterDataset(
         examples, length_struct=length_struct, num_packing_bins=num_bins, seed=seed, shuffle_bins=True
     )
@@ -102,9 +111,22 @@ def _to_batch_format(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         "loss_mask": np.asarray(row["loss_mask"], np.float32),
         "segment_ids": np.asarray(row["tokens_segment_ids"], np.int32),
         "positions": np.asarray(row["tokens_positions"], np.int32),
-        "images": np.asarray(row["images"], np.float32),
-        "image_segment_ids": np.asarray(row["images_segment_ids"], np.int32),
     }
+    if "patches" in row:
+        out["positions"] = np.asarray(row["mrope_positions"], np.int32).T  # [3, L], per example as computed
+        segments = np.asarray(row["patches_segment_ids"], np.int32)
+        # Attention groups: (example, image within it) -> 1, 2, ... in row order; padding 0.
+        key = segments.astype(np.int64) << 32 | np.asarray(row["patch_groups"], np.int64)
+        starts = (segments > 0) & np.concatenate([[True], key[1:] != key[:-1]])
+        out.update(
+            patches=np.asarray(row["patches"], np.float32),
+            patch_positions=np.asarray(row["patch_positions"], np.int32),
+            patch_groups=np.where(segments > 0, np.cumsum(starts), 0).astype(np.int32),
+            patch_segment_ids=segments,
+        )
+    else:
+        out["images"] = np.asarray(row["images"], np.float32)
+        out["image_segment_ids"] = np.asarray(row["images_segment_ids"], np.int32)
     if "prefix_mask" in row:
         out["prefix_mask"] = np.asarray(row["prefix_mask"], bool)
     if "feature_index" in row:

@@ -29,7 +29,7 @@ import grain
 import ml_collections
 import numpy as np
 
-from data_pipelines import fitting, image_ops, templates
+from data_pipelines import fitting, image_ops, native_resolution, templates
 from data_pipelines.packing import REPAIRS, SKIP, CountSkips, CountSkipsIterator, pack
 from data_pipelines.sources import ArrayRecordSource, ListSource, TfdsSource
 from data_pipelines.tokenizer import Tokenizer
@@ -120,7 +120,8 @@ def mixture_components(data: ml_collections.ConfigDict, split: str) -> list[dict
 
 def image_views(image: np.ndarray, settings: Any) -> list[np.ndarray]:
     """The normalised views of one decoded image that the model takes as media slots (`data.image`): the image
-    at a fixed resolution, InternVL's tiles and thumbnail, or LLaVA-NeXT's base view and tiles."""
+    at a fixed resolution, InternVL's tiles and thumbnail, LLaVA-NeXT's base view and tiles, or Fuyu's
+    aspect-kept image on a padded canvas (`fuyu_canvas`)."""
     mode, size = settings.mode, int(settings.size)
     if mode == "fixed":
         tiles = [image_ops.fixed_resolution(image, size, settings.get("method", "bicubic"))]
@@ -130,14 +131,47 @@ def image_views(image: np.ndarray, settings: Any) -> list[np.ndarray]:
         )
     elif mode == "anyres":
         tiles = image_ops.anyres_tiles(image, [tuple(p) for p in settings.grid_pinpoints], size)
+    elif mode == "fuyu":
+        tiles = [fuyu_canvas(image, size, settings.get("method", "bilinear"))]
     else:
-        raise UserError(f"data.image.mode {mode!r} is not one of fixed, internvl, anyres.")
+        raise UserError(f"data.image.mode {mode!r} is not one of fixed, internvl, anyres, fuyu.")
     return [image_ops.normalize(t, settings.normalization) for t in tiles]
 
 
+def fuyu_canvas(image: np.ndarray, size: int, method: str = "bilinear") -> np.ndarray:
+    """`image` as transformers' `FuyuImageProcessor` prepares it, on a square `size` canvas: scaled down (never
+    up) to fit, keeping its aspect ratio (int(side * scale)), then padded at the bottom and right with pixel
+    value 1 (the processor's `padding_value` 1.0, before rescaling). Fuyu then reads only the image's own
+    ceil(side / patch) patches (`fuyu_feature_order`)."""
+    h, w = image.shape[:2]
+    if h > size or w > size:
+        scale = min(size / h, size / w)
+        image = image_ops.resize(image, max(1, int(h * scale)), max(1, int(w * scale)), method)
+    canvas = np.ones((size, size, 3), np.uint8)
+    canvas[: image.shape[0], : image.shape[1]] = image
+    return canvas
+
+
+def fuyu_feature_order(image_hw: tuple[int, int], size: int, side: int) -> np.ndarray:
+    """Fuyu's placeholders of one image of `image_hw` (height, width) on a `size` px canvas of side x side
+    patches (`fuyu_canvas`): its own ceil(h' / p) x ceil(w' / p) patches of the scaled image (h', w'), row by
+    row, each row followed by -1 (the image-newline token), as FuyuProcessor lays them out; each value is the
+    patch's index among the canvas' patches (row * side + column)."""
+    h, w = image_hw
+    if h > size or w > size:
+        scale = min(size / h, size / w)
+        h, w = max(1, int(h * scale)), max(1, int(w * scale))
+    patch = size // side
+    rows, cols = -(-h // patch), -(-w // patch)
+    grid = np.arange(rows)[:, None] * side + np.arange(cols)[None, :]
+    return np.concatenate([grid, np.full((rows, 1), -1)], axis=1).reshape(-1).astype(np.int32)
+
+
 def uses_feature_index(settings: Any) -> bool:
-    """Whether `data.image` lays AnyRes features out as LLaVA-NeXT does (the data then names each placeholder's
-    feature); raises a UserError for an unknown `anyres_layout`."""
+    """Whether `data.image` lays AnyRes features out as LLaVA-NeXT does, or is Fuyu's canvas (the data then names
+    each placeholder's feature); raises a UserError for an unknown `anyres_layout`."""
+    if settings.get("mode") == "fuyu":
+        return True
     if settings.get("mode") != "anyres":
         return False
     layout = settings.get("anyres_layout", "tiles")
@@ -147,7 +181,10 @@ def uses_feature_index(settings: Any) -> bool:
 
 
 def feature_order(image_hw: tuple[int, int], settings: Any, tokens_per_slot: int) -> np.ndarray:
-    """LLaVA-NeXT's feature for each placeholder of one image (`image_ops.anyres_feature_order`)."""
+    """LLaVA-NeXT's feature for each placeholder of one image (`image_ops.anyres_feature_order`), or Fuyu's
+    (`fuyu_feature_order`: tokens_per_slot is then the canvas' patches)."""
+    if settings.get("mode") == "fuyu":
+        return fuyu_feature_order(image_hw, int(settings.size), int(round(tokens_per_slot**0.5)))
     pinpoints = [tuple(p) for p in settings.grid_pinpoints]
     side = int(round(tokens_per_slot**0.5))
     return image_ops.anyres_feature_order(*image_hw, pinpoints, int(settings.size), side)
@@ -197,6 +234,10 @@ class Preprocessor:
         self.max_images = int(data.max_images)
         self.tokens_per_slot = int(config.model.get("image_tokens", 1))
         self.image = data.image
+        # Native resolution (Qwen2-VL): an image is a variable number of patches, the row's budget is
+        # `data.max_patches` patches (in place of media slots), and positions are M-RoPE's [3, L].
+        self.native = self.image.get("mode") == "native"
+        self.slot_budget = int(data.max_patches) if self.native else self.max_images
         window = data.get("interleaved", {})
         self.window_tokens = int(window.get("max_tokens", self.seq_len))
         self.window_images = int(window.get("max_images", self.max_images))
@@ -204,6 +245,7 @@ class Preprocessor:
         # LLaVA-NeXT's layout: an AnyRes image places its base view, its unpadded grid and a newline per grid row
         # (image_ops.anyres_feature_order), and each placeholder's feature is named in `feature_index`.
         self.with_feature_index = self.image.get("mode") == "anyres" and self.image.get("anyres_layout") == "llava_next"
+        self.with_feature_index |= self.image.get("mode") == "fuyu"  # each image's own patch grid and newlines
         if self.image.get("mode") == "anyres" and self.image.get("anyres_layout", "tiles") not in (
             "tiles",
             "llava_next",
@@ -218,15 +260,24 @@ class Preprocessor:
         try:
             record = self._clean(record, repairs)
             slots_per_image, pixels, orders = self._images(record, repairs, rng)
-            if self.format != "interleaved" and sum(slots_per_image) > self.max_images:
-                return {SKIP: "too_many_images"}
-            counts = [len(o) for o in orders] if orders else [self.tokens_per_slot * k for k in slots_per_image]
+            if self.format != "interleaved" and sum(slots_per_image) > self.slot_budget:
+                return {SKIP: "too_many_patches" if self.native else "too_many_images"}
+            counts = self._placeholders(slots_per_image, pixels, orders)
             rendered = templates.render(self.template, self.tokenizer, record, counts, **self.template_options)
         except image_ops.BadImage as e:
             return {SKIP: e.reason}
         except UserError as e:
             return {SKIP: getattr(e, "reason", "unrenderable")}
         return self._fit(rendered, slots_per_image, pixels, orders, repairs, rng)
+
+    def _placeholders(self, slots_per_image, pixels, orders) -> list[int]:
+        """Placeholder ids per image: LLaVA-NeXT's feature order, a native-resolution image's merged tokens, or
+        `image_tokens` per media slot."""
+        if orders:
+            return [len(o) for o in orders]
+        if self.native:
+            return [native_resolution.merged_tokens(grid) for _, grid in pixels]
+        return [self.tokens_per_slot * k for k in slots_per_image]
 
     def _clean(self, record: dict[str, Any], repairs: list[str]) -> dict[str, Any]:
         record = dict(record)
@@ -248,8 +299,16 @@ class Preprocessor:
             if data is None:
                 continue
             try:
+                if isinstance(data, (list, tuple)) and self.native:
+                    raise image_ops.BadImage("unsupported_video", "native-resolution video is not implemented.")
                 if isinstance(data, (list, tuple)):  # a video: encoded frames
                     tiles = self._frames(data, rng)
+                elif self.native:
+                    image = image_ops.decode(data, max_aspect_ratio=float(self.image.max_aspect_ratio))
+                    patches, grid = native_resolution.image_patches(image, self.image)
+                    slots_per_image.append(len(patches))  # the budget counts patches
+                    pixels.append((patches, grid))
+                    continue
                 else:
                     image = image_ops.decode(data, max_aspect_ratio=float(self.image.max_aspect_ratio))
                     tiles = image_views(image, self.image)
@@ -286,7 +345,7 @@ class Preprocessor:
 
     def _fit(self, rendered, slots_per_image, pixels, orders, repairs, rng) -> dict[str, Any]:
         ids, predict = np.asarray(rendered.ids), np.asarray(rendered.predict)
-        counts = [len(o) for o in orders] if orders else [self.tokens_per_slot * k for k in slots_per_image]
+        counts = self._placeholders(slots_per_image, pixels, orders)
         spans = fitting.image_spans(ids, self.placeholder_id, counts, self.wrapper_ids)
         interleaved = self.format == "interleaved"
         fitted = fitting.fit(
@@ -296,13 +355,17 @@ class Preprocessor:
             spans,
             slots_per_image,
             max_tokens=min(self.seq_len, self.window_tokens if interleaved else self.seq_len) + 1,
-            max_slots=min(self.max_images, self.window_images if interleaved else self.max_images),
+            max_slots=self.slot_budget
+            if self.native
+            else min(self.max_images, self.window_images if interleaved else self.max_images),
             rng=rng if interleaved else None,
         )
         if len(fitted.ids) < 2 or not fitted.predict[1:].any():
             return {SKIP: "nothing_to_predict"}
         if fitted.truncated and not interleaved:
             repairs.append("truncated")
+        if self.native:
+            return self._native_example(fitted, pixels, repairs)
         first_slot = np.cumsum([0] + slots_per_image)
         kept_pixels = [pixels[s] for i in fitted.kept_images for s in range(first_slot[i], first_slot[i + 1])]
         size = int(self.image.size)
@@ -317,6 +380,29 @@ class Preprocessor:
             example["prefix_mask"] = fitted.prefix_mask[:-1]
         if self.with_feature_index:
             example["feature_index"] = self._feature_index(fitted, slots_per_image, orders)[:-1]
+        return example
+
+    def _native_example(self, fitted, pixels, repairs) -> dict[str, Any]:
+        """A native-resolution example: its tokens, M-RoPE positions [L, 3] (transposed into the batch's [3, L]
+        after packing) and its kept images' patches, patch positions and attention groups (1.. per image)."""
+        kept = [pixels[i] for i in fitted.kept_images]
+        grids = [grid for _, grid in kept]
+        tokens = fitted.ids[:-1].astype(np.int32)
+        dim = 3 * native_resolution.FRAMES * native_resolution.PATCH**2
+        example = {
+            "tokens": tokens,
+            "targets": fitted.ids[1:].astype(np.int32),
+            "loss_mask": fitted.predict[1:].astype(np.float32),
+            "mrope_positions": native_resolution.mrope_positions(tokens, grids, self.placeholder_id).T.copy(),
+            "patches": np.concatenate([p for p, _ in kept]) if kept else np.zeros((0, dim), np.float32),
+            "patch_positions": np.concatenate([native_resolution.patch_positions(g) for g in grids])
+            if kept
+            else np.zeros((0, 2), np.int32),
+            "patch_groups": np.concatenate([np.full(len(p), k + 1, np.int32) for k, (p, _) in enumerate(kept)])
+            if kept
+            else np.zeros((0,), np.int32),
+            REPAIRS: repairs,
+        }
         return example
 
     def _feature_index(self, fitted, slots_per_image, orders) -> np.ndarray:
@@ -454,6 +540,7 @@ class GrainPipeline(BatchIteratorBase):
                 seed=int(config.seed),
                 with_prefix_mask=preprocessor.with_prefix_mask,  # the same for every component (mixture_components)
                 with_feature_index=preprocessor.with_feature_index,
+                max_patches=preprocessor.slot_budget if preprocessor.native else 0,
             )
             self.rows = rows  # the unbatched rows (of the last stream), for `data_stats`
             batches.append(rows.batch(rows_per_stream, drop_remainder=True))
@@ -518,21 +605,26 @@ def data_stats(config: ml_collections.ConfigDict, split: str = "train", max_rows
     for row in iterator:
         rows += 1
         tokens += int(np.count_nonzero(row["segment_ids"]))
-        slots += int(np.count_nonzero(row["image_segment_ids"]))
+        slots += int(np.count_nonzero(row["patch_segment_ids" if "patches" in row else "image_segment_ids"]))
         examples += int(row["segment_ids"].max())
         if max_rows and rows >= max_rows:
             break
     seconds = time.perf_counter() - start
     counts = counts_of(iterator)
     seq_len, max_images = int(config.data.seq_len), int(config.data.max_images)
-    return {
+    if config.data.get("image", {}).get("mode") == "native":  # the image budget is patches, not media slots
+        max_images = int(config.data.max_patches)
+    stats = {
         "records": counts.get("records", 0) + sum(v for k, v in counts.items() if k.startswith("skipped/")),
         "kept": counts.get("records", 0),
         "skipped": {k.split("/", 1)[1]: v for k, v in counts.items() if k.startswith("skipped/")},
         "repaired": {k.split("/", 1)[1]: v for k, v in counts.items() if k.startswith("repaired/")},
         "rows": rows,
         "token_fill": tokens / max(rows * seq_len, 1),
-        "image_slot_fill": slots / max(rows * max_images, 1),
+        "image_slot_fill": slots / max(rows * max_images, 1),  # native resolution: patches per data.max_patches
         "examples_per_row": examples / max(rows, 1),
         "rows_per_s": rows / max(seconds, 1e-9),
     }
+    if config.data.get("image", {}).get("mode") == "native":
+        stats["patch_fill"] = stats["image_slot_fill"]
+    return stats

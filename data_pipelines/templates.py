@@ -62,6 +62,7 @@ CAPTION_PROMPTS = {
     "minigpt4": "Describe this image in detail.",  # first line of MiniGPT-4's prompts/alignment.txt
     "qwen_vl": "Describe the image concisely.",  # assumption: Qwen-VL publishes no caption instruction for chat
     "internvl": "Please describe the image shortly.",  # the Mini-InternVL card's single-image example
+    "qwen2_vl": "Describe this image.",  # the Qwen2-VL model card's example
 }
 
 
@@ -368,6 +369,37 @@ def qwen_vl(
     return b.build("<imgpad>", image_tokens, _count_markers(turns))
 
 
+def qwen2_vl(
+    tokenizer: Tokenizer,
+    turns: Sequence[Turn],
+    image_tokens: int | Sequence[int],
+    *,
+    system: str = QWEN_VL_SYSTEM,
+) -> TokenizedExample:
+    """Qwen2-VL / Qwen2.5-VL chat (the checkpoints' `chat_template`)::
+
+        <|im_start|>system\n{system}<|im_end|>\n
+        <|im_start|>user\n<|vision_start|><|image_pad|>..<|vision_end|>{q}<|im_end|>\n
+        <|im_start|>assistant\n{a}<|im_end|>\n   (repeated per turn)
+
+    No bos. Each <image> marker becomes `<|vision_start|>` + one `<|image_pad|>`
+    per merged token of that image (its own count: native resolution) +
+    `<|vision_end|>`, in place. Targets: each answer and its `<|im_end|>`. A
+    final turn without answer ends with "<|im_start|>assistant\n".
+    """
+    _check_turns(turns)
+    b = _Builder(tokenizer)
+    b.prompt(f"<|im_start|>system\n{system}<|im_end|>\n")
+    for q, a in turns:
+        q_text = q.replace(IMAGE_MARKER, "<|vision_start|><|image_pad|><|vision_end|>")
+        b.prompt(f"<|im_start|>user\n{q_text}<|im_end|>\n<|im_start|>assistant\n")
+        if a is None:
+            break
+        b.target(a + "<|im_end|>")
+        b.prompt("\n")
+    return b.build("<|image_pad|>", image_tokens, _count_markers(turns))
+
+
 def qwen_box(x1: float, y1: float, x2: float, y2: float, width: float, height: float, ref: str | None = None) -> str:
     """Qwen-VL grounding text for a pixel box: `<ref>{ref}</ref><box>(x1,y1),(x2,y2)</box>`.
 
@@ -462,6 +494,48 @@ def paligemma(
         b.target(suffix)
         b.eos()
     return b.build(IMAGE_MARKER, image_tokens, num_images, prefix_lm=True)
+
+
+# Fuyu's beginning-of-answer marker: FuyuProcessor appends the byte piece <0x04> ("<boa>") to every prompt.
+FUYU_BOA = "\x04"
+# Fuyu-8B model card's example prompts: "Generate a coco-style caption.\n" and "What color is the bus?\n".
+FUYU_CAPTION_PROMPT = "Generate a coco-style caption.\n"
+
+
+def fuyu(
+    tokenizer: Tokenizer,
+    prompt: str,
+    answer: str | None,
+    num_images: int = 1,
+    image_tokens: int | Sequence[int] = 36 * 37,  # configs/fuyu.py's 8b: a square image's 36 x (36 + newline)
+) -> TokenizedExample:
+    """Fuyu (transformers' FuyuProcessor: `prepare_inputs_layout`, `replace_image_token`)::
+
+        |SPEAKER| x image_tokens x num_images  <s>{prompt}<0x04>{answer}</s>
+
+    Each image is one contiguous run of `image_tokens` `|SPEAKER|` placeholders:
+    rows * (cols + 1) for an image of rows x cols patches, the processor's
+    `(|SPEAKER| x cols, |NEWLINE|) x rows`, where the data's `feature_index`
+    marks the newlines (data_pipelines/pipeline.py::fuyu_feature_order) and the
+    fuyu model gives them the `|NEWLINE|` token (vlm_jax/models/fuyu.py; the
+    packer never splits a run). `<0x04>` is the beginning-of-answer byte piece
+    the processor appends to every prompt. Targets: the answer and the eos
+    (Fuyu publishes no training format; this is the processor's prompt with the
+    answer and eos after it). `answer=None` gives the generation prompt,
+    ending with `<0x04>`.
+    """
+    if not prompt.strip() or (answer is not None and not answer.strip()):
+        raise RenderError("empty_text", "the Fuyu prompt or answer is empty.")
+    if IMAGE_MARKER in prompt or (answer is not None and IMAGE_MARKER in answer):
+        raise RenderError("placeholder_mismatch", "Fuyu text must not contain <image> markers.")
+    b = _Builder(tokenizer)
+    b.prompt("|SPEAKER|" * num_images)
+    b.bos()
+    b.prompt(prompt + FUYU_BOA)
+    if answer is not None:
+        b.target(answer)
+        b.eos()
+    return b.build("|SPEAKER|", image_tokens, num_images)
 
 
 def flamingo(
@@ -738,6 +812,11 @@ def _render_qwen_vl(
     return qwen_vl(tokenizer, turns, image_tokens, system=own_system or system)
 
 
+def _render_qwen2_vl(tokenizer, example, image_tokens, *, system: str = QWEN_VL_SYSTEM, caption_prompt=None):
+    own_system, turns = conversation(example, caption_prompt or CAPTION_PROMPTS["qwen2_vl"])
+    return qwen2_vl(tokenizer, turns, image_tokens, system=own_system or system)
+
+
 def _render_internvl(
     tokenizer,
     example,
@@ -781,6 +860,27 @@ def _render_flamingo(tokenizer, example, image_tokens, *, text_separator: str = 
     return flamingo(tokenizer, document(example), image_tokens, text_separator=text_separator)
 
 
+def _render_fuyu(tokenizer, example, image_tokens, *, caption_prompt: str = FUYU_CAPTION_PROMPT):
+    """pairs (the caption prompt), vqa (`{question}\\n`, the model card's form) and single-turn llava records
+    (the question without its <image> markers) through `fuyu`: the images first, as FuyuProcessor puts them."""
+    kind = record_format(example)
+    n = _num_images(example)
+    if kind == "pairs":
+        prompt, answer = caption_prompt, _text_field(example, "caption").strip()
+    elif kind == "vqa":
+        prompt, answer = _text_field(example, "question").strip() + "\n", _text_field(example, "answer")
+    elif kind == "llava":
+        _, turns = conversation(example, "")
+        if len(turns) != 1:
+            raise RenderError("multi_turn", "Fuyu is single-turn: the record must be one human/gpt exchange.")
+        prompt, answer = turns[0][0].replace(IMAGE_MARKER, "").strip() + "\n", turns[0][1]
+    else:
+        raise RenderError("unsupported_format", f"a {kind} record cannot go through the Fuyu template.")
+    if n == 0:
+        raise RenderError("placeholder_mismatch", "the Fuyu template needs an image.")
+    return fuyu(tokenizer, prompt, answer, n, image_tokens)
+
+
 Renderer = Callable[..., TokenizedExample]
 
 TEMPLATES: dict[str, Renderer] = {
@@ -790,7 +890,9 @@ TEMPLATES: dict[str, Renderer] = {
     "llava_plain": _render_llava_plain,
     "qwen_vl": _render_qwen_vl,
     "internvl": _render_internvl,
+    "qwen2_vl": _render_qwen2_vl,
     "flamingo": _render_flamingo,
+    "fuyu": _render_fuyu,
 }
 """name -> fn(tokenizer, example, image_tokens, **options) -> TokenizedExample (options: see render)."""
 
@@ -802,7 +904,9 @@ _SPECS: dict[str, tuple[str, tuple[str, ...], bool, tuple[str, ...]]] = {
     "llava_plain": ("<image>", (), False, ("pairs", "llava")),
     "qwen_vl": ("<imgpad>", ("<img>", "</img>"), False, ("pairs", "vqa", "llava")),
     "internvl": ("<IMG_CONTEXT>", ("<img>", "</img>"), False, ("pairs", "vqa", "llava")),
+    "qwen2_vl": ("<|image_pad|>", ("<|vision_start|>", "<|vision_end|>"), False, ("pairs", "vqa", "llava")),
     "flamingo": ("<image>", (), False, ("pairs", "vqa", "llava", "interleaved")),
+    "fuyu": ("|SPEAKER|", (), False, ("pairs", "vqa", "llava")),
 }
 
 
@@ -818,9 +922,9 @@ def render(
     """Renders one record with template `name` (a key of TEMPLATES).
 
     image_tokens: placeholder ids per image (int, or one per image in order).
-    options (all optional): system (llava, qwen_vl, internvl; a record's own
+    options (all optional): system (llava, qwen_vl, qwen2_vl, internvl; a record's own
     first "system" turn wins), caption_prompt (chat templates, for pairs
-    records), style ("internlm2" | "phi3", internvl), lang / prefix
+    records and fuyu), style ("internlm2" | "phi3", internvl), lang / prefix
     (paligemma: "caption {lang}", "answer {lang} {question}"), text_separator
     (flamingo). Raises RenderError (a UserError, with `.reason`) for a record
     the template cannot render.
@@ -850,6 +954,7 @@ _STOP_PIECES: dict[str, tuple[str, ...]] = {
     "flamingo": ("<|endofchunk|>",),  # every text chunk ends with it
     "qwen_vl": ("<|im_end|>",),  # ChatML turns
     "internvl": ("<|im_end|>",),
+    "qwen2_vl": ("<|im_end|>",),
 }
 
 

@@ -50,6 +50,13 @@ SPECIAL_TOKENS: tuple[str, ...] = (
     "<|end|>",
     "|SPEAKER|",  # Fuyu: image patch placeholder
     "|NEWLINE|",  # Fuyu: end of a row of image patches
+    "<|vision_start|>",  # Qwen2-VL / Qwen2.5-VL: around an image's <|image_pad|> run
+    "<|vision_end|>",
+    "<|image_pad|>",  # Qwen2-VL: one per merged (2 x 2) patch token, as many as the image's native size gives
+    "<|video_pad|>",
+    "<image_placeholder>",  # DeepSeek-VL: one per image feature (576)
+    "<fake_token_around_image>",  # Idefics2 / Idefics3: around each image or tile
+    "<global-img>",  # Idefics3: the whole image after its tiles
 )
 
 _Piece = model_pb2.ModelProto.SentencePiece

@@ -63,6 +63,16 @@ SPECS = [
     "qwen2_vl.py:variant=tiny-2.5",
     "qwen2_vl.py:variant=7b",
     "qwen2_vl.py:variant=2.5-7b",
+    "qwen2_vl.py:data=builtin,scale=0.02",
+    "qwen_vl.py",
+    "qwen_vl.py:variant=7b,stage=1",
+    "qwen_vl.py:variant=7b,data=/no/data,tokenizer=/no/spm.model",
+    "qwen_vl.py:data=builtin,scale=0.02",
+    "fuyu.py",
+    "fuyu.py:variant=8b",
+    "fuyu.py:variant=8b,data=/no/data,tokenizer=/no/spm.model",
+    "fuyu.py:data=builtin",
+    "fuyu.py:data=builtin,scale=0.02",
     "paligemma.py:data=builtin,scale=0.02",
 ]
 
@@ -167,6 +177,11 @@ FOLLOWERS = [
     ("minigpt_v2.py:variant=7b", "--config.model.lm.dtype=float32", ["model.encoder_kwargs.dtype"]),
     ("internvl.py:variant=1.5", "--config.model.lm.dtype=float32", ["model.encoder_kwargs.dtype"]),
     ("qwen2_vl.py:variant=7b", "--config.model.lm.dtype=float32", ["model.vision.dtype"]),
+    ("qwen_vl.py:variant=7b", "--config.model.lm.dtype=float32", ["model.encoder_kwargs.dtype"]),
+    ("qwen_vl.py", "--config.model.connector.queries=16", ["model.image_tokens"]),
+    ("qwen_vl.py:data=builtin", "--config.model.image_size=96", ["model.encoder_kwargs.image_size", "data.image.size"]),
+    ("fuyu.py", "--config.model.image_size=64", ["data.image.size"]),
+    ("fuyu.py:variant=8b", "--config.data.seq_len=4096", ["data.interleaved.max_tokens"]),
     (
         "internvl.py:variant=mini-4b",
         "--config.model.image_size=896",
@@ -232,6 +247,14 @@ KNOBS = {
     + RESAMPLER_KNOBS
     + ["--config.model.encoder_kwargs.stochastic_depth_rate=0.0", "--config.model.project_media=False"],
     "paligemma.py": VIT_KNOBS + ["--config.model.lm.remat=full", "--config.model.stage_checkpoint=/no/run"],
+    "fuyu.py": [
+        "--config.model.lm.rope_fraction=1.0",
+        "--config.model.lm.qk_norm=False",
+        "--config.model.lm.remat=full",
+    ],
+    "internvl.py": ["--config.model.connector.version=v1", "--config.data.image.max_tiles=40"],
+    "qwen2_vl.py": ["--config.model.vision.window_merge=4", "--config.data.image.max_pixels=1000000"],
+    "qwen_vl.py:variant=7b": ["--config.model.connector.head_dim=64", "--config.model.encoder_kwargs.remat=full"],
     "flamingo.py:data=builtin": FLAMINGO_KNOBS
     + ["--config.model.encoder_kwargs.stem=patch", "--config.model.encoder_kwargs.stem_width=8"]
     + ["--config.prerequisites.builtin.scale=0.5", "--config.prerequisites.lm.config.total_steps=10"],

@@ -1,6 +1,7 @@
 """Qwen2-VL / Qwen2.5-VL through the system contract: paper sizes, packed rows of native-resolution images kept
 apart, and the native-resolution preprocessing of real photos against transformers' image processor."""
 
+import json
 import os
 
 import flax.linen as nn
@@ -13,7 +14,7 @@ from PIL import Image
 from conftest import REPO
 from data_pipelines import image_ops
 from data_pipelines import native_resolution as nr
-from vlm_jax import models
+from vlm_jax import cli, models
 from vlm_jax.config_lib import load_config
 
 
@@ -133,3 +134,86 @@ def test_patch_positions_equal_transformers(grid):
 
     want = get_vision_position_ids(torch.tensor([grid]), 2).numpy()
     np.testing.assert_array_equal(nr.patch_positions(grid), want)
+
+
+def test_cached_generation_equals_the_full_forward(tiny):
+    """Two prompts with images of different native sizes, left-padded into one batch, decode with the KV cache
+    and M-RoPE positions continuing past each prompt's largest exactly as re-running the whole sequence does
+    (its positions computed afresh for every length)."""
+    import ml_collections
+
+    from vlm_jax import generate
+
+    system, params = tiny
+    image_id = system.module.image_token_id
+
+    class Pieces:  # the one piece `batch_of` looks up: the template's placeholder
+        def token_id(self, piece):
+            assert piece == "<|image_pad|>"
+            return image_id
+
+    settings = ml_collections.ConfigDict(dict(mode="native", min_pixels=0, max_pixels=1 << 30, normalization="clip"))
+    fmt = generate.PromptFormat(Pieces(), "qwen2_vl", 0, 0, settings)
+    rng = np.random.default_rng(3)
+    prompts = []
+    for grid, text in (((1, 4, 8), 5), ((1, 6, 2), 2)):
+        tokens, grid, patches = example(rng, image_id, grid, text)
+        prompts.append({"tokens": tokens.tolist(), "images": [(patches, grid)], "encoded": [], "feature_index": None})
+    steps = 4
+    out = generate.generate(system, params, generate.batch_of(prompts, fmt), generate.Sampling(max_new_tokens=steps))
+    logits = jax.jit(system.logits)
+    for row, prompt in enumerate(prompts):
+        seq, grid = list(prompt["tokens"]), prompt["images"][0][1]
+        length = len(seq) + steps
+        for _ in range(steps):
+            n = len(seq)
+            batch = packed([(np.asarray(seq + [0] * (length - n)), grid, prompt["images"][0][0])], image_id, length)
+            batch["segment_ids"][0, n:] = 0
+            seq.append(int(np.argmax(np.asarray(logits(params, batch))[0, n - 1])))
+        assert out[row].tolist() == seq[-steps:]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The tiny Qwen2-VL trained for a few steps on a small built-in dataset through `vlm-jax train`."""
+    cache = str(tmp_path_factory.mktemp("cache"))
+    workdir = str(tmp_path_factory.mktemp("qwen2_vl_run"))
+    config = f"{REPO}/configs/qwen2_vl.py:data=builtin,scale=0.02"
+    argv = [
+        "train", "--config", config, "--workdir", workdir,
+        "--config.total_steps=4", "--config.batch_size=8", "--config.eval_every=4", "--config.eval_examples=8",
+        "--config.checkpoint_every=4", "--config.log_every=2",
+    ]  # fmt: skip
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VLM_JAX_CACHE", cache)
+        status = cli.main(argv)
+    return workdir, status, cache, config
+
+
+def test_tiny_qwen2_vl_trains_on_packed_native_rows_evaluates_and_answers(trained, tmp_path, capsys, monkeypatch):
+    from data_pipelines.pipeline import GrainPipeline
+    from vlm_jax import prerequisites
+
+    workdir, status, cache, config = trained
+    assert status == 0
+    monkeypatch.setenv("VLM_JAX_CACHE", cache)
+    # The pipeline's rows: two budgets (192 tokens, 256 patches), several examples per row, each example's
+    # placeholders exactly its patches' merged tokens, M-RoPE positions restarting in every example.
+    resolved = prerequisites.resolve(load_config(config))
+    row = next(iter(GrainPipeline(resolved, "train").rows))
+    segments, patch_segments = row["segment_ids"], row["patch_segment_ids"]
+    assert row["positions"].shape == (3, 192) and row["patches"].shape == (256, 1176) and segments.max() >= 2
+    for s in range(1, int(segments.max()) + 1):
+        mine = segments == s
+        assert (row["tokens"][mine] == resolved.model.image_token_id).sum() == (patch_segments == s).sum() // 4
+        assert row["positions"][:, mine][:, 0].tolist() == [0, 0, 0]
+    capsys.readouterr()
+    assert cli.main(["eval", "--config", config, "--workdir", workdir, "--config.eval_examples=8"]) == 0
+    scores = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert scores["step"] == 4 and {"vqa_accuracy", "cider"} <= set(scores)
+    image = tmp_path / "wide.png"  # 200 x 60: resized to 196 x 56, 14 x 4 patches, 14 LM tokens
+    Image.new("RGB", (200, 60), (220, 20, 20)).save(image)
+    argv = ["generate", "--checkpoint", workdir, "--image", str(image), "--prompt", "What colour is the shape?"]
+    out = tmp_path / "out.jsonl"
+    assert cli.main(argv + ["--max_new_tokens", "6", "--out", str(out)]) == 0
+    assert 1 <= len(json.loads(out.read_text())["tokens"]) <= 6

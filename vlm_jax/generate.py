@@ -172,10 +172,12 @@ def _decode(
         )
         return logits[:, -1], variables["cache"]
 
-    # An empty cache of `total` slots: the shapes of an init call, filled with zeros.
+    # An empty cache of `total` slots: the shapes of an init call, filled with zeros. Positions are [B, L], or
+    # [B, 3, L] for M-RoPE (Qwen2-VL), whose new tokens are text: the same position on all three axes.
     dummy = jnp.zeros((batch, total), jnp.int32)
+    dummy_positions = jnp.zeros(positions.shape[:-1] + (total,), jnp.int32)
     shapes = jax.eval_shape(
-        lambda: decoder.init(jax.random.PRNGKey(0), dummy, dummy, dummy, **cache_inputs, decode=True)["cache"]
+        lambda: decoder.init(jax.random.PRNGKey(0), dummy, dummy, dummy_positions, **cache_inputs, decode=True)["cache"]
     )
     cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
     logits, cache = run(cache, tokens, segment_ids, positions, prompt_inputs)
@@ -194,7 +196,7 @@ def _decode(
         step, cache, token, position, done, out, rng = state
         position = position + 1
         ones = jnp.ones((batch, 1), jnp.int32)
-        logits, cache = run(cache, token[:, None], ones, position[:, None], step_inputs)
+        logits, cache = run(cache, token[:, None], ones, position[..., None], step_inputs)
         token, done, out, rng = choose(step, logits, done, out, rng)
         return step + 1, cache, token, position, done, out, rng
 
@@ -204,7 +206,13 @@ def _decode(
 
     out = jnp.full((batch, settings.max_new_tokens), PAD, jnp.int32)
     token, done, out, rng = choose(0, logits, jnp.zeros((batch,), bool), out, rng)
-    state = (jnp.ones((), jnp.int32), cache, token, positions[:, -1], done, out, rng)
+    # The next position: one past the prompt's last; M-RoPE's new (text) tokens go on from the prompt's largest
+    # position on all three axes (transformers' rope_deltas).
+    if positions.ndim == 3:
+        last = jnp.broadcast_to(positions.max(axis=(1, 2))[:, None], positions.shape[:2])
+    else:
+        last = positions[:, -1]
+    state = (jnp.ones((), jnp.int32), cache, token, last, done, out, rng)
     return jax.lax.while_loop(cond, body, state)[5]
 
 
@@ -237,6 +245,11 @@ class PromptFormat:
         )
 
     @property
+    def native(self) -> bool:
+        """Whether images go in at native resolution (Qwen2-VL: patches and M-RoPE positions, no media slots)."""
+        return bool(self.image_settings) and self.image_settings.get("mode") == "native"
+
+    @property
     def indexed(self) -> bool:
         """Whether prompts carry a `feature_index` (LLaVA-NeXT's AnyRes layout)."""
         from data_pipelines.pipeline import uses_feature_index
@@ -247,10 +260,14 @@ class PromptFormat:
         """A prompt from encoded images and `render(placeholders per image) -> ids`: {"tokens", "images" (the
         media slots: each image's views, as the pipeline makes them), "encoded", "feature_index" (or None)}.
         Raises `image_ops.BadImage` for an unreadable image."""
-        from data_pipelines import image_ops, pipeline, templates
+        from data_pipelines import image_ops, native_resolution, pipeline, templates
 
         encoded = [b for b in encoded_images if b is not None]
         views, orders, slots = [], [], []
+        if self.native:  # each image its (patches, grid) and as many placeholders as merged tokens
+            views = [native_resolution.image_patches(image_ops.decode(d), self.image_settings) for d in encoded]
+            tokens = render([native_resolution.merged_tokens(grid) for _, grid in views])
+            return {"tokens": tokens, "images": views, "encoded": encoded, "feature_index": None}
         for data in encoded:
             image = image_ops.decode(data)
             image_views = pipeline.image_views(image, self.image_settings)
@@ -272,7 +289,17 @@ def batch_of(prompts: Sequence[dict], fmt: PromptFormat, length: int | None = No
     where the format has them)."""
     index = [p["feature_index"] for p in prompts] if fmt.indexed else None
     batch = left_pad([p["tokens"] for p in prompts], length, index)
-    if fmt.image_size:
+    if fmt.native:  # `slots` is the patch budget of a row; positions become M-RoPE's [B, 3, L]
+        from data_pipelines import native_resolution, templates
+
+        placeholder = fmt.tokenizer.token_id(templates.image_placeholder(fmt.template)[0])
+        batch.update(native_resolution.row_inputs([(p["tokens"], p["images"]) for p in prompts], slots))
+        positions = np.zeros((len(prompts), 3, batch["tokens"].shape[1]), np.int32)
+        for row, p in enumerate(prompts):
+            grids = [grid for _, grid in p["images"]]
+            positions[row, :, -len(p["tokens"]) :] = native_resolution.mrope_positions(p["tokens"], grids, placeholder)
+        batch["positions"] = positions
+    elif fmt.image_size:
         batch.update(pad_images([p["images"] for p in prompts], fmt.image_size, slots))
     elif any(p["images"] for p in prompts):
         raise UserError("the system takes no images, but a prompt has some.")

@@ -58,6 +58,7 @@ GOLDEN = (
     ("flamingo", "3B"),
     ("flamingo", "9B"),
     ("flamingo", "80B"),
+    ("fuyu", "8b"),
     ("internvl", "1.5"),
     ("internvl", "mini-4b"),
     ("internvl", "2-1b"),
@@ -75,6 +76,7 @@ GOLDEN = (
     ("paligemma", "3b-896"),
     ("qwen2_vl", "7b"),
     ("qwen2_vl", "2.5-7b"),
+    ("qwen_vl", "7b"),
     ("siglip", "B/16"),
     ("siglip", "So400m/14"),
 )

@@ -53,7 +53,8 @@ class Generator:
         self.tokenizer = Tokenizer(config.data.tokenizer)
         self.fmt = generate.PromptFormat.of(system, self.tokenizer)
         self.template, self.template_options = system.template, system.template_options
-        self.slots = int(config.data.get("max_images", 1))
+        # Media slots per prompt row, or at native resolution (Qwen2-VL) the row's patch budget.
+        self.slots = int(config.data.max_patches) if self.fmt.native else int(config.data.get("max_images", 1))
         self.batch_size = batch_size
         self.prompt_len = prompt_len or int(config.data.seq_len)
         self.stop = system.stop_tokens(self.tokenizer)

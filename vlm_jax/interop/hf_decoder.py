@@ -4,7 +4,9 @@
 `Qwen2ForCausalLM` (biases on q/k/v), `GemmaForCausalLM`
 (GeGLU, RMSNorm weights stored as `w` for a scale of `1 + w`, embeddings
 scaled by sqrt(width), tied head) and `MptForCausalLM` (ALiBi, bias-free
-LayerNorm, fused Wqkv, GELU MLP, tied head). Projections [out, in] become
+LayerNorm, fused Wqkv, GELU MLP, tied head) and `PersimmonForCausalLM`
+(Fuyu's LM: LayerNorm with biases, fused per-head query_key_value, per-head
+query/key LayerNorm, partial rotary, squared-ReLU MLP with biases). Projections [out, in] become
 kernels [in, heads, head_dim], per-layer weights are stacked for the scanned
 stack, and a tied `lm_head` (not saved by transformers 5) is re-tied. RoPE
 settings are read from `rope_parameters` (transformers 5) or the older
@@ -25,17 +27,26 @@ from vlm_jax.interop.tensors import read_config as _read_config
 from vlm_jax.interop.tensors import read_safetensors as _read_tensors
 from vlm_jax.nn.rope import SCALING_KEYS, check_scaling
 
-ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "GemmaForCausalLM", "MptForCausalLM")
+ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "GemmaForCausalLM",
+    "MptForCausalLM",
+    "PersimmonForCausalLM",
+)
 
 
 def load_decoder_dir(path: str) -> tuple[dict, dict]:
-    """(DecoderLM kwargs, params) of a LLaMA, Mistral, Qwen2, Gemma or MPT causal-LM directory."""
+    """(DecoderLM kwargs, params) of a LLaMA, Mistral, Qwen2, Gemma, MPT or Persimmon causal-LM directory."""
     cfg = _read_config(path)
     arch = next((a for a in cfg.get("architectures", []) if a in ARCHITECTURES), None)
     if arch is None:
         raise UserError(f"{path}: architectures {cfg.get('architectures')} are not one of {', '.join(ARCHITECTURES)}.")
     if arch == "MptForCausalLM":
         return _load_mpt(path, cfg)
+    if arch == "PersimmonForCausalLM":
+        return persimmon_from_tensors(cfg, lambda: _read_tensors(path), "model.", "lm_head.weight", path)
     return decoder_from_tensors(arch, cfg, lambda: _read_tensors(path), "model.", "lm_head.weight", path)
 
 
@@ -44,7 +55,7 @@ def decoder_from_tensors(
 ) -> tuple[dict, dict]:
     """(DecoderLM kwargs, params) of a LLaMA, Mistral, Qwen2 or Gemma decoder, alone or inside a larger checkpoint.
 
-    `arch` is its transformers class (one of `ARCHITECTURES` but MPT), `cfg`
+    `arch` is its transformers class (one of `ARCHITECTURES` but MPT and Persimmon), `cfg`
     its (text) config, `tensors()` returns the checkpoint's tensors (called
     after the config checks), `prefix` starts the base model's keys
     (`{prefix}embed_tokens.weight`, `{prefix}layers.*`), `head` is the LM
@@ -151,6 +162,95 @@ def _rope_scaling(path: str, cfg: dict) -> dict | None:
     except UserError as e:
         raise UserError(f"{path}: {e}") from None
     return scaling
+
+
+def persimmon_from_tensors(
+    cfg: dict, tensors: Callable[[], dict], prefix: str, head: str, path: str
+) -> tuple[dict, dict]:
+    """(DecoderLM kwargs, params) of a Persimmon decoder (transformers' `PersimmonForCausalLM`), alone or as
+    Fuyu's LM; the arguments are `decoder_from_tensors`'s.
+
+    Persimmon: pre-LayerNorm blocks with biases; one fused `query_key_value`
+    projection whose output is laid out [heads, (q, k, v), head_dim]
+    (transformers' `_split_heads`); a LayerNorm over head_dim (shared by the
+    heads) on queries and keys when `qk_layernorm`; RoPE on the first
+    `partial_rotary_factor` of each head (0.5 by default); `dense` out
+    projection with a bias; `relu2` (squared ReLU) MLP with biases; a final
+    LayerNorm and an untied head unless `tie_word_embeddings`.
+    """
+    rope = cfg.get("rope_parameters") or {}
+    kind = rope.get("rope_type", (cfg.get("rope_scaling") or {}).get("type", "default"))
+    if kind not in ("default", None):
+        raise UserError(f"{path}: Persimmon RoPE scaling {kind!r} is not supported (only the default RoPE).")
+    if cfg.get("hidden_act", "relu2") != "relu2":
+        raise UserError(f"{path}: Persimmon activation {cfg.get('hidden_act')!r} is not supported (only relu2).")
+    width, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+    head_dim = width // heads
+    if head_dim * heads != width:
+        raise UserError(f"{path}: hidden_size {width} is not a multiple of num_attention_heads {heads}.")
+    fraction = float(rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 0.5)))
+    qk_norm = bool(cfg.get("qk_layernorm", True))
+    tied = bool(cfg.get("tie_word_embeddings", False))
+    kwargs = dict(
+        vocab_size=int(cfg["vocab_size"]),
+        embed_dim=width,
+        num_layers=int(cfg["num_hidden_layers"]),
+        num_heads=heads,
+        num_kv_heads=heads,
+        mlp_dim=int(cfg["intermediate_size"]),
+        head_dim=head_dim,
+        rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),  # PersimmonConfig default
+        rope_fraction=fraction,
+        qk_norm=qk_norm,
+        norm="layernorm",
+        norm_bias=True,
+        norm_eps=float(cfg.get("layer_norm_eps", 1e-5)),
+        attn_bias=True,
+        mlp="plain",
+        mlp_act="sqrelu",
+        mlp_bias=True,
+        tie_embeddings=tied,
+    )
+    t = _Tensors(tensors(), prefix, path)
+
+    def layernorm(name):
+        return {"scale": t(name + ".weight"), "bias": t(name + ".bias")}
+
+    def layer(i):
+        p = f"layers.{i}."
+        # [3 * width, width] rows laid out [heads, (q, k, v), head_dim] -> three [width, heads, head_dim] kernels
+        fused = t(p + "self_attn.query_key_value.weight").reshape(heads, 3, head_dim, width)
+        fused_bias = t(p + "self_attn.query_key_value.bias").reshape(heads, 3, head_dim)
+        attn = {
+            name: {"kernel": fused[:, j].transpose(2, 0, 1), "bias": fused_bias[:, j]}
+            for j, name in enumerate(("query", "key", "value"))
+        }
+        attn["out"] = {
+            "kernel": t(p + "self_attn.dense.weight").T.reshape(heads, head_dim, width),
+            "bias": t(p + "self_attn.dense.bias"),
+        }
+        if qk_norm:
+            attn["query_norm"] = layernorm(p + "self_attn.q_layernorm")
+            attn["key_norm"] = layernorm(p + "self_attn.k_layernorm")
+        return {
+            "attn_norm": layernorm(p + "input_layernorm"),
+            "mlp_norm": layernorm(p + "post_attention_layernorm"),
+            "attn": attn,
+            "mlp": {
+                "up": {"kernel": t(p + "mlp.dense_h_to_4h.weight").T, "bias": t(p + "mlp.dense_h_to_4h.bias")},
+                "down": {"kernel": t(p + "mlp.dense_4h_to_h.weight").T, "bias": t(p + "mlp.dense_4h_to_h.bias")},
+            },
+        }
+
+    layers = [layer(i) for i in range(kwargs["num_layers"])]
+    params = {
+        "embed": {"embedding": t("embed_tokens.weight")},
+        "layers": jax.tree.map(lambda *leaves: np.stack(leaves), *layers),
+        "final_norm": layernorm("final_layernorm"),
+    }
+    if not tied:
+        params["lm_head"] = {"kernel": _Tensors(t.tensors, "", path)(head).T}
+    return kwargs, params
 
 
 def _load_mpt(path: str, cfg: dict) -> tuple[dict, dict]:

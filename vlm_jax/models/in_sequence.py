@@ -12,7 +12,7 @@ where it differs, overrides a method (`init`, `pretrained`, `forward` inputs).
 Config (`config.model`): `encoder` ("vit") and `encoder_kwargs` (its fields),
 `feature_layer` (a ViT block index, e.g. -2 for LLaVA's penultimate layer;
 None: the encoder's final tokens), `drop_class_token`, `connector` (a dict:
-`kind` — linear, mlp, concat or pixel_shuffle_mlp, see `connector` — plus its fields), `lm`
+`kind` — linear, mlp, concat, pixel_shuffle_mlp or xattn_resampler, see `connector` — plus its fields), `lm`
 (DecoderLM fields), `image_token_id`, `image_tokens` (features per image slot:
 the data pipeline writes that many placeholders per slot), `image_size`,
 `image_newline` (LLaVA-NeXT: with `data.image.anyres_layout="llava_next"` the
@@ -44,13 +44,14 @@ from vlm_jax.nn.placement import place_by_index, place_features
 
 def connector(kind: str, out_dim: int, kwargs: dict) -> nn.Module:
     """The connector `kind` mapping vision features to the LM width `out_dim` (`vlm_jax/connectors/`)."""
-    from vlm_jax.connectors import projector, token_merge
+    from vlm_jax.connectors import projector, token_merge, xattn_resampler
 
     kinds = {
         "linear": projector.LinearProjector,  # LLaVA v1, PaliGemma
         "mlp": projector.MLPProjector,  # LLaVA-1.5 "mlp2x_gelu" (depth 2)
         "concat": token_merge.ConcatProjector,  # MiniGPT-v2: 4 adjacent tokens concatenated, then linear
         "pixel_shuffle_mlp": token_merge.PixelShuffleMLP,  # InternVL: 2x2 blocks to channels, LayerNorm, 2-layer MLP
+        "xattn_resampler": xattn_resampler.CrossAttentionResampler,  # Qwen-VL: 256 learned queries, one attention
     }
     if kind not in kinds:
         raise ConfigError(f"model.connector.kind {kind!r} is not one of {', '.join(kinds)}.")

@@ -120,9 +120,10 @@ def decoder_chain(decoder: Any, prefix: str, trains: Callable[..., bool], seq_le
     module path ("" for the `lm` system) and `trains` the system's `trained`."""
     p = prefix + "/" if prefix else ""
     row = jax.ShapeDtypeStruct((1, seq_len), np.int32)
+    positions = jax.ShapeDtypeStruct((1, 3, seq_len), np.int32) if decoder.mrope_sections else row  # M-RoPE
     plain = decoder.clone(cross_attn_every=0)
-    head = forward_flops(plain.clone(num_layers=0), row, row, row)
-    layers = forward_flops(plain, row, row, row) - head
+    head = forward_flops(plain.clone(num_layers=0), row, row, positions)
+    layers = forward_flops(plain, row, row, positions) - head
     layer = layers / decoder.num_layers
     chain = [(0.0, trains(p + "embed", p + "pos_embed"))]
     every = decoder.cross_attn_every

@@ -19,6 +19,7 @@ slot), so no token ever sees another example's image.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -31,7 +32,7 @@ from vlm_jax.encoders.native_vit import NativeViT
 from vlm_jax.errors import ConfigError, UserError
 from vlm_jax.lm.decoder import DecoderLM
 from vlm_jax.models import parts, register
-from vlm_jax.models.base import System
+from vlm_jax.models.base import Decoding, System
 from vlm_jax.models.lm import next_token_loss
 from vlm_jax.nn.placement import place_features
 
@@ -152,6 +153,33 @@ class Qwen2VL(System):
 
     def tokens_in(self, batch):
         return int(np.count_nonzero(batch["segment_ids"]))
+
+    def evaluate(self, trainer, params) -> dict[str, float]:
+        """The generative evaluations of `config.eval_tasks` (`evaluators.generative.evaluate_system`)."""
+        from vlm_jax.evaluators import generative
+
+        return generative.evaluate_system(self, params, trainer.config)
+
+    # ---------------------------------------------------------------- generation
+
+    @functools.cached_property
+    def _placed_features(self):
+        def run(params, tokens, segment_ids, patches, patch_positions, patch_groups, patch_segment_ids):
+            variables = {"params": params}
+            merged = self.module.apply(variables, patches, patch_positions, patch_groups, method=Qwen2VLModel.encode)
+            return self.module.apply(
+                variables, tokens, segment_ids, merged, patch_segment_ids, method=Qwen2VLModel.place
+            )
+
+        return jax.jit(run)
+
+    def decoding(self, params, batch, length):
+        """For `vlm_jax.generate`: the M-RoPE LM with the prompt's merged image tokens at its placeholders (the
+        ViT runs once); `batch["positions"]` are the prompt's [B, 3, L] M-RoPE positions (`generate.batch_of`)."""
+        values, placed = self._placed_features(
+            params, batch["tokens"], batch["segment_ids"], *(batch[k] for k in PATCH_KEYS)
+        )
+        return Decoding(self.module.decoder, params["decoder"], {"features": values, "feature_mask": placed}, {}, {})
 
     # ---------------------------------------------------------------- vlm-jax forward
 
