@@ -176,3 +176,18 @@ def test_tiny_internvl_trains_on_tiles_evaluates_and_answers(trained, tmp_path, 
     assert cli.main(argv + ["--max_new_tokens", "6", "--out", str(out)]) == 0
     line = json.loads(out.read_text())
     assert 1 <= len(line["tokens"]) <= 6 and "<IMG_CONTEXT>" not in line["text"]
+
+
+def test_phi3_style_answers_stop_at_its_end_of_turn(spm_tokenizer):
+    """Mini-InternVL's Phi-3 chat ends each answer with `<|end|>` (templates.internvl, style "phi3"); generation
+    stops there as well as at eos and `<|im_end|>`."""
+    from data_pipelines import templates
+
+    config = load_config(os.path.join(REPO, "configs/internvl.py:variant=tiny"))
+    internlm2 = set(models.build(config).stop_tokens(spm_tokenizer))
+    config.data.template_options = {"style": "phi3"}
+    phi3 = set(models.build(config).stop_tokens(spm_tokenizer))
+    assert phi3 - internlm2 == {spm_tokenizer.token_id("<|end|>")}
+    rendered = templates.render("internvl", spm_tokenizer, {"images": [b""], "caption": "a cat"}, [4], style="phi3")
+    answer_end = [i for i, p in zip(rendered.ids, rendered.predict) if p][-1]
+    assert answer_end == spm_tokenizer.token_id("<|end|>")  # what the model learns to emit last
