@@ -85,6 +85,10 @@ def get_config(arg=None):
             merger=dict(norm="rmsnorm" if qwen25 else "layernorm", norm_eps=1e-6),
             lm=lm,
             image_token_id=3,  # the tokenizer's "<|image_pad|>" once resolved; 3 without one (tests)
+            # `vlm-jax forward` only: transformers' <|video_pad|> id (the data writes <|image_pad|> for videos too);
+            # -1 = none. Qwen2.5-VL steps a video's temporal positions by seconds x tokens_per_second (2).
+            video_token_id=-1,
+            video_tokens_per_second=2.0 if qwen25 else 0.0,
         )
     )
     c.data = ConfigDict(
@@ -109,7 +113,13 @@ def get_config(arg=None):
                 max_pixels=28 * 28 * 1280,
                 normalization="clip",
                 max_aspect_ratio=200.0,
-            ),  # fmt: skip
+                video_frames=8,  # frames sampled per video, two per temporal patch
+                video_min_pixels=128 * 28 * 28,
+                video_max_pixels=768 * 28 * 28,
+                # M-RoPE temporal step per frame pair: 1 (Qwen2-VL); Qwen2.5-VL: tokens_per_second (2) x 2 frames /
+                # fps, 2.0 for 2 fps (the records carry no frame rate).
+                video_time_interval=2.0 if qwen25 else 1.0,
+            ),
         )
     )
     if arg.tokenizer:

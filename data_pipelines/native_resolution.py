@@ -7,7 +7,10 @@
   -> (patches [h * w, 3 * 2 * 14 * 14], (1, h, w)): 14 px patches, each
   flattened as (channel, frame, row, column) with the still image repeated as
   its 2 frames, listed 2 x 2 merge block by merge block — the layout of
-  transformers' `Qwen2VLImageProcessor` `pixel_values`.
+  transformers' `Qwen2VLImageProcessor` `pixel_values`; a video [T, H, W, 3]
+  -> (t = T / 2 temporal patches) x h x w patches, as its video processor
+  lays out `pixel_values_videos` (`video_patches` resizes and normalises the
+  frames first).
 * `patch_positions(grid)`: each patch's (row, column) in that order (the 2D
   RoPE positions of the ViT).
 * `mrope_positions(tokens, grids, placeholder)`: the [3, L] (temporal,
@@ -60,18 +63,24 @@ def resize(image: np.ndarray, patch: int = PATCH, merge: int = MERGE, **pixels) 
 
 
 def patchify(
-    image: np.ndarray, patch: int = PATCH, merge: int = MERGE, frames: int = FRAMES
+    pixels: np.ndarray, patch: int = PATCH, merge: int = MERGE, frames: int = FRAMES
 ) -> tuple[np.ndarray, tuple[int, int, int]]:
-    """Normalised float [H, W, 3] (sides multiples of patch x merge) -> (patches [h*w, 3*frames*patch^2], (1, h, w))."""
-    height, width, channels = image.shape
+    """A normalised image [H, W, 3] or video [T, H, W, 3] (sides multiples of patch x merge) -> (patches
+    [t*h*w, 3*frames*patch^2], (t, h, w)). An image is its own `frames` frames (t = 1); a video's frames go in
+    groups of `frames` (the last frame repeated to fill the last group), each group one temporal patch."""
+    x = np.asarray(pixels, np.float32)
+    if x.ndim == 3:
+        x = np.broadcast_to(x[None], (frames, *x.shape))
+    count, height, width, channels = x.shape
     if height % (patch * merge) or width % (patch * merge):
         raise UserError(f"a {height}x{width} image does not split into {patch * merge} px merge blocks.")
-    h, w = height // patch, width // patch
-    x = np.moveaxis(np.asarray(image, np.float32), -1, 0)  # [C, H, W]
-    x = x.reshape(channels, h // merge, merge, patch, w // merge, merge, patch)
-    x = x.transpose(1, 4, 2, 5, 0, 3, 6)  # [h/m, w/m, m, m, C, p, p]
-    x = np.broadcast_to(x[:, :, :, :, :, None], (*x.shape[:5], frames, patch, patch))
-    return x.reshape(h * w, channels * frames * patch * patch), (1, h, w)
+    if count % frames:
+        x = np.concatenate([x, np.repeat(x[-1:], frames - count % frames, axis=0)])
+    t, h, w = len(x) // frames, height // patch, width // patch
+    x = np.moveaxis(x, -1, 1)  # [T, C, H, W]
+    x = x.reshape(t, frames, channels, h // merge, merge, patch, w // merge, merge, patch)
+    x = x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)  # [t, h/m, w/m, m, m, C, frames, p, p]
+    return x.reshape(t * h * w, channels * frames * patch * patch), (t, h, w)
 
 
 def patch_positions(grid: tuple[int, int, int], merge: int = MERGE) -> np.ndarray:
@@ -90,9 +99,17 @@ def merged_tokens(grid: tuple[int, int, int], merge: int = MERGE) -> int:
     return t * (h // merge) * (w // merge)
 
 
-def mrope_positions(tokens: np.ndarray, grids: list[tuple[int, int, int]], placeholder: int, merge: int = MERGE):
+def mrope_positions(
+    tokens: np.ndarray,
+    grids: list[tuple[int, int, int]],
+    placeholder: int,
+    merge: int = MERGE,
+    time_intervals: list[float] | None = None,
+):
     """int32 [3, L] M-RoPE positions of one example's `tokens`, whose runs of `placeholder` ids are its images'
-    merged tokens in order (`grids`: each image's (t, h, w) patch grid)."""
+    (and videos') merged tokens in order (`grids`: each one's (t, h, w) patch grid). A video's temporal
+    patches step the temporal axis by its `time_intervals` entry (default 1: Qwen2-VL; Qwen2.5-VL: seconds
+    per temporal patch x tokens_per_second), floored to integers."""
     tokens = np.asarray(tokens)
     out = np.zeros((3, len(tokens)), np.int64)
     is_image = tokens == placeholder
@@ -107,7 +124,9 @@ def mrope_positions(tokens: np.ndarray, grids: list[tuple[int, int, int]], place
             continue
         t, h, w = grids[image]
         gt, gh, gw = t, h // merge, w // merge
-        tt, hh, ww = np.meshgrid(np.arange(gt), np.arange(gh), np.arange(gw), indexing="ij")
+        interval = 1.0 if time_intervals is None else float(time_intervals[image])
+        steps = (np.arange(gt) * interval).astype(np.int64)
+        tt, hh, ww = np.meshgrid(steps, np.arange(gh), np.arange(gw), indexing="ij")
         n = gt * gh * gw
         out[:, i : i + n] = pos + np.stack([tt.reshape(-1), hh.reshape(-1), ww.reshape(-1)])
         i, pos, image = i + n, pos + max(gh, gw), image + 1
@@ -119,6 +138,28 @@ def image_patches(image: np.ndarray, settings: Any) -> tuple[np.ndarray, tuple[i
     `normalization`): resized to its smart size, normalised, patchified."""
     resized = resize(image, min_pixels=int(settings.min_pixels), max_pixels=int(settings.max_pixels))
     return patchify(image_ops.normalize(resized, settings.normalization))
+
+
+def video_patches(frames: list[np.ndarray], settings: Any) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """(patches, (t, h, w)) of decoded uint8 video frames under `data.image` settings: every frame resized to the
+    first frame's smart size within [`video_min_pixels`, `video_max_pixels`] (transformers' Qwen2-VL video
+    defaults 128 x 28^2 and 768 x 28^2), normalised, patchified two frames per temporal patch."""
+    lo, hi = int(settings.get("video_min_pixels", 128 * 28 * 28)), int(settings.get("video_max_pixels", 768 * 28 * 28))
+    height, width = smart_resize(frames[0].shape[0], frames[0].shape[1], PATCH * MERGE, lo, hi)
+    resized = [
+        image_ops.normalize(image_ops.resize(f, height, width, "bicubic"), settings.normalization) for f in frames
+    ]
+    return patchify(np.stack(resized))
+
+
+def attention_groups(grids: list[tuple[int, int, int]]) -> np.ndarray:
+    """int32 per patch: 1, 2, ... one attention group per image and per temporal patch of a video (transformers'
+    cu_seqlens: a video frame group attends only within itself)."""
+    groups, first = [], 1
+    for t, h, w in grids:
+        groups.append(first + np.repeat(np.arange(t), h * w))
+        first += t
+    return np.concatenate(groups).astype(np.int32) if groups else np.zeros((0,), np.int32)
 
 
 def row_inputs(
@@ -141,10 +182,10 @@ def row_inputs(
         "patch_segment_ids": np.zeros((len(examples), width), np.int32),
     }
     for r, (_, images) in enumerate(examples):
-        at = 0
-        for k, (patches, grid) in enumerate(images):
+        at, groups = 0, attention_groups([grid for _, grid in images])
+        for patches, grid in images:
             span = slice(at, at + len(patches))
             out["patches"][r, span], out["patch_positions"][r, span] = patches, patch_positions(grid)
-            out["patch_groups"][r, span], out["patch_segment_ids"][r, span] = k + 1, 1
+            out["patch_groups"][r, span], out["patch_segment_ids"][r, span] = groups[span], 1
             at += len(patches)
     return out

@@ -238,6 +238,7 @@ class Preprocessor:
         # `data.max_patches` patches (in place of media slots), and positions are M-RoPE's [3, L].
         self.native = self.image.get("mode") == "native"
         self.slot_budget = int(data.max_patches) if self.native else self.max_images
+        self.video_step = float(self.image.get("video_time_interval", 1.0))  # M-RoPE temporal step per frame pair
         window = data.get("interleaved", {})
         self.window_tokens = int(window.get("max_tokens", self.seq_len))
         self.window_images = int(window.get("max_images", self.max_images))
@@ -299,8 +300,11 @@ class Preprocessor:
             if data is None:
                 continue
             try:
-                if isinstance(data, (list, tuple)) and self.native:
-                    raise image_ops.BadImage("unsupported_video", "native-resolution video is not implemented.")
+                if isinstance(data, (list, tuple)) and self.native:  # a video at native resolution
+                    patches, grid = native_resolution.video_patches(self._frame_images(data, rng), self.image)
+                    slots_per_image.append(len(patches))
+                    pixels.append((patches, grid))
+                    continue
                 if isinstance(data, (list, tuple)):  # a video: encoded frames
                     tiles = self._frames(data, rng)
                 elif self.native:
@@ -327,6 +331,15 @@ class Preprocessor:
             record["texts"] = [record["texts"][i] for i in keep]
             record["images"] = [record["images"][i] for i in keep]
         return slots_per_image, pixels, orders
+
+    def _frame_images(self, frames: list[bytes], rng) -> list[np.ndarray]:
+        """The decoded frames `data.image.video_frames` picks by uniform segment sampling (random within
+        segments when training)."""
+        indices = image_ops.sample_frame_indices(
+            len(frames), int(self.image.get("video_frames", 8)), rng if self.training else None
+        )
+        max_ratio = float(self.image.max_aspect_ratio)
+        return [image_ops.decode(frames[i], max_aspect_ratio=max_ratio) for i in indices]
 
     def _frames(self, frames: list[bytes], rng) -> list[np.ndarray]:
         """`data.video_frames` frames by uniform segment sampling (random within segments when training)."""
@@ -393,14 +406,14 @@ class Preprocessor:
             "tokens": tokens,
             "targets": fitted.ids[1:].astype(np.int32),
             "loss_mask": fitted.predict[1:].astype(np.float32),
-            "mrope_positions": native_resolution.mrope_positions(tokens, grids, self.placeholder_id).T.copy(),
+            "mrope_positions": native_resolution.mrope_positions(
+                tokens, grids, self.placeholder_id, time_intervals=[self.video_step if g[0] > 1 else 1.0 for g in grids]
+            ).T.copy(),
             "patches": np.concatenate([p for p, _ in kept]) if kept else np.zeros((0, dim), np.float32),
             "patch_positions": np.concatenate([native_resolution.patch_positions(g) for g in grids])
             if kept
             else np.zeros((0, 2), np.int32),
-            "patch_groups": np.concatenate([np.full(len(p), k + 1, np.int32) for k, (p, _) in enumerate(kept)])
-            if kept
-            else np.zeros((0,), np.int32),
+            "patch_groups": native_resolution.attention_groups(grids),
             REPAIRS: repairs,
         }
         return example

@@ -115,3 +115,57 @@ def test_rope_positions_equal_transformers_get_rope_index():
         real = feed["attention_mask"][row].astype(bool)
         got = nr.mrope_positions(feed["input_ids"][row][real], grids, IMAGE)
         np.testing.assert_array_equal(got, want[:, row, real].numpy())
+
+
+def video_inputs(seed=0):
+    """Row 0: an image (4 x 6 patches) then a video of 2 frame pairs (4 x 4); row 1 (left-padded): a video of 3
+    frame pairs (2 x 4). Videos are `<|vision_start|>` + `<|video_pad|>` per merged token + `<|vision_end|>`."""
+    rng = np.random.default_rng(seed)
+    words = lambda n: rng.integers(10, 100, n).tolist()  # noqa: E731
+    span = lambda pad, g: [START] + [pad] * (g[0] * g[1] * g[2] // 4) + [END]  # noqa: E731
+    image, videos = (1, 4, 6), [(2, 4, 4), (3, 2, 4)]
+    full = [1, *words(2), *span(IMAGE, image), *words(2), *span(VIDEO, videos[0]), *words(3)]
+    short = [1, *words(2), *span(VIDEO, videos[1]), *words(2)]
+    pad = len(full) - len(short)
+    ids = np.array([full, [0] * pad + short], np.int64)
+    patches = lambda grids: rng.normal(size=(sum(t * h * w for t, h, w in grids), 1176)).astype(np.float32)  # noqa: E731
+    return {
+        "input_ids": ids,
+        "attention_mask": np.array([[1] * len(full), [0] * pad + [1] * len(short)], np.int64),
+        "pixel_values": patches([image]),
+        "image_grid_thw": np.array([image], np.int64),
+        "pixel_values_videos": patches(videos),
+        "video_grid_thw": np.array(videos, np.int64),
+        "mm_token_type_ids": (ids == IMAGE).astype(np.int64) + 2 * (ids == VIDEO),
+    }
+
+
+@pytest.mark.parametrize("make", [qwen2_vl, qwen25_vl], ids=["qwen2-vl", "qwen2.5-vl"])
+def test_video_logits_match(tmp_path, make):
+    """Videos: each frame pair one temporal patch attending within itself, temporal M-RoPE positions stepping
+    by 1 (Qwen2-VL) or by seconds per frame pair x tokens_per_second (Qwen2.5-VL, here 0.5 s and 1.5 s)."""
+    model = make(6)
+    model.save_pretrained(str(tmp_path / "hf"))
+    feed = video_inputs()
+    if make is qwen25_vl:
+        feed["second_per_grid_ts"] = np.array([0.5, 1.5], np.float32)
+    want = reference(model, feed)
+    config, params = to_system_config(str(tmp_path / "hf"))
+    assert config.model.video_token_id == VIDEO
+    got = models.build(config).forward(params, feed)["logits"]
+    assert diff_on_real_tokens(got, want, feed) <= 1e-4
+
+
+def test_video_patches_equal_transformers_video_processor_layout():
+    """`Qwen2VLVideoProcessor.patchify`'s view / permute, transcribed in torch (its module needs torchvision,
+    which is not installed): frames padded to pairs by repeating the last, then (t, h/2, w/2, 2, 2, channel,
+    frame, row, column)."""
+    from data_pipelines import native_resolution as nr
+
+    frames = np.random.default_rng(0).normal(size=(5, 56, 84, 3)).astype(np.float32)  # odd: the last repeats
+    got, grid = nr.patchify(frames)
+    videos = torch.from_numpy(np.moveaxis(frames, -1, 1)[None].copy())
+    videos = torch.cat((videos, videos[:, -1:]), dim=1)  # 5 -> 6 frames
+    want = videos.view(1, 3, 2, 3, 2, 2, 14, 3, 2, 14).permute(0, 1, 4, 7, 5, 8, 3, 2, 6, 9).reshape(1, 72, 1176)
+    assert grid == (3, 4, 6)
+    np.testing.assert_array_equal(got, want[0].numpy())

@@ -217,3 +217,52 @@ def test_tiny_qwen2_vl_trains_on_packed_native_rows_evaluates_and_answers(traine
     out = tmp_path / "out.jsonl"
     assert cli.main(argv + ["--max_new_tokens", "6", "--out", str(out)]) == 0
     assert 1 <= len(json.loads(out.read_text())["tokens"]) <= 6
+
+
+def test_native_rows_hold_images_and_videos_of_their_own_sizes(spm_model_path, spm_tokenizer):
+    """Through the Grain pipeline: a wide image and a 6-frame video (3 frame pairs) per record, at native
+    resolution: each example's placeholders are its merged tokens, a video's frame pairs are separate attention
+    groups with temporal positions stepping by 1, and rows never split an example."""
+    import io
+
+    from ml_collections import ConfigDict
+
+    from data_pipelines.pipeline import GrainPipeline
+
+    def png(value, size):
+        buffer = io.BytesIO()
+        Image.new("RGB", size, (value, 255 - value, 7)).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    video = [png(20 * f, (60, 60)) for f in range(6)]
+    records = [
+        {"images": [png(10 * i, (120, 50)), video], "caption": f"number {i} and a short video"} for i in range(6)
+    ]
+    config = load_config(os.path.join(REPO, "configs/qwen2_vl.py:variant=tiny"))
+    config.batch_size = 2
+    config.data = ConfigDict(
+        dict(
+            config.data.to_dict(),
+            source="memory",
+            format="pairs",
+            records={"train": records, "validation": records},
+            tokenizer=spm_model_path,
+            seq_len=256,  # an example is ~125 tokens (chat, 8 + 12 placeholders)
+            max_patches=160,  # two examples of 32 + 48 patches
+            image=dict(config.data.image.to_dict(), video_frames=6, video_min_pixels=56 * 56, video_max_pixels=56 * 56),
+        )
+    )
+    row = next(iter(GrainPipeline(config, "train").rows))
+    pad = spm_tokenizer.token_id("<|image_pad|>")
+    image_grid, video_grid = (1, 4, 8), (3, 4, 4)  # 120 x 50 -> 112 x 56; frames 60 x 60 -> 56 x 56
+    per_example = nr.merged_tokens(image_grid) + nr.merged_tokens(video_grid)
+    segments, patch_segments, groups = row["segment_ids"], row["patch_segment_ids"], row["patch_groups"]
+    assert segments.max() >= 2
+    for s in range(1, int(segments.max()) + 1):
+        mine = segments == s
+        assert (row["tokens"][mine] == pad).sum() == per_example
+        assert (patch_segments == s).sum() == 32 + 48
+        assert len(np.unique(groups[patch_segments == s])) == 1 + 3  # the image, then one group per frame pair
+        video_tokens = np.flatnonzero(mine & (row["tokens"] == pad))[nr.merged_tokens(image_grid) :]
+        temporal = row["positions"][0, video_tokens]
+        assert sorted(set(np.diff(np.unique(temporal)).tolist())) == [1]  # frame pairs step the temporal axis by 1

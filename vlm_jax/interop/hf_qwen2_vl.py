@@ -137,7 +137,14 @@ def load_qwen2_vl_dir(path: str) -> tuple[dict, dict, dict]:
     lm_kwargs["mrope_sections"] = sections
     image_token_id = int(cfg.get("image_token_id", 151655))
     model = dict(
-        name="qwen2_vl", vision=vision_kwargs, merger=merger_kwargs, lm=lm_kwargs, image_token_id=image_token_id
+        name="qwen2_vl",
+        vision=vision_kwargs,
+        merger=merger_kwargs,
+        lm=lm_kwargs,
+        image_token_id=image_token_id,
+        video_token_id=int(cfg.get("video_token_id", 151656)),
+        # Qwen2.5-VL's videos step the temporal position by seconds per frame pair x tokens_per_second.
+        video_tokens_per_second=float(vc.get("tokens_per_second", 2)) if qwen25 else 0.0,
     )
     data = dict(seq_len=min(8192, int(tc.get("max_position_embeddings", 32768))), max_patches=16384)
     return model, data, {**vision_params, "decoder": decoder}

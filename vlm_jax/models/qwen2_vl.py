@@ -185,63 +185,81 @@ class Qwen2VL(System):
 
     def forward(self, params, inputs):
         """transformers-style inputs -> logits: input_ids [B, L], optional attention_mask [B, L] (left padding),
-        pixel_values [patches, 1176] (every image's patches in batch order, as `Qwen2VLImageProcessor` gives
-        them) with image_grid_thw [images, 3]; an optional mm_token_type_ids is accepted and checked against the
-        placeholders. Positions are M-RoPE's, computed per row on its real tokens
-        (`native_resolution.mrope_positions`), as transformers' `get_rope_index` does."""
+        pixel_values [patches, 1176] with image_grid_thw [images, 3] and pixel_values_videos with
+        video_grid_thw [videos, 3] (every image's / video's patches in batch order, as Qwen2-VL's processors give
+        them), Qwen2.5-VL's second_per_grid_ts [videos]; an optional mm_token_type_ids (1 image, 2 video) is
+        checked against the placeholders. Positions are M-RoPE's, computed per row on its real tokens
+        (`native_resolution.mrope_positions`), as transformers' `get_rope_index` does; video placeholders become
+        image placeholders for the model (their embeddings are replaced by the features either way)."""
         from data_pipelines import native_resolution as nr
 
         tokens, present = parts.text_inputs(inputs, self.module.decoder.vocab_size)
         known = {"input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids"}
+        known |= {"pixel_values_videos", "video_grid_thw", "second_per_grid_ts"}
         extra = sorted(set(inputs) - known)
         if extra:
             raise UserError(f"the {self.config.model.name} system does not read the inputs {', '.join(extra)}.")
-        image_id, merge = self.module.image_token_id, self.module.vision.merge
-        is_image = (tokens == image_id) & present
-        if "mm_token_type_ids" in inputs and not np.array_equal(
-            (np.asarray(inputs["mm_token_type_ids"]) == 1) & present, is_image
+        m = self.config.model
+        image_id, video_id, merge = (
+            self.module.image_token_id,
+            int(m.get("video_token_id", -1)),
+            self.module.vision.merge,
+        )
+        kinds = {"image": image_id, "video": video_id}
+        if "mm_token_type_ids" in inputs:
+            types = np.asarray(inputs["mm_token_type_ids"])
+            for kind, code in (("image", 1), ("video", 2)):
+                if not np.array_equal((types == code) & present, (tokens == kinds[kind]) & present):
+                    raise UserError(
+                        f"mm_token_type_ids marks other tokens as {kind} tokens than the {kind} placeholders."
+                    )
+        queues = {}
+        for kind, pixels_key, grid_key in (
+            ("image", "pixel_values", "image_grid_thw"),
+            ("video", "pixel_values_videos", "video_grid_thw"),
         ):
-            raise UserError("mm_token_type_ids marks other tokens as image tokens than the image placeholders.")
-        grids = [tuple(int(v) for v in g) for g in np.asarray(inputs.get("image_grid_thw", np.zeros((0, 3))))]
-        pixels = np.asarray(inputs.get("pixel_values", np.zeros((0, self.module.vision.patch_dim))), np.float32)
-        if sum(t * h * w for t, h, w in grids) != len(pixels):
-            raise UserError(f"pixel_values has {len(pixels)} patches; image_grid_thw asks for another number.")
-        starts = np.cumsum([0] + [t * h * w for t, h, w in grids])
-        rows, width = tokens.shape
-        positions = np.zeros((rows, 3, width), np.int32)
-        per_row, image = [], 0
-        for r in range(rows):
-            wanted, mine = int(is_image[r].sum()), []
-            while wanted > 0 and image < len(grids):
-                mine.append(image)
-                wanted -= nr.merged_tokens(grids[image], merge)
-                image += 1
-            if wanted != 0:
-                raise UserError(f"row {r}'s image placeholders do not add up to whole images of image_grid_thw.")
-            real = np.flatnonzero(present[r])
-            positions[r][:, real] = nr.mrope_positions(tokens[r, real], [grids[i] for i in mine], image_id, merge)
-            per_row.append(mine)
-        if image != len(grids):
-            raise UserError(f"image_grid_thw lists {len(grids)} images; the placeholders take {image}.")
-        count = max([1] + [sum(int(starts[i + 1] - starts[i]) for i in mine) for mine in per_row])
-        count = -(-count // merge**2) * merge**2
-        batch = {
-            "patches": np.zeros((rows, count, pixels.shape[-1]), np.float32),
-            "patch_positions": np.zeros((rows, count, 2), np.int32),
-            "patch_groups": np.zeros((rows, count), np.int32),
-            "patch_segment_ids": np.zeros((rows, count), np.int32),
+            grids = [tuple(int(v) for v in g) for g in np.asarray(inputs.get(grid_key, np.zeros((0, 3))))]
+            pixels = np.asarray(inputs.get(pixels_key, np.zeros((0, self.module.vision.patch_dim))), np.float32)
+            if sum(t * h * w for t, h, w in grids) != len(pixels):
+                raise UserError(f"{pixels_key} has {len(pixels)} patches; {grid_key} asks for another number.")
+            starts = np.cumsum([0] + [t * h * w for t, h, w in grids])
+            queues[kind] = [(pixels[starts[i] : starts[i + 1]], g) for i, g in enumerate(grids)]
+        if queues["video"] and video_id < 0:
+            raise UserError("this checkpoint's config has no model.video_token_id, so it cannot place videos.")
+        per_second = float(m.get("video_tokens_per_second", 0))  # Qwen2.5-VL: absolute time ids
+        seconds = list(np.asarray(inputs.get("second_per_grid_ts", np.ones(len(queues["video"])))).reshape(-1))
+        intervals = {
+            "image": [1.0] * len(queues["image"]),
+            "video": [s * per_second if per_second else 1.0 for s in seconds],
         }
-        for r, mine in enumerate(per_row):
-            at, group = 0, 1
-            for i in mine:
-                n, (t, h, w) = int(starts[i + 1] - starts[i]), grids[i]
-                span = slice(at, at + n)
-                batch["patches"][r, span] = pixels[starts[i] : starts[i + 1]]
-                batch["patch_positions"][r, span] = nr.patch_positions(grids[i], merge)
-                # Each frame its own attention group (transformers' cu_seqlens: one segment per frame).
-                batch["patch_groups"][r, span] = group + np.repeat(np.arange(t), h * w)
-                group += t
-                batch["patch_segment_ids"][r, span] = 1
-                at += n
-        batch.update(tokens=tokens, segment_ids=present.astype(np.int32), positions=positions)
+        taken = {"image": 0, "video": 0}
+        rows, width = tokens.shape
+        model_tokens = np.where((tokens == video_id) & present, image_id, tokens) if video_id >= 0 else tokens
+        positions = np.zeros((rows, 3, width), np.int32)
+        per_row = []
+        for r in range(rows):
+            real = np.flatnonzero(present[r])
+            row, items, steps, i = tokens[r, real], [], [], 0
+            while i < len(row):
+                kind = next((k for k, v in kinds.items() if row[i] == v), None)
+                j = i + 1
+                while j < len(row) and row[j] == row[i]:
+                    j += 1
+                need = j - i if kind else 0
+                while need > 0 and taken[kind] < len(queues[kind]):
+                    items.append(queues[kind][taken[kind]])
+                    steps.append(intervals[kind][taken[kind]])
+                    need -= nr.merged_tokens(items[-1][1], merge)
+                    taken[kind] += 1
+                if need != 0:
+                    raise UserError(f"row {r}'s {kind} placeholders do not add up to whole {kind}s of their grids.")
+                i = j
+            grids = [g for _, g in items]
+            positions[r][:, real] = nr.mrope_positions(model_tokens[r, real], grids, image_id, merge, steps)
+            per_row.append((model_tokens[r], items))
+        for kind, queue in queues.items():
+            if taken[kind] != len(queue):
+                raise UserError(f"the inputs hold {len(queue)} {kind}s; the placeholders take {taken[kind]}.")
+        batch = nr.row_inputs(per_row)
+        batch.update(tokens=model_tokens, segment_ids=present.astype(np.int32), positions=positions)
         return {"logits": np.asarray(jax.jit(self.logits)(params, batch))}
