@@ -183,6 +183,22 @@ def fixed_resolution(image: np.ndarray, size: int, method: str = "bicubic") -> n
     return resize(image, size, size, method)
 
 
+def pad_to_square(image: np.ndarray, size: int, background: str, method: str = "bicubic", min_side: int = 14):
+    """`image` as DeepSeek-VL's processors prepare it (`DeepseekVLHybridImageProcessor`): its longer side resized
+    to `size` keeping the aspect ratio (the other side round(side * size / longer), at least `min_side`), then
+    centred on a size x size canvas filled with the colour int(255 * mean) of the normalisation `background`
+    (the padding normalises to about zero)."""
+    h, w = image.shape[:2]
+    scale = size / max(h, w)
+    new_h, new_w = max(round(h * scale), min_side), max(round(w * scale), min_side)
+    image = resize(image, new_h, new_w, method)
+    canvas = np.empty((size, size, 3), np.uint8)
+    canvas[:] = [int(255 * m) for m in NORMALIZATION[background][0]]
+    top, left = (size - new_h) // 2, (size - new_w) // 2
+    canvas[top : top + new_h, left : left + new_w] = image
+    return canvas
+
+
 def center_crop(image: np.ndarray, height: int, width: int) -> np.ndarray:
     """The central [height, width] window of `image` (offsets rounded down, as transformers does)."""
     top, left = _crop_room(image, height, width)
@@ -413,3 +429,67 @@ def sample_frame_indices(num_frames: int, num_segments: int, rng: np.random.Gene
     if rng is None:
         return (starts + ends) // 2
     return rng.integers(starts, ends).astype(np.int64)
+
+
+# ---------------------------------------------------------------------------------------- Idefics3 tiles
+
+IDEFICS3_MAX_SIDE = 4096  # transformers' Idefics3 MAX_IMAGE_SIZE: no side beyond it
+
+
+def _lanczos(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """`image` resized to [height, width] with PIL's LANCZOS (Idefics3's resampling), uint8 in and out."""
+    return np.array(Image.fromarray(image).resize((width, height), Image.Resampling.LANCZOS))
+
+
+def idefics3_sizes(height: int, width: int, tile_size: int = 364, longest_edge: int = 4 * 364):
+    """((h1, w1), (h2, w2)): the two resizes of transformers' Idefics3 image processor (`do_resize`, then
+    `resize_for_vision_encoder`). First the longest side becomes `longest_edge` (the other kept in proportion,
+    truncated, then rounded up to even; no side over 4096); then each side is rounded up to a multiple of
+    `tile_size` (the shorter side from its proportional length, truncated)."""
+    aspect = width / height
+    if width >= height:
+        w1, h1 = longest_edge, int(longest_edge / aspect)
+        h1 += h1 % 2
+    else:
+        h1, w1 = longest_edge, int(longest_edge * aspect)
+        w1 += w1 % 2
+    h1, w1 = max(h1, 1), max(w1, 1)
+    aspect = w1 / h1
+    if w1 >= h1 and w1 > IDEFICS3_MAX_SIDE:
+        w1, h1 = IDEFICS3_MAX_SIDE, int(IDEFICS3_MAX_SIDE / aspect)
+    elif h1 > w1 and h1 > IDEFICS3_MAX_SIDE:
+        h1, w1 = IDEFICS3_MAX_SIDE, int(IDEFICS3_MAX_SIDE * aspect)
+    h1, w1 = max(h1, 1), max(w1, 1)
+    aspect = w1 / h1
+    up = lambda side: -(-side // tile_size) * tile_size  # noqa: E731
+    if w1 >= h1:
+        w2 = up(w1)
+        h2 = up(int(w2 / aspect))
+    else:
+        h2 = up(h1)
+        w2 = up(int(h2 * aspect))
+    return (h1, w1), (h2, w2)
+
+
+def idefics3_grid(height: int, width: int, tile_size: int = 364, longest_edge: int = 4 * 364) -> tuple[int, int]:
+    """(rows, cols) of tiles an image of `height` x `width` is split into by Idefics3; (0, 0) when it is not split
+    (it fits one tile: the image alone, no global image), as transformers' processor reports them."""
+    _, (h2, w2) = idefics3_sizes(height, width, tile_size, longest_edge)
+    if h2 <= tile_size and w2 <= tile_size:
+        return 0, 0
+    return h2 // tile_size, w2 // tile_size
+
+
+def idefics3_tiles(image: np.ndarray, tile_size: int = 364, longest_edge: int = 4 * 364) -> list[np.ndarray]:
+    """Idefics3's views of one image (transformers' `Idefics3ImageProcessorPil` with `do_image_splitting`): the
+    image resized twice with LANCZOS (`idefics3_sizes`), cut row-major into tile_size x tile_size tiles, then the
+    global image (that resized image at tile_size x tile_size); an image that fits one tile is that tile alone."""
+    _check_image(image)
+    (h1, w1), (h2, w2) = idefics3_sizes(*image.shape[:2], tile_size, longest_edge)
+    resized = _lanczos(_lanczos(image, h1, w1), h2, w2)
+    if h2 <= tile_size and w2 <= tile_size:
+        return [resized]
+    tiles = [
+        resized[r : r + tile_size, c : c + tile_size] for r in range(0, h2, tile_size) for c in range(0, w2, tile_size)
+    ]
+    return tiles + [_lanczos(resized, tile_size, tile_size)]

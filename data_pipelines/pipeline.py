@@ -120,8 +120,9 @@ def mixture_components(data: ml_collections.ConfigDict, split: str) -> list[dict
 
 def image_views(image: np.ndarray, settings: Any) -> list[np.ndarray]:
     """The normalised views of one decoded image that the model takes as media slots (`data.image`): the image
-    at a fixed resolution, InternVL's tiles and thumbnail, LLaVA-NeXT's base view and tiles, or Fuyu's
-    aspect-kept image on a padded canvas (`fuyu_canvas`)."""
+    at a fixed resolution, InternVL's tiles and thumbnail, LLaVA-NeXT's base view and tiles, Fuyu's
+    aspect-kept image on a padded canvas (`fuyu_canvas`), or Idefics3's tiles and global image
+    (`image_ops.idefics3_tiles`)."""
     mode, size = settings.mode, int(settings.size)
     if mode == "fixed":
         tiles = [image_ops.fixed_resolution(image, size, settings.get("method", "bicubic"))]
@@ -133,8 +134,12 @@ def image_views(image: np.ndarray, settings: Any) -> list[np.ndarray]:
         tiles = image_ops.anyres_tiles(image, [tuple(p) for p in settings.grid_pinpoints], size)
     elif mode == "fuyu":
         tiles = [fuyu_canvas(image, size, settings.get("method", "bilinear"))]
+    elif mode == "deepseek_vl":  # aspect kept, padded to a square with the normalisation's mean colour
+        tiles = [image_ops.pad_to_square(image, size, settings.normalization, settings.get("method", "bicubic"))]
+    elif mode == "idefics3":  # tiles of `size` px, then the global image
+        tiles = image_ops.idefics3_tiles(image, size, int(settings.longest_edge))
     else:
-        raise UserError(f"data.image.mode {mode!r} is not one of fixed, internvl, anyres, fuyu.")
+        raise UserError(f"data.image.mode {mode!r} is not one of fixed, internvl, anyres, fuyu, deepseek_vl, idefics3.")
     return [image_ops.normalize(t, settings.normalization) for t in tiles]
 
 
@@ -252,6 +257,9 @@ class Preprocessor:
             "llava_next",
         ):
             raise UserError(f"data.image.anyres_layout {self.image.anyres_layout!r} is not 'tiles' or 'llava_next'.")
+        # Idefics3: an image's tiles lie apart in the text (`<row_r_col_c>` between them): fitting keeps or drops
+        # tile by tile, and the template is given each image's grid (the record's `image_grids`, from `_images`).
+        self.idefics3 = self.image.get("mode") == "idefics3"
         placeholder, wrappers = templates.image_placeholder(self.template)
         self.placeholder_id = tokenizer.token_id(placeholder)
         self.wrapper_ids = tuple(tokenizer.token_id(w) for w in wrappers)
@@ -264,7 +272,10 @@ class Preprocessor:
             if self.format != "interleaved" and sum(slots_per_image) > self.slot_budget:
                 return {SKIP: "too_many_patches" if self.native else "too_many_images"}
             counts = self._placeholders(slots_per_image, pixels, orders)
-            rendered = templates.render(self.template, self.tokenizer, record, counts, **self.template_options)
+            options = dict(self.template_options)
+            if self.idefics3:  # the template writes each image's grid of tiles
+                options["grids"] = record["image_grids"]
+            rendered = templates.render(self.template, self.tokenizer, record, counts, **options)
         except image_ops.BadImage as e:
             return {SKIP: e.reason}
         except UserError as e:
@@ -296,6 +307,8 @@ class Preprocessor:
         """Decodes and tiles every image: (slots per image, the slots' pixels, and under the LLaVA-NeXT layout each
         image's feature order, else []); interleaved documents drop a bad image, other formats skip."""
         slots_per_image, pixels, bad, orders = [], [], [], []
+        if self.idefics3:  # each decoded image's (rows, cols), for the template (`__call__`)
+            record["image_grids"] = []
         for position, data in enumerate(record.get("images", [])):
             if data is None:
                 continue
@@ -316,6 +329,9 @@ class Preprocessor:
                 else:
                     image = image_ops.decode(data, max_aspect_ratio=float(self.image.max_aspect_ratio))
                     tiles = image_views(image, self.image)
+                    if self.idefics3:
+                        size, longest = int(self.image.size), int(self.image.longest_edge)
+                        record["image_grids"].append(image_ops.idefics3_grid(*image.shape[:2], size, longest))
                     if self.with_feature_index:
                         orders.append(feature_order(image.shape[:2], self.image, self.tokens_per_slot))
             except image_ops.BadImage as e:
@@ -358,6 +374,8 @@ class Preprocessor:
 
     def _fit(self, rendered, slots_per_image, pixels, orders, repairs, rng) -> dict[str, Any]:
         ids, predict = np.asarray(rendered.ids), np.asarray(rendered.predict)
+        if self.idefics3:  # a tile's placeholders are one contiguous run: tiles are the units fitted
+            slots_per_image = [1] * sum(slots_per_image)
         counts = self._placeholders(slots_per_image, pixels, orders)
         spans = fitting.image_spans(ids, self.placeholder_id, counts, self.wrapper_ids)
         interleaved = self.format == "interleaved"

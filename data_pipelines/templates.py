@@ -49,6 +49,11 @@ LLAVA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
+# DeepSeek-VL deepseek_vl/utils/conversation.py, template "deepseek" (also transformers' DeepSeek-VL chat template).
+DEEPSEEK_VL_SYSTEM = (
+    "You are a helpful language and vision assistant. You are able to understand the visual content that the user "
+    "provides, and assist the user with a variety of tasks using natural language."
+)
 # Qwen-VL finetune.py default system message.
 QWEN_VL_SYSTEM = "You are a helpful assistant."
 # InternVL internvl_chat/internvl/conversation.py, templates 'internlm2-chat' and 'phi3-chat' (same message).
@@ -63,6 +68,8 @@ CAPTION_PROMPTS = {
     "qwen_vl": "Describe the image concisely.",  # assumption: Qwen-VL publishes no caption instruction for chat
     "internvl": "Please describe the image shortly.",  # the Mini-InternVL card's single-image example
     "qwen2_vl": "Describe this image.",  # the Qwen2-VL model card's example
+    "idefics3": "Can you describe this image?",  # assumption: the Idefics3-8B model card's example question
+    "deepseek_vl": "Describe the image concisely.",  # assumption: DeepSeek-VL publishes no caption instruction
 }
 
 
@@ -465,6 +472,135 @@ def internvl(
     return b.build("<IMG_CONTEXT>", image_tokens, _count_markers(turns))
 
 
+IDEFICS3_FAKE, IDEFICS3_GLOBAL = "<fake_token_around_image>", "<global-img>"
+
+
+def idefics3_image_text(rows: int, cols: int) -> str:
+    """One image's text in Idefics3's prompt (transformers' `Idefics3Processor.replace_image_token`), with ONE
+    `<image>` per tile (the builder expands each to the tile's placeholders). Unsplit ((0, 0))::
+
+        <fake_token_around_image><global-img><image><fake_token_around_image>
+
+    Split into rows x cols tiles: `<fake_token_around_image><row_{r}_col_{c}><image>` per tile, a newline after
+    each row, then `\\n<fake_token_around_image><global-img><image><fake_token_around_image>`."""
+    glob = f"{IDEFICS3_FAKE}{IDEFICS3_GLOBAL}{IMAGE_MARKER}{IDEFICS3_FAKE}"
+    if rows == 0 and cols == 0:
+        return glob
+    grid = "".join(
+        "".join(f"{IDEFICS3_FAKE}<row_{r}_col_{c}>{IMAGE_MARKER}" for c in range(1, cols + 1)) + "\n"
+        for r in range(1, rows + 1)
+    )
+    return grid + "\n" + glob
+
+
+def idefics3_grids(counts: Sequence[int], tile_tokens: int, tiles_per_side: int = 0) -> list[tuple[int, int]]:
+    """Each image's (rows, cols) from its placeholder count alone, where that is unambiguous: one tile is an
+    unsplit image, `tiles_per_side`^2 + 1 tiles the square grid (Idefics3 gives the longest side
+    `tiles_per_side` tiles, so a 1 x 4 and a 4 x 1 grid have the same count); anything else raises
+    RenderError "ambiguous_grid" (the caller must pass `grids`)."""
+    grids = []
+    for count in counts:
+        tiles, rest = divmod(int(count), int(tile_tokens))
+        if rest or tiles < 1:
+            raise RenderError("placeholder_mismatch", f"{count} placeholders are not whole tiles of {tile_tokens}.")
+        if tiles == 1:
+            grids.append((0, 0))
+        elif tiles_per_side and tiles == tiles_per_side**2 + 1:
+            grids.append((tiles_per_side, tiles_per_side))
+        else:
+            raise RenderError(
+                "ambiguous_grid", f"an image of {tiles} Idefics3 tiles has no unique grid; the template needs its grid."
+            )
+    return grids
+
+
+def idefics3(
+    tokenizer: Tokenizer,
+    turns: Sequence[Turn],
+    image_tokens: int | Sequence[int],
+    *,
+    grids: Sequence[tuple[int, int]],
+    system: str | None = None,
+) -> TokenizedExample:
+    """Idefics3 chat (the Idefics3 processors' chat_template.json, e.g. hf-internal-testing's tiny Idefics3;
+    tests/test_hf_idefics3.py renders it with jinja2 and compares)::
+
+        <|begin_of_text|>User:{q}<end_of_utterance>\\nAssistant: {a}<end_of_utterance>\\n
+
+    ("User:" takes a space unless the turn starts with an image; an optional system message is a first
+    "System: {system}<end_of_utterance>\\n" turn). The built-in vocabulary has no `<end_of_utterance>`: the
+    tokenizer's eos stands in its place (and is where answers stop). Each <image> marker (the newline a
+    LLaVA-style record puts after one is dropped: the chat template writes an image item straight before the
+    text) becomes that image's `idefics3_image_text(*grids[i])` with `image_tokens[i] / tiles` placeholders per
+    tile. `<fake_token_around_image>` and `<global-img>` are single pieces; `<row_r_col_c>` is plain text (several
+    pieces with the built-in tokenizer; one added token in Idefics3's own). Targets: " {a}" and its end of
+    utterance.
+    """
+    _check_turns(turns)
+    counts = _image_counts(image_tokens, _count_markers(turns))
+    if len(grids) != len(counts):
+        raise RenderError("placeholder_mismatch", f"{len(grids)} image grids for {len(counts)} images.")
+    per_tile = []
+    for count, (rows, cols) in zip(counts, grids):
+        tiles = rows * cols + 1 if rows or cols else 1
+        if count % tiles:
+            raise RenderError("placeholder_mismatch", f"{count} placeholders do not share out over {tiles} tiles.")
+        per_tile += [count // tiles] * tiles
+    b = _Builder(tokenizer)
+    b.bos()
+    if system:
+        b.prompt(f"System: {system}")
+        b.eos(target=False)
+        b.prompt("\n")
+    images = 0
+    for q, a in turns:
+        q = q.replace(IMAGE_MARKER + "\n", IMAGE_MARKER)
+        text = _replace_markers(q, lambda k: idefics3_image_text(*grids[k]), images)
+        images += q.count(IMAGE_MARKER)
+        b.prompt(("User:" if q.startswith(IMAGE_MARKER) else "User: ") + text)
+        b.eos(target=False)
+        b.prompt("\nAssistant:")
+        if a is None:
+            break
+        b.target(" " + a)
+        b.eos()
+        b.prompt("\n")
+    built = b.build(IMAGE_MARKER, per_tile, len(per_tile))
+    return dataclasses.replace(built, num_images=len(counts))
+
+
+def deepseek_vl(
+    tokenizer: Tokenizer,
+    turns: Sequence[Turn],
+    image_tokens: int | Sequence[int] = 576,
+    *,
+    system: str = DEEPSEEK_VL_SYSTEM,
+) -> TokenizedExample:
+    """DeepSeek-VL chat (DeepSeek-VL's deepseek_vl/utils/conversation.py, template "deepseek",
+    SeparatorStyle.DeepSeek; the same string as the chat template transformers' conversion script writes)::
+
+        <s>{system}\\n\\nUser: {q}\\n\\nAssistant: {a}<eos>User: {q2}\\n\\nAssistant: {a2}<eos>
+
+    (sep "\\n\\n" after the system message and each user turn, sep2 = eos `<｜end▁of▁sentence｜>` after each
+    answer; a generation prompt ends "Assistant:"). Each <image> marker becomes `<image_placeholder>` in place,
+    expanded to image_tokens (576) copies as `VLChatProcessor` does; a newline right after a marker is dropped,
+    as DeepSeek-VL's examples write `<image_placeholder>Describe ...`. Targets: each answer (with the space
+    after "Assistant:") and its eos (the loss on the language part only, arXiv:2403.05525).
+    """
+    _check_turns(turns)
+    b = _Builder(tokenizer)
+    b.bos()
+    b.prompt(system + "\n\n" if system else "")
+    for q, a in turns:
+        q_text = q.replace(IMAGE_MARKER + "\n", IMAGE_MARKER).replace(IMAGE_MARKER, "<image_placeholder>")
+        b.prompt(f"User: {q_text}\n\nAssistant:")
+        if a is None:
+            break
+        b.target(" " + a)
+        b.eos()
+    return b.build("<image_placeholder>", image_tokens, _count_markers(turns))
+
+
 def paligemma(
     tokenizer: Tokenizer,
     prefix: str,
@@ -830,6 +966,32 @@ def _render_internvl(
     return internvl(tokenizer, turns, image_tokens, style=style, system=own_system or system)
 
 
+def _render_deepseek_vl(
+    tokenizer, example, image_tokens, *, system: str = DEEPSEEK_VL_SYSTEM, caption_prompt: str | None = None
+):
+    own_system, turns = conversation(example, caption_prompt or CAPTION_PROMPTS["deepseek_vl"])
+    return deepseek_vl(tokenizer, turns, image_tokens, system=own_system or system)
+
+
+def _render_idefics3(
+    tokenizer,
+    example,
+    image_tokens,
+    *,
+    tile_tokens: int,
+    tiles_per_side: int = 0,
+    grids: Sequence[tuple[int, int]] | None = None,
+    system: str | None = None,
+    caption_prompt: str | None = None,
+):
+    """`idefics3` with each image's grid: `grids` (rows, cols) as the pipeline tiles them, or else inferred from
+    the placeholder counts (`idefics3_grids`: `tile_tokens` per tile, `tiles_per_side` on the longest side)."""
+    own_system, turns = conversation(example, caption_prompt or CAPTION_PROMPTS["idefics3"])
+    if grids is None:
+        grids = idefics3_grids(_image_counts(image_tokens, _count_markers(turns)), tile_tokens, tiles_per_side)
+    return idefics3(tokenizer, turns, image_tokens, grids=[tuple(g) for g in grids], system=own_system or system)
+
+
 def _render_paligemma(tokenizer, example, image_tokens, *, lang: str = "en", prefix: str | None = None):
     kind = record_format(example)
     n = _num_images(example)
@@ -893,6 +1055,8 @@ TEMPLATES: dict[str, Renderer] = {
     "qwen2_vl": _render_qwen2_vl,
     "flamingo": _render_flamingo,
     "fuyu": _render_fuyu,
+    "idefics3": _render_idefics3,
+    "deepseek_vl": _render_deepseek_vl,
 }
 """name -> fn(tokenizer, example, image_tokens, **options) -> TokenizedExample (options: see render)."""
 
@@ -907,6 +1071,8 @@ _SPECS: dict[str, tuple[str, tuple[str, ...], bool, tuple[str, ...]]] = {
     "qwen2_vl": ("<|image_pad|>", ("<|vision_start|>", "<|vision_end|>"), False, ("pairs", "vqa", "llava")),
     "flamingo": ("<image>", (), False, ("pairs", "vqa", "llava", "interleaved")),
     "fuyu": ("|SPEAKER|", (), False, ("pairs", "vqa", "llava")),
+    "idefics3": ("<image>", ("<fake_token_around_image>", "<global-img>"), False, ("pairs", "vqa", "llava")),
+    "deepseek_vl": ("<image_placeholder>", (), False, ("pairs", "vqa", "llava")),
 }
 
 
@@ -922,11 +1088,12 @@ def render(
     """Renders one record with template `name` (a key of TEMPLATES).
 
     image_tokens: placeholder ids per image (int, or one per image in order).
-    options (all optional): system (llava, qwen_vl, qwen2_vl, internvl; a record's own
+    options (all optional): system (llava, qwen_vl, qwen2_vl, internvl, deepseek_vl; a record's own
     first "system" turn wins), caption_prompt (chat templates, for pairs
     records and fuyu), style ("internlm2" | "phi3", internvl), lang / prefix
     (paligemma: "caption {lang}", "answer {lang} {question}"), text_separator
-    (flamingo). Raises RenderError (a UserError, with `.reason`) for a record
+    (flamingo), tile_tokens / tiles_per_side / grids (idefics3: placeholders
+    per tile, tiles on the longest side, each image's (rows, cols)). Raises RenderError (a UserError, with `.reason`) for a record
     the template cannot render.
     """
     _spec(name)

@@ -73,6 +73,16 @@ SPECS = [
     "fuyu.py:variant=8b,data=/no/data,tokenizer=/no/spm.model",
     "fuyu.py:data=builtin",
     "fuyu.py:data=builtin,scale=0.02",
+    "idefics3.py",
+    "idefics3.py:variant=8b",
+    "idefics3.py:variant=8b,data=/no/data,tokenizer=/no/spm.model",
+    "idefics3.py:data=builtin,scale=0.02",
+    "deepseek_vl.py",
+    "deepseek_vl.py:variant=tiny-1.3b",
+    "deepseek_vl.py:variant=7b",
+    "deepseek_vl.py:variant=1.3b,stage=1,data=/no/data,tokenizer=/no/spm.model",
+    "deepseek_vl.py:data=builtin,scale=0.02",
+    "deepseek_vl.py:variant=tiny-1.3b,data=builtin",
     "paligemma.py:data=builtin,scale=0.02",
 ]
 
@@ -181,6 +191,25 @@ FOLLOWERS = [
     ("qwen_vl.py", "--config.model.connector.queries=16", ["model.image_tokens"]),
     ("qwen_vl.py:data=builtin", "--config.model.image_size=96", ["model.encoder_kwargs.image_size", "data.image.size"]),
     ("fuyu.py", "--config.model.image_size=64", ["data.image.size"]),
+    ("idefics3.py:variant=8b", "--config.model.lm.dtype=float32", ["model.encoder_kwargs.dtype"]),
+    (
+        "idefics3.py",
+        "--config.model.image_size=64",
+        [
+            "model.encoder_kwargs.image_size",
+            "data.image.size",
+            "model.image_tokens",
+            "data.template_options.tile_tokens",
+        ],
+    ),
+    ("idefics3.py:variant=8b", "--config.data.seq_len=4096", ["data.interleaved.max_tokens"]),
+    ("deepseek_vl.py:variant=7b", "--config.model.lm.dtype=float32", ["model.encoder_kwargs.dtype", "model.sam.dtype"]),
+    (
+        "deepseek_vl.py:variant=tiny-1.3b",
+        "--config.model.low_res_size=64",
+        ["model.encoder_kwargs.image_size", "model.image_size", "data.image.size"],
+    ),
+    ("deepseek_vl.py:variant=7b", "--config.data.seq_len=2048", ["data.interleaved.max_tokens"]),
     ("fuyu.py:variant=8b", "--config.data.seq_len=4096", ["data.interleaved.max_tokens"]),
     (
         "internvl.py:variant=mini-4b",
@@ -253,6 +282,13 @@ KNOBS = {
         "--config.model.lm.remat=full",
     ],
     "internvl.py": ["--config.model.connector.version=v1", "--config.data.image.max_tiles=40"],
+    "idefics3.py": ["--config.data.template_options.tiles_per_side=3", "--config.data.image.longest_edge=96"],
+    "idefics3.py:variant=8b": ["--config.model.encoder_kwargs.remat=full", "--config.model.lm.remat=full"],
+    "deepseek_vl.py": [
+        "--config.model.sam.remat=full",
+        "--config.model.encoder_kwargs.remat=full",
+        "--config.model.high_res_normalization=imagenet",
+    ],
     "qwen2_vl.py": ["--config.model.vision.window_merge=4", "--config.data.image.max_pixels=1000000"],
     "qwen_vl.py:variant=7b": ["--config.model.connector.head_dim=64", "--config.model.encoder_kwargs.remat=full"],
     "flamingo.py:data=builtin": FLAMINGO_KNOBS

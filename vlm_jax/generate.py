@@ -256,14 +256,16 @@ class PromptFormat:
 
         return bool(self.image_settings) and uses_feature_index(self.image_settings)
 
-    def prompt(self, encoded_images: Sequence[bytes], render: Callable[[list[int]], list[int]]) -> dict[str, Any]:
+    def prompt(self, encoded_images: Sequence[bytes], render: Callable[..., list[int]]) -> dict[str, Any]:
         """A prompt from encoded images and `render(placeholders per image) -> ids`: {"tokens", "images" (the
         media slots: each image's views, as the pipeline makes them), "encoded", "feature_index" (or None)}.
-        Raises `image_ops.BadImage` for an unreadable image."""
+        Under Idefics3's tiling `render` also gets the template option `grids` (each image's rows x cols of
+        tiles, which the placeholder count alone does not fix). Raises `image_ops.BadImage` for an unreadable
+        image."""
         from data_pipelines import image_ops, native_resolution, pipeline, templates
 
         encoded = [b for b in encoded_images if b is not None]
-        views, orders, slots = [], [], []
+        views, orders, slots, grids = [], [], [], []
         if self.native:  # each image its (patches, grid) and as many placeholders as merged tokens
             views = [native_resolution.image_patches(image_ops.decode(d), self.image_settings) for d in encoded]
             tokens = render([native_resolution.merged_tokens(grid) for _, grid in views])
@@ -275,8 +277,11 @@ class PromptFormat:
             slots.append(len(image_views))
             if self.indexed:
                 orders.append(pipeline.feature_order(image.shape[:2], self.image_settings, self.image_tokens))
+            if self.image_settings.get("mode") == "idefics3":
+                size, longest = int(self.image_settings.size), int(self.image_settings.longest_edge)
+                grids.append(image_ops.idefics3_grid(*image.shape[:2], size, longest))
         counts = [len(o) for o in orders] if self.indexed else [self.image_tokens * k for k in slots]
-        tokens = render(counts)
+        tokens = render(counts, grids=grids) if grids else render(counts)
         index = None
         if self.indexed:
             placeholder = self.tokenizer.token_id(templates.image_placeholder(self.template)[0])
@@ -328,17 +333,17 @@ def parse_prompt(item: dict, fmt: PromptFormat, where: str, root: str) -> dict:
         encoded.append(open(path, "rb").read())
     if "input_ids" in item:
 
-        def render(counts):
+        def render(counts, **extra):
             return [int(i) for i in item["input_ids"]]
 
     elif "text" in item:
         if fmt.tokenizer is None:
             raise UserError(f"{where} has text but no tokenizer is known (give --tokenizer).")
 
-        def render(counts):
+        def render(counts, **extra):
             if fmt.template is None:
                 return fmt.tokenizer.encode(item["text"], add_bos=True)
-            options = fmt.template_options or {}
+            options = {**(fmt.template_options or {}), **extra}
             return templates.user_prompt(fmt.template, fmt.tokenizer, item["text"], len(counts), counts, **options)
 
     else:

@@ -55,10 +55,13 @@ REGENERATE = "python -m tests.golden.update_sharding"
 GOLDEN = (
     ("clip", "B/16"),
     ("clip", "L/14"),
+    ("deepseek_vl", "1.3b"),
+    ("deepseek_vl", "7b"),
     ("flamingo", "3B"),
     ("flamingo", "9B"),
     ("flamingo", "80B"),
     ("fuyu", "8b"),
+    ("idefics3", "8b"),
     ("internvl", "1.5"),
     ("internvl", "mini-4b"),
     ("internvl", "2-1b"),

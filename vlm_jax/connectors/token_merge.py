@@ -24,6 +24,8 @@
   native-resolution ViT's tokens come block by block) concatenated, then
   linear (4 D -> 4 D), GELU, linear to the LM width (params `norm`,
   `linear_1`, `linear_2`: transformers' `merger.ln_q`, `mlp.0`, `mlp.2`).
+* `PixelShuffleLinear(out_dim, factor=2)`: Idefics3's connector: the pixel
+  shuffle above, then one bias-free linear map to the LM width (param `proj`).
 """
 
 from __future__ import annotations
@@ -122,3 +124,26 @@ class PatchMerger(nn.Module):
         h = DenseGeneral(h.shape[-1], (None, "mlp"), use_bias=True, dtype=dtype, name="linear_1")(h)
         h = activation("gelu")(h)
         return DenseGeneral(self.out_dim, ("mlp", "embed"), use_bias=True, dtype=dtype, name="linear_2")(h)
+
+
+class PixelShuffleLinear(nn.Module):
+    """Idefics3's connector (transformers' `Idefics3Connector`): features [..., N, D] (a square grid, row-major)
+    -> [..., N / f^2, out_dim] by one bias-free linear map (`modality_projection.proj`, param `proj`) of
+    `pixel_shuffle(grid, f)`. Idefics3's own pixel shuffle orders each f x f block's channels row-major and the
+    output grid row-major, as `pixel_shuffle(..., version="v2")` does (tests/test_hf_idefics3.py checks it against
+    `Idefics3Connector.pixel_shuffle`). A 364 px tile's 26 x 26 SigLIP tokens become 169 for f = 2."""
+
+    out_dim: int
+    factor: int = 2  # Idefics3's scale_factor
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, features: jax.Array) -> jax.Array:
+        *lead, n, d = features.shape
+        side = int(round(n**0.5))
+        if side * side != n:
+            raise UserError(f"pixel shuffle needs a square grid of visual tokens; got {n} tokens.")
+        grid = pixel_shuffle(features.reshape(*lead, side, side, d), self.factor, "v2")
+        merged = grid.reshape(*lead, -1, grid.shape[-1])
+        proj = DenseGeneral(self.out_dim, (None, "embed"), use_bias=False, dtype=jnp.dtype(self.dtype), name="proj")
+        return proj(merged)

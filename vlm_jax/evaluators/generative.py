@@ -64,11 +64,11 @@ class Generator:
         views give) up to its first training target, or through `cut(rendered ids)`; its images preprocessed
         as in training; the encoded images (for the run report)."""
 
-        def render(counts: list[int]) -> list[int]:
+        def render(counts: list[int], **extra) -> list[int]:
+            options = {**self.template_options, **extra}  # extra: per-image options such as Idefics3's grids
             if cut is None:
-                options = self.template_options
                 return templates.prompt_before_answer(self.template, self.tokenizer, record, counts, **options)
-            rendered = templates.render(self.template, self.tokenizer, record, counts, **self.template_options)
+            rendered = templates.render(self.template, self.tokenizer, record, counts, **options)
             return cut([int(i) for i in rendered.ids])
 
         return self.fmt.prompt(encoded_images, render)

@@ -51,6 +51,7 @@ def connector(kind: str, out_dim: int, kwargs: dict) -> nn.Module:
         "mlp": projector.MLPProjector,  # LLaVA-1.5 "mlp2x_gelu" (depth 2)
         "concat": token_merge.ConcatProjector,  # MiniGPT-v2: 4 adjacent tokens concatenated, then linear
         "pixel_shuffle_mlp": token_merge.PixelShuffleMLP,  # InternVL: 2x2 blocks to channels, LayerNorm, 2-layer MLP
+        "pixel_shuffle_linear": token_merge.PixelShuffleLinear,  # Idefics3: 2x2 blocks to channels, bias-free linear
         "xattn_resampler": xattn_resampler.CrossAttentionResampler,  # Qwen-VL: 256 learned queries, one attention
     }
     if kind not in kinds:
