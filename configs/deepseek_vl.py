@@ -175,11 +175,6 @@ def builtin(arg):
     # DeepSeek-VL's long system message (~40 pieces with the built-in 512-piece vocabulary) would leave little room.
     c.data.template_options = {"system": "A chat between a user and an assistant."}
     c.data.image.method = "bilinear"
-    c.data.mixture = [
-        dict(train_path=f"{root}/{task}/train", validation_path=f"{root}/{task}/validation", weight=weight)
-        for task, weight in {"captions": 1.0, "vqa": 2.0, "grounding": 0.5}.items()
-    ]
-    c.eval_tasks = {task: f"{root}/{task}/validation" for task in ("vqa", "captions")}
-    c.eval_baselines = {task: f"{root}/{task}/train" for task in ("vqa", "captions")}  # model-free bars to clear
+    c.data.mixture, c.eval_tasks, c.eval_baselines = build.chat_tasks(root)
     c.optim.update(lr=2e-3, warmup_steps=20, freeze=())
     return c

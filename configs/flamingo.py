@@ -245,10 +245,7 @@ def builtin_main_job(arg):
     c.data.seq_len, c.data.max_images = 128, 6  # and so data.interleaved's max_tokens and max_images
     c.data.image.method = "bilinear"
     c.data.worker_count = 1  # a Grain worker process prepares batches while the train step runs
-    c.data.mixture = [
-        dict(train_path=f"{root}/{task}/train", validation_path=f"{root}/{task}/validation", weight=weight)
-        for task, weight in MAIN_JOB_MIXTURE.items()
-    ]
+    c.data.mixture = build.mixture(root, MAIN_JOB_MIXTURE)
     c.eval_tasks = {
         **{task: f"{root}/{task}/validation" for task in MAIN_JOB_EVALS},
         # few-shot episodes on real images shipped in scikit-learn and scikit-image (cached on first use)

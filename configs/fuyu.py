@@ -162,11 +162,6 @@ def builtin(arg):
     # Two examples to a row (each ~100 tokens: 72 image tokens, the prompt, the answer): measured by `vlm-jax data
     # stats` on the built-in data (scale=0.02), 1.75 examples per row and 78% of the tokens filled.
     c.data.seq_len, c.data.max_images = 224, 2
-    c.data.mixture = [
-        dict(train_path=f"{root}/{task}/train", validation_path=f"{root}/{task}/validation", weight=weight)
-        for task, weight in {"captions": 1.0, "vqa": 2.0, "grounding": 0.5}.items()
-    ]
-    c.eval_tasks = {task: f"{root}/{task}/validation" for task in ("vqa", "captions")}
-    c.eval_baselines = {task: f"{root}/{task}/train" for task in ("vqa", "captions")}  # model-free bars to clear
+    c.data.mixture, c.eval_tasks, c.eval_baselines = build.chat_tasks(root)
     c.optim.update(lr=2e-3, warmup_steps=20)
     return c

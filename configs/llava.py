@@ -175,12 +175,7 @@ def builtin(arg):
     c.data.template_options = {"system": "A chat between a user and an assistant."} if arg.stage == 2 else {}
     c.data.image.method = "bilinear"
     tasks = {"captions": 1.0} if arg.stage == 1 else {"captions": 1.0, "vqa": 2.0, "grounding": 0.5}
-    c.data.mixture = [
-        dict(train_path=f"{root}/{task}/train", validation_path=f"{root}/{task}/validation", weight=weight)
-        for task, weight in tasks.items()
-    ]
-    c.eval_tasks = {task: f"{root}/{task}/validation" for task in ("vqa", "captions")}
-    c.eval_baselines = {task: f"{root}/{task}/train" for task in ("vqa", "captions")}  # model-free bars to clear
+    c.data.mixture, c.eval_tasks, c.eval_baselines = build.chat_tasks(root, tasks)
     c.optim.update(lr=2e-3, warmup_steps=20, freeze=() if arg.stage == 2 else LM_FROZEN)
     if arg.stage == 2:  # starts from the stage-1 run on the same data, trained once when stage 2 starts
         stage1 = builtin(parse_arg(f"variant={variant},stage=1,scale={arg.scale}", variant="", stage=2, scale=1.0))

@@ -125,10 +125,6 @@ def builtin(arg):
     c.model.image_size = 64
     c.data.seq_len = 128
     c.data.image.method = "bilinear"
-    c.data.mixture = [
-        dict(train_path=f"{root}/{task}/train", validation_path=f"{root}/{task}/validation", weight=weight)
-        for task, weight in {"captions": 1.0, "vqa": 2.0, "grounding": 0.5}.items()
-    ]
-    c.eval_tasks = {task: f"{root}/{task}/validation" for task in ("vqa", "captions")}
+    c.data.mixture, c.eval_tasks, _ = build.chat_tasks(root)
     c.optim.update(lr=2e-3, warmup_steps=20, freeze=())
     return c

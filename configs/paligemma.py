@@ -178,11 +178,6 @@ def builtin(arg):
     c.checkpoint_every, c.eval_every, c.eval_examples = 300, 300, 100
     c.model.image_size = 64
     c.data.seq_len = c.model.get_ref("image_tokens") + 96  # 64 image tokens + 96 text tokens
-    c.data.mixture = [
-        dict(train_path=f"{root}/{task}/train", validation_path=f"{root}/{task}/validation", weight=weight)
-        for task, weight in {"captions": 1.0, "vqa": 2.0, "grounding": 0.5}.items()
-    ]
-    c.eval_tasks = {task: f"{root}/{task}/validation" for task in ("vqa", "captions")}
-    c.eval_baselines = {task: f"{root}/{task}/train" for task in ("vqa", "captions")}  # the bars to clear
+    c.data.mixture, c.eval_tasks, c.eval_baselines = build.chat_tasks(root)
     c.optim.update(lr=2e-3, warmup_steps=20)
     return c

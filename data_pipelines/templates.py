@@ -1120,17 +1120,23 @@ def supported_formats(name: str) -> tuple[str, ...]:
 _STOP_PIECES: dict[str, tuple[str, ...]] = {
     "flamingo": ("<|endofchunk|>",),  # every text chunk ends with it
     "qwen_vl": ("<|im_end|>",),  # ChatML turns
-    "internvl": ("<|im_end|>",),
     "qwen2_vl": ("<|im_end|>",),
 }
 
 
-def stop_ids(name: str, tokenizer: Tokenizer) -> tuple[int, ...]:
-    """The ids that end a generated answer under template `name`: the tokenizer's eos, then the template's own
-    end-of-turn pieces (Flamingo's `<|endofchunk|>`, ChatML's `<|im_end|>`)."""
+def stop_ids(name: str, tokenizer: Tokenizer, **options) -> tuple[int, ...]:
+    """The ids that end a generated answer under template `name` rendered with `options` (`render`'s): the
+    tokenizer's eos, then the template's own end-of-turn pieces (Flamingo's `<|endofchunk|>`, ChatML's
+    `<|im_end|>`, InternVL's style's separator: `<|im_end|>` or Phi-3's `<|end|>`)."""
     _spec(name)
+    pieces = _STOP_PIECES.get(name, ())
+    if name == "internvl":
+        style = options.get("style", "internlm2")
+        if style not in _INTERNVL_STYLES:
+            raise UserError(f"InternVL style {style!r} is not one of {', '.join(_INTERNVL_STYLES)}.")
+        pieces = (_INTERNVL_STYLES[style][3],)  # each answer ends with its style's separator
     ids = [tokenizer.eos_id] if tokenizer.eos_id >= 0 else []
-    return tuple(ids + [tokenizer.token_id(piece) for piece in _STOP_PIECES.get(name, ())])
+    return tuple(ids + [tokenizer.token_id(piece) for piece in pieces])
 
 
 def prompt_before_answer(

@@ -13,6 +13,26 @@ import pytest  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def train_briefly(tmp_path_factory, spec: str) -> tuple[str, int, str, str]:
+    """(workdir, exit status, data cache, config argument) of `vlm-jax train --config REPO/configs/SPEC` for 4
+    steps of 8 rows, evaluating 8 examples and checkpointing at step 4, on a data cache of its own: the shared
+    start of the tiny systems' train -> eval -> generate tests."""
+    from vlm_jax import cli
+
+    cache = str(tmp_path_factory.mktemp("cache"))
+    workdir = str(tmp_path_factory.mktemp(spec.partition(".py")[0] + "_run"))
+    config = f"{REPO}/configs/{spec}"
+    argv = [
+        "train", "--config", config, "--workdir", workdir,
+        "--config.total_steps=4", "--config.batch_size=8", "--config.eval_every=4", "--config.eval_examples=8",
+        "--config.checkpoint_every=4", "--config.log_every=2",
+    ]  # fmt: skip
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VLM_JAX_CACHE", cache)
+        status = cli.main(argv)
+    return workdir, status, cache, config
+
+
 def tiny_lm():
     """The tiny LM config, shortened for tests, with a fixed peak so no matmul peak is measured."""
     from vlm_jax.config_lib import load_config
@@ -136,26 +156,37 @@ def convert_and_forward(hf_dir, work, **inputs) -> dict:
         return {k: f[k] for k in f.files}
 
 
-def packed_row(examples, length, slots=2, image_size=32):
-    """A one-row packed batch of `examples` (tokens, prefix flags, image) in order: segments 1, 2, ..., each
-    example's image in its own slot, padding after (the packer's layout, built by hand for packing tests)."""
+def packed_slots(examples, length, slots, image_size):
+    """A one-row packed batch of `examples` (tokens, images [k, H, W, 3]) in order: segments 1, 2, ..., each
+    example's k images (or tiles) in the next media slots, padding after (the packer's layout, built by hand for
+    packing tests)."""
     import numpy as np
 
     batch = {
         "tokens": np.zeros((1, length), np.int32),
         "segment_ids": np.zeros((1, length), np.int32),
         "positions": np.zeros((1, length), np.int32),
-        "prefix_mask": np.zeros((1, length), bool),
         "images": np.zeros((1, slots, image_size, image_size, 3), np.float32),
         "image_segment_ids": np.zeros((1, slots), np.int32),
     }
-    start = 0
-    for s, (tokens, prefix, image) in enumerate(examples, 1):
-        span = slice(start, start + len(tokens))
+    start = slot = 0
+    for s, (tokens, images) in enumerate(examples, 1):
+        span, taken = slice(start, start + len(tokens)), slice(slot, slot + len(images))
         batch["tokens"][0, span], batch["segment_ids"][0, span] = tokens, s
-        batch["positions"][0, span], batch["prefix_mask"][0, span] = np.arange(len(tokens)), prefix
-        batch["images"][0, s - 1], batch["image_segment_ids"][0, s - 1] = image, s
-        start += len(tokens)
+        batch["positions"][0, span] = np.arange(len(tokens))
+        batch["images"][0, taken], batch["image_segment_ids"][0, taken] = images, s
+        start, slot = start + len(tokens), slot + len(images)
+    return batch
+
+
+def packed_row(examples, length, slots=2, image_size=32):
+    """`packed_slots` of `examples` (tokens, prefix flags, image): one image per example, and the examples'
+    prefix flags as `prefix_mask`."""
+    import numpy as np
+
+    batch = packed_slots([(tokens, image[None]) for tokens, _, image in examples], length, slots, image_size)
+    batch["prefix_mask"] = np.zeros((1, length), bool)
+    batch["prefix_mask"][0, : sum(len(t) for t, _, _ in examples)] = np.concatenate([p for _, p, _ in examples])
     return batch
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO
+from conftest import REPO, packed_slots, train_briefly
 from data_pipelines import image_ops, templates
 from vlm_jax import cli, models
 from vlm_jax.config_lib import load_config
@@ -101,25 +101,9 @@ def tiny():
     return system, params
 
 
-def packed(examples, length, slots=2, size=64):
-    """A one-row batch of `examples` (tokens, images [k, size, size, 3]) in order: segments 1, 2, ..., each
-    example's images in the next slots, padding after."""
-    batch = {
-        "tokens": np.zeros((1, length), np.int32),
-        "segment_ids": np.zeros((1, length), np.int32),
-        "positions": np.zeros((1, length), np.int32),
-        "images": np.zeros((1, slots, size, size, 3), np.float32),
-        "image_segment_ids": np.zeros((1, slots), np.int32),
-    }
-    start = slot = 0
-    for s, (tokens, images) in enumerate(examples, 1):
-        span = slice(start, start + len(tokens))
-        batch["tokens"][0, span], batch["segment_ids"][0, span] = tokens, s
-        batch["positions"][0, span] = range(len(tokens))
-        batch["images"][0, slot : slot + len(images)] = images
-        batch["image_segment_ids"][0, slot : slot + len(images)] = s
-        start, slot = start + len(tokens), slot + len(images)
-    return batch
+def packed(examples, length):
+    """`packed_slots` of (tokens, images [k, 64, 64, 3]) examples in 2 media slots."""
+    return packed_slots(examples, length, slots=2, image_size=64)
 
 
 def test_a_packed_row_equals_its_examples_run_alone(tiny):
@@ -213,18 +197,7 @@ def test_chat_template_is_deepseek_vls(spm_tokenizer):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """The tiny hybrid DeepSeek-VL trained for a few steps on a small built-in dataset through `vlm-jax train`."""
-    cache = str(tmp_path_factory.mktemp("cache"))
-    workdir = str(tmp_path_factory.mktemp("deepseek_vl_run"))
-    arg = f"{REPO}/configs/deepseek_vl.py:data=builtin,scale=0.02"
-    argv = [
-        "train", "--config", arg, "--workdir", workdir,
-        "--config.total_steps=4", "--config.batch_size=8", "--config.eval_every=4", "--config.eval_examples=8",
-        "--config.checkpoint_every=4", "--config.log_every=2",
-    ]  # fmt: skip
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("VLM_JAX_CACHE", cache)
-        status = cli.main(argv)
-    return workdir, status, cache, arg
+    return train_briefly(tmp_path_factory, "deepseek_vl.py:data=builtin,scale=0.02")
 
 
 def test_tiny_deepseek_vl_trains_evaluates_and_answers(trained, tmp_path, capsys, monkeypatch):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, read_tensorboard_scalars
+from conftest import REPO, read_tensorboard_scalars, train_briefly
 from data_pipelines import templates
 from data_pipelines.pipeline import GrainPipeline, fuyu_canvas, fuyu_feature_order
 from vlm_jax import cli, models
@@ -242,18 +242,7 @@ def test_inconsistent_configs_are_one_sentence(change, match):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """The tiny Fuyu trained for a few steps on a small built-in dataset through `vlm-jax train`."""
-    cache = str(tmp_path_factory.mktemp("cache"))
-    workdir = str(tmp_path_factory.mktemp("fuyu_run"))
-    config = f"{REPO}/configs/fuyu.py:data=builtin,scale=0.02"
-    argv = [
-        "train", "--config", config, "--workdir", workdir,
-        "--config.total_steps=4", "--config.batch_size=8", "--config.eval_every=4", "--config.eval_examples=8",
-        "--config.checkpoint_every=4", "--config.log_every=2",
-    ]  # fmt: skip
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("VLM_JAX_CACHE", cache)
-        status = cli.main(argv)
-    return str(workdir), status, cache, config
+    return train_briefly(tmp_path_factory, "fuyu.py:data=builtin,scale=0.02")
 
 
 def test_tiny_fuyu_trains_evaluates_and_answers(trained, tmp_path, capsys, monkeypatch):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO
+from conftest import REPO, packed_slots, train_briefly
 from data_pipelines import image_ops, templates
 from data_pipelines.pipeline import GrainPipeline
 from vlm_jax import cli, models
@@ -56,24 +56,9 @@ def tiny():
     return system, params
 
 
-def packed(examples, length, slots=4):
-    """A one-row batch of `examples` (tokens, tiles [k, 32, 32, 3]) in order: segments 1, 2, ..., each example's
-    tiles in the next slots, padding after."""
-    batch = {
-        "tokens": np.zeros((1, length), np.int32),
-        "segment_ids": np.zeros((1, length), np.int32),
-        "positions": np.zeros((1, length), np.int32),
-        "images": np.zeros((1, slots, 32, 32, 3), np.float32),
-        "image_segment_ids": np.zeros((1, slots), np.int32),
-    }
-    start = slot = 0
-    for s, (tokens, tiles) in enumerate(examples, 1):
-        span = slice(start, start + len(tokens))
-        batch["tokens"][0, span], batch["segment_ids"][0, span] = tokens, s
-        batch["positions"][0, span] = range(len(tokens))
-        batch["images"][0, slot : slot + len(tiles)], batch["image_segment_ids"][0, slot : slot + len(tiles)] = tiles, s
-        start, slot = start + len(tokens), slot + len(tiles)
-    return batch
+def packed(examples, length):
+    """`packed_slots` of (tokens, images [k, 32, 32, 3]) examples in 4 media slots."""
+    return packed_slots(examples, length, slots=4, image_size=32)
 
 
 def test_a_packed_row_equals_its_examples_run_alone(tiny):
@@ -138,18 +123,7 @@ def test_template_writes_each_images_grid_and_refuses_ambiguous_counts(spm_token
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """The tiny Idefics3 trained for a few steps on a small built-in dataset through `vlm-jax train`."""
-    cache = str(tmp_path_factory.mktemp("cache"))
-    workdir = str(tmp_path_factory.mktemp("idefics3_run"))
-    config = f"{REPO}/configs/idefics3.py:data=builtin,scale=0.02"
-    argv = [
-        "train", "--config", config, "--workdir", workdir,
-        "--config.total_steps=4", "--config.batch_size=8", "--config.eval_every=4", "--config.eval_examples=8",
-        "--config.checkpoint_every=4", "--config.log_every=2",
-    ]  # fmt: skip
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("VLM_JAX_CACHE", cache)
-        status = cli.main(argv)
-    return workdir, status, cache, config
+    return train_briefly(tmp_path_factory, "idefics3.py:data=builtin,scale=0.02")
 
 
 def test_tiny_idefics3_trains_on_split_images_evaluates_and_answers(trained, tmp_path, capsys, monkeypatch):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO
+from conftest import REPO, packed_slots, train_briefly
 from data_pipelines import image_ops
 from vlm_jax import cli, models
 from vlm_jax.config_lib import load_config
@@ -60,27 +60,9 @@ def tiny():
     return system, params
 
 
-def packed(examples, length, slots=4):
-    """A one-row batch of `examples` (tokens, tiles [k, 32, 32, 3]) in order: segments 1, 2, ..., each example's
-    tiles in the next slots, padding after."""
-    batch = {
-        "tokens": np.zeros((1, length), np.int32),
-        "segment_ids": np.zeros((1, length), np.int32),
-        "positions": np.zeros((1, length), np.int32),
-        "images": np.zeros((1, slots, 32, 32, 3), np.float32),
-        "image_segment_ids": np.zeros((1, slots), np.int32),
-    }
-    start = slot = 0
-    for s, (tokens, tiles) in enumerate(examples, 1):
-        span = slice(start, start + len(tokens))
-        batch["tokens"][0, span], batch["segment_ids"][0, span], batch["positions"][0, span] = (
-            tokens,
-            s,
-            range(len(tokens)),
-        )
-        batch["images"][0, slot : slot + len(tiles)], batch["image_segment_ids"][0, slot : slot + len(tiles)] = tiles, s
-        start, slot = start + len(tokens), slot + len(tiles)
-    return batch
+def packed(examples, length):
+    """`packed_slots` of (tokens, images [k, 32, 32, 3]) examples in 4 media slots."""
+    return packed_slots(examples, length, slots=4, image_size=32)
 
 
 def test_a_packed_row_equals_its_examples_run_alone(tiny):
@@ -144,18 +126,7 @@ def test_tiles_of_real_photos_match_transformers_processor(crop, max_tiles):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """The tiny InternVL trained for a few steps on a small built-in dataset through `vlm-jax train`."""
-    cache = str(tmp_path_factory.mktemp("cache"))
-    workdir = str(tmp_path_factory.mktemp("internvl_run"))
-    config = f"{REPO}/configs/internvl.py:data=builtin,scale=0.02"
-    argv = [
-        "train", "--config", config, "--workdir", workdir,
-        "--config.total_steps=4", "--config.batch_size=8", "--config.eval_every=4", "--config.eval_examples=8",
-        "--config.checkpoint_every=4", "--config.log_every=2",
-    ]  # fmt: skip
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("VLM_JAX_CACHE", cache)
-        status = cli.main(argv)
-    return workdir, status, cache, config
+    return train_briefly(tmp_path_factory, "internvl.py:data=builtin,scale=0.02")
 
 
 def test_tiny_internvl_trains_on_tiles_evaluates_and_answers(trained, tmp_path, capsys, monkeypatch):
@@ -180,7 +151,7 @@ def test_tiny_internvl_trains_on_tiles_evaluates_and_answers(trained, tmp_path, 
 
 def test_phi3_style_answers_stop_at_its_end_of_turn(spm_tokenizer):
     """Mini-InternVL's Phi-3 chat ends each answer with `<|end|>` (templates.internvl, style "phi3"); generation
-    stops there as well as at eos and `<|im_end|>`."""
+    stops there (and at eos), where the InternLM2 style stops at `<|im_end|>`."""
     from data_pipelines import templates
 
     config = load_config(os.path.join(REPO, "configs/internvl.py:variant=tiny"))
@@ -188,6 +159,8 @@ def test_phi3_style_answers_stop_at_its_end_of_turn(spm_tokenizer):
     config.data.template_options = {"style": "phi3"}
     phi3 = set(models.build(config).stop_tokens(spm_tokenizer))
     assert phi3 - internlm2 == {spm_tokenizer.token_id("<|end|>")}
+    eos = spm_tokenizer.eos_id
+    assert phi3 == {eos, spm_tokenizer.token_id("<|end|>")} and internlm2 == {eos, spm_tokenizer.token_id("<|im_end|>")}
     rendered = templates.render("internvl", spm_tokenizer, {"images": [b""], "caption": "a cat"}, [4], style="phi3")
     answer_end = [i for i, p in zip(rendered.ids, rendered.predict) if p][-1]
     assert answer_end == spm_tokenizer.token_id("<|end|>")  # what the model learns to emit last

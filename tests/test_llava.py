@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, packed_row
+from conftest import REPO, packed_row, train_briefly
 from vlm_jax import cli, models
 from vlm_jax.config_lib import load_config
 
@@ -94,18 +94,7 @@ def test_paper_size_parameter_counts(variant, published):
 def trained(request, tmp_path_factory):
     """The tiny LLaVA (and LLaVA-NeXT) trained for a few steps on a small built-in dataset through `vlm-jax
     train` (stage 2, after its stage-1 prerequisite run)."""
-    cache = str(tmp_path_factory.mktemp("cache"))
-    workdir = str(tmp_path_factory.mktemp("llava_run"))
-    config = f"{REPO}/configs/llava.py:variant={request.param},data=builtin,scale=0.02"
-    argv = [
-        "train", "--config", config, "--workdir", workdir,
-        "--config.total_steps=4", "--config.batch_size=8", "--config.eval_every=4", "--config.eval_examples=8",
-        "--config.checkpoint_every=4", "--config.log_every=2",
-    ]  # fmt: skip
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("VLM_JAX_CACHE", cache)
-        status = cli.main(argv)
-    return str(workdir), status, cache, config
+    return train_briefly(tmp_path_factory, f"llava.py:variant={request.param},data=builtin,scale=0.02")
 
 
 def test_tiny_llava_trains_evaluates_and_answers(trained, tmp_path, capsys, monkeypatch):

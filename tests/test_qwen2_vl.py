@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO
+from conftest import REPO, train_briefly
 from data_pipelines import image_ops
 from data_pipelines import native_resolution as nr
 from vlm_jax import cli, models
@@ -176,18 +176,7 @@ def test_cached_generation_equals_the_full_forward(tiny):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """The tiny Qwen2-VL trained for a few steps on a small built-in dataset through `vlm-jax train`."""
-    cache = str(tmp_path_factory.mktemp("cache"))
-    workdir = str(tmp_path_factory.mktemp("qwen2_vl_run"))
-    config = f"{REPO}/configs/qwen2_vl.py:data=builtin,scale=0.02"
-    argv = [
-        "train", "--config", config, "--workdir", workdir,
-        "--config.total_steps=4", "--config.batch_size=8", "--config.eval_every=4", "--config.eval_examples=8",
-        "--config.checkpoint_every=4", "--config.log_every=2",
-    ]  # fmt: skip
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("VLM_JAX_CACHE", cache)
-        status = cli.main(argv)
-    return workdir, status, cache, config
+    return train_briefly(tmp_path_factory, "qwen2_vl.py:data=builtin,scale=0.02")
 
 
 def test_tiny_qwen2_vl_trains_on_packed_native_rows_evaluates_and_answers(trained, tmp_path, capsys, monkeypatch):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, packed_row
+from conftest import REPO, packed_row, train_briefly
 from vlm_jax import cli, models
 from vlm_jax.config_lib import load_config
 from vlm_jax.connectors.xattn_resampler import CrossAttentionResampler
@@ -137,18 +137,7 @@ def test_a_packed_row_equals_its_examples_run_alone():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    cache = str(tmp_path_factory.mktemp("cache"))
-    workdir = str(tmp_path_factory.mktemp("qwen_vl_run"))
-    config = f"{REPO}/configs/qwen_vl.py:data=builtin,scale=0.02"
-    argv = [
-        "train", "--config", config, "--workdir", workdir,
-        "--config.total_steps=4", "--config.batch_size=8", "--config.eval_every=4", "--config.eval_examples=8",
-        "--config.checkpoint_every=4", "--config.log_every=2",
-    ]  # fmt: skip
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("VLM_JAX_CACHE", cache)
-        status = cli.main(argv)
-    return workdir, status, cache, config
+    return train_briefly(tmp_path_factory, "qwen_vl.py:data=builtin,scale=0.02")
 
 
 def test_tiny_qwen_vl_trains_evaluates_and_answers(trained, tmp_path, capsys, monkeypatch):

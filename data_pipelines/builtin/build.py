@@ -40,6 +40,28 @@ TOKENIZER = "spm"  # -> spm.model
 TOKENIZER_VOCAB, TOKENIZER_TYPE = 512, "bpe"
 TRAIN_SIZES = {"captions": 5000, "vqa": 10000, "grounding": 5000, "chat": 4000, "interleaved": 3000, "fewshot": 6000, "recall": 12000}
 EVAL_SIZES = {"captions": 600, "vqa": 600, "grounding": 600, "chat": 600, "interleaved": 600, "fewshot": 800, "recall": 400}
+# What the chat systems' `data=builtin` configs train on (task -> mixture weight) and are scored on.
+CHAT_MIXTURE = {"captions": 1.0, "vqa": 2.0, "grounding": 0.5}
+CHAT_EVALS = ("vqa", "captions")
+
+
+def mixture(root: str, weights: dict[str, float]) -> list[dict[str, Any]]:
+    """`data.mixture` over the built-in tasks under `root` (e.g. "prerequisite:builtin"), weighted by `weights`."""
+    return [
+        dict(train_path=f"{root}/{task}/train", validation_path=f"{root}/{task}/validation", weight=weight)
+        for task, weight in weights.items()
+    ]
+
+
+def chat_tasks(root: str, weights: dict[str, float] = CHAT_MIXTURE) -> tuple[list, dict, dict]:
+    """(`data.mixture`, `eval_tasks`, `eval_baselines`) of a chat system trained on the built-in data under `root`:
+    the weighted task mixture, the held-out VQA and caption evaluations and their training splits (the model-free
+    bars to clear)."""
+    return (
+        mixture(root, weights),
+        {task: f"{root}/{task}/validation" for task in CHAT_EVALS},
+        {task: f"{root}/{task}/train" for task in CHAT_EVALS},
+    )
 
 
 def default_sizes(scale: float = 1.0) -> dict[str, dict[str, int]]:

@@ -29,6 +29,7 @@ from vlm_jax.interop.tensors import (
     Tensors,
     heads_bias,
     heads_kernel,
+    key_prefix,
     out_kernel,
     read_config,
     read_safetensors,
@@ -56,13 +57,6 @@ SAM_DEFAULTS = dict(
     global_attn_indexes=(2, 5, 8, 11),
     mlp_dim=None,
 )
-
-
-def _prefix(tensors: dict, candidates: tuple[str, ...], marker: str, what: str, path: str) -> str:
-    for prefix in candidates:
-        if prefix + marker in tensors:
-            return prefix
-    raise UserError(f"the checkpoint in {path!r} has no {what} (none of {', '.join(p + marker for p in candidates)}).")
 
 
 def _conv(t: Tensors, name: str) -> dict:
@@ -163,7 +157,7 @@ def load_deepseek_vl_dir(path: str) -> tuple[dict, dict, dict]:
     tc = {**defaults, **tc, "tie_word_embeddings": bool(cfg.get("tie_word_embeddings", True))}
 
     tensors = read_safetensors(path)
-    vision_prefix = _prefix(
+    vision_prefix = key_prefix(
         tensors, ("model.vision_model.vision_model.", "model.vision_model."), "embeddings.patch_embedding.weight",
         "SigLIP vision tower", path,
     )  # fmt: skip

@@ -20,7 +20,7 @@ from vlm_jax.interop import register_converter, system_config
 from vlm_jax.interop.hf_clip import vision_tower
 from vlm_jax.interop.hf_decoder import decoder_from_tensors
 from vlm_jax.interop.hf_llava import TEXT_MODELS
-from vlm_jax.interop.tensors import Tensors, read_config, read_safetensors
+from vlm_jax.interop.tensors import Tensors, key_prefix, read_config, read_safetensors, square_side
 
 ARCHITECTURE = "Idefics3ForConditionalGeneration"
 
@@ -45,17 +45,7 @@ _PREFIXES = {
 
 def _prefix(tensors: dict, part: str, path: str) -> str:
     prefix, marker = _PREFIXES[part]
-    if prefix + marker not in tensors:
-        raise UserError(f"the checkpoint in {path!r} has no Idefics3 {part} ({prefix + marker}).")
-    return prefix
-
-
-def _side(value, what: str, path: str) -> int:
-    """One side of a square `image_size` / `patch_size` (an int or a [height, width] pair)."""
-    h, w = (value, value) if isinstance(value, int) else tuple(value)
-    if h != w:
-        raise UserError(f"{path}: a non-square vision {what} {list(value)} is not supported.")
-    return int(h)
+    return key_prefix(tensors, (prefix,), marker, f"Idefics3 {part}", path)
 
 
 def load_idefics3_dir(path: str) -> tuple[dict, dict, dict]:
@@ -66,8 +56,8 @@ def load_idefics3_dir(path: str) -> tuple[dict, dict, dict]:
         raise UserError(f"{path}: architectures {cfg.get('architectures')} do not include {ARCHITECTURE}.")
     vc = {**VISION_DEFAULTS, **(cfg.get("vision_config") or {})}
     vc.update(
-        image_size=_side(vc["image_size"], "image_size", path),
-        patch_size=_side(vc["patch_size"], "patch_size", path),
+        image_size=square_side(vc["image_size"], "image_size", path),
+        patch_size=square_side(vc["patch_size"], "patch_size", path),
         vision_use_head=False,
     )
     tc = cfg.get("text_config") or {}

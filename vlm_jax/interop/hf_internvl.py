@@ -17,8 +17,6 @@ tied when config.json's top level says `tie_word_embeddings` (transformers' defa
 
 from __future__ import annotations
 
-from typing import Any
-
 from vlm_jax.errors import UserError
 from vlm_jax.interop import register_converter, system_config
 from vlm_jax.interop.hf_decoder import decoder_from_tensors
@@ -28,9 +26,11 @@ from vlm_jax.interop.tensors import (
     Tensors,
     heads_bias,
     heads_kernel,
+    key_prefix,
     out_kernel,
     read_config,
     read_safetensors,
+    square_side,
     stack_layers,
 )
 
@@ -79,28 +79,16 @@ _ACTS = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "quick_gelu": "quick_
 
 
 def _prefix(tensors: dict, part: str, path: str) -> str:
+    """The key prefix of `part` in this checkpoint (the first layout whose marker key it holds)."""
     candidates, marker = _PREFIXES[part]
-    for prefix in candidates:
-        if prefix + marker in tensors:
-            return prefix
-    raise UserError(
-        f"the checkpoint in {path!r} has no InternVL {part} (none of {', '.join(p + marker for p in candidates)})."
-    )
-
-
-def _pair(value: Any, what: str, path: str) -> int:
-    """One side of a square `image_size` / `patch_size` (an int or a [height, width] pair)."""
-    h, w = (value, value) if isinstance(value, int) else tuple(value)
-    if h != w:
-        raise UserError(f"{path}: a non-square vision {what} {list(value)} is not supported.")
-    return int(h)
+    return key_prefix(tensors, candidates, marker, f"InternVL {part}", path)
 
 
 def vision_tower(vc: dict, t: Tensors, path: str) -> tuple[dict, dict]:
     """(ViT kwargs, params) of an InternVL vision tower; `vc` its config (missing keys: transformers' defaults)."""
     vc = {**VISION_DEFAULTS, **vc}
     width, heads, depth = int(vc["hidden_size"]), int(vc["num_attention_heads"]), int(vc["num_hidden_layers"])
-    size, patch = _pair(vc["image_size"], "image_size", path), _pair(vc["patch_size"], "patch_size", path)
+    size, patch = square_side(vc["image_size"], "image_size", path), square_side(vc["patch_size"], "patch_size", path)
     norm = {"layer_norm": "layernorm", "rms_norm": "rmsnorm"}.get(vc["norm_type"])
     refusals = [
         (norm is None, f"norm_type {vc['norm_type']!r} is not 'layer_norm' or 'rms_norm'"),

@@ -36,7 +36,7 @@ from vlm_jax.errors import UserError
 from vlm_jax.interop import register_converter, system_config
 from vlm_jax.interop.hf_clip import vision_tower
 from vlm_jax.interop.hf_decoder import decoder_from_tensors
-from vlm_jax.interop.tensors import Tensors, read_config, read_safetensors
+from vlm_jax.interop.tensors import Tensors, key_prefix, read_config, read_safetensors
 
 ARCHITECTURE = "LlavaForConditionalGeneration"
 
@@ -84,12 +84,7 @@ _HEADS = ("language_model.lm_head.weight", "lm_head.weight")
 def _prefix(tensors: dict, part: str, path: str) -> str:
     """The key prefix of `part` in this checkpoint (the first layout whose marker key it holds)."""
     candidates, marker = _PREFIXES[part]
-    for prefix in candidates:
-        if prefix + marker in tensors:
-            return prefix
-    raise UserError(
-        f"the checkpoint in {path!r} has no LLaVA {part} (none of {', '.join(p + marker for p in candidates)})."
-    )
+    return key_prefix(tensors, candidates, marker, f"LLaVA {part}", path)
 
 
 def _feature_tap(layer: Any, depth: int, path: str) -> int:

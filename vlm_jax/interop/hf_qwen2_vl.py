@@ -21,6 +21,7 @@ from vlm_jax.interop.tensors import (
     Tensors,
     heads_bias,
     heads_kernel,
+    key_prefix,
     out_kernel,
     read_config,
     read_safetensors,
@@ -29,13 +30,6 @@ from vlm_jax.interop.tensors import (
 
 ARCHITECTURES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
 _ACTS = {"quick_gelu": "quick_gelu", "silu": "silu", "gelu": "gelu"}
-
-
-def _prefix(tensors: dict, candidates: tuple[str, ...], marker: str, what: str, path: str) -> str:
-    for prefix in candidates:
-        if prefix + marker in tensors:
-            return prefix
-    raise UserError(f"the checkpoint in {path!r} has no {what} (none of {', '.join(p + marker for p in candidates)}).")
 
 
 def vision_tower(vc: dict, t: Tensors, qwen25: bool, path: str) -> tuple[dict, dict, dict]:
@@ -128,9 +122,9 @@ def load_qwen2_vl_dir(path: str) -> tuple[dict, dict, dict]:
         tc["rope_parameters"]["rope_type"] = "default"  # older configs name M-RoPE's plain frequencies "mrope"
 
     tensors = read_safetensors(path)
-    visual = _prefix(tensors, ("visual.", "model.visual."), "patch_embed.proj.weight", "vision tower", path)
+    visual = key_prefix(tensors, ("visual.", "model.visual."), "patch_embed.proj.weight", "vision tower", path)
     vision_kwargs, merger_kwargs, vision_params = vision_tower(vc, Tensors(tensors, visual, path), qwen25, path)
-    lm_prefix = _prefix(tensors, ("model.language_model.", "model."), "embed_tokens.weight", "language model", path)
+    lm_prefix = key_prefix(tensors, ("model.language_model.", "model."), "embed_tokens.weight", "language model", path)
     lm_kwargs, decoder = decoder_from_tensors(
         "Qwen2ForCausalLM", tc, lambda: tensors, lm_prefix, "lm_head.weight", path
     )

@@ -105,6 +105,24 @@ class Tensors:
         return self.prefix + key in self.tensors
 
 
+def key_prefix(tensors: dict, candidates: tuple[str, ...], marker: str, what: str, where: str) -> str:
+    """The first of `candidates` (key prefixes of the checkpoint layouts in circulation) under which `marker`
+    exists; a UserError naming `what` and every key looked for otherwise."""
+    for prefix in candidates:
+        if prefix + marker in tensors:
+            return prefix
+    raise UserError(f"the checkpoint in {where!r} has no {what} (none of {', '.join(p + marker for p in candidates)}).")
+
+
+def square_side(value, what: str, where: str) -> int:
+    """One side of a square vision `image_size` / `patch_size` in a config (an int or a [height, width] pair);
+    a UserError for a non-square one."""
+    h, w = (value, value) if isinstance(value, int) else tuple(value)
+    if h != w:
+        raise UserError(f"{where}: a non-square vision {what} {list(value)} is not supported.")
+    return int(h)
+
+
 def heads_kernel(weight: np.ndarray, heads: int) -> np.ndarray:
     """A PyTorch projection into heads, [heads * head_dim, in] -> `DenseGeneral` kernel [in, heads, head_dim]."""
     return weight.T.reshape(weight.shape[1], heads, -1)

@@ -115,10 +115,11 @@ class System:
         return int(self.config.model.get("image_tokens", 1))
 
     def stop_tokens(self, tokenizer: Any) -> tuple[int, ...]:
-        """The ids that end a generated answer: the tokenizer's eos and the template's end-of-turn pieces."""
+        """The ids that end a generated answer: the tokenizer's eos and the end-of-turn pieces of the template as
+        `template_options` render it."""
         from data_pipelines import templates
 
-        return templates.stop_ids(self.template, tokenizer)
+        return templates.stop_ids(self.template, tokenizer, **self.template_options)
 
     def decoding(self, params: Any, batch: dict[str, np.ndarray], length: int) -> Decoding:
         """The decoder, its params and its extra inputs for a left-padded prompt batch (`generate.left_pad`,

@@ -36,11 +36,3 @@ class InternVL(InSequenceSystem):
             raise ConfigError(
                 f"data.image.size {image.get('size')} must be the tile size model.image_size {self.image_size}."
             )
-
-    def stop_tokens(self, tokenizer) -> tuple[int, ...]:
-        """The template's stop ids (eos, `<|im_end|>`), plus Phi-3's end of turn `<|end|>` under the "phi3" chat
-        style (Mini-InternVL-Chat-4B-V1-5), whose answers end with it."""
-        stops = super().stop_tokens(tokenizer)
-        if self.template_options.get("style") == "phi3":
-            stops += (tokenizer.token_id("<|end|>"),)
-        return stops
