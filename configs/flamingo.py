@@ -209,38 +209,51 @@ def get_config(arg=None):
 # The built-in dataset's tasks in the main job's training mixture, with their weights.
 MAIN_JOB_MIXTURE = {"captions": 2.0, "vqa": 3.0, "grounding": 0.5, "interleaved": 0.5, "fewshot": 2.0}
 MAIN_JOB_EVALS = ("vqa", "captions", "grounding", "fewshot")
+# The text the main job's LM is pretrained on: the text side of the training tasks (images unused) and the
+# text-only recall episodes, with their weights.
+LM_MIXTURE = {"recall": 6.0, "captions": 1.0, "vqa": 1.0, "grounding": 0.5, "interleaved": 0.5, "fewshot": 1.0}
+VISION_STEPS = 500  # of the main job's contrastive pretraining of the vision encoder
+LM_STEPS = 600  # of the main job's LM pretraining
 
 
 def builtin_main_job(arg):
-    """The README's first command: the tiny Flamingo trained from scratch on the built-in dataset, then evaluated.
+    """The README's first command: the tiny Flamingo on the built-in dataset by the paper's recipe, then evaluated.
 
-    Its prerequisites are declared in `config.prerequisites` and resolved by the trainer when training starts
-    (vlm_jax/prerequisites.py), each once and cached: the built-in dataset (`builtin`: about 25 s, with its
-    own tokenizer), the real-image few-shot episodes (`digits`, `photos`) and, as nothing pretrained exists
-    offline, an LM pretrained on the built-in text episodes (`lm`, a run of `pretrained_lm`'s config whose
-    checkpoint is `model.lm_checkpoint`). Then the vision encoder and the LM train with the cross-attention (the paper's frozen
-    recipe needs a real `lm_checkpoint` / `vision_checkpoint`). The images are 64 px (the built-in scenes' size: at 32 px small
-    shapes blur). Without a Perceiver resampler the gated cross-attention reads the ViT's 64 patch tokens
-    (IDEFICS's option): at 64 patches a resampler saves nothing, and trained from scratch it first averages
-    the patches, so the answers could not find objects (measured at 1000 steps: CIDEr 0.86-1.08 with 16
-    latents, 1.35 without; colour questions 18% -> 29%). The ViT has a convolutional stem
+    Flamingo's recipe has three stages: a vision encoder pretrained contrastively on image-text pairs, an LM
+    pretrained on text, then, with both frozen, the cross-attention (and resampler) trained on interleaved data.
+    Nothing pretrained exists offline, so the first two are prerequisite runs of this config
+    (`config.prerequisites`, resolved by the trainer when training starts, each once and cached;
+    vlm_jax/prerequisites.py): `vision`, a SigLIP whose image tower is this Flamingo's ViT, on the built-in
+    `objects` pairs (`pretrained_vision`), and `lm`, this Flamingo's LM on the text of the built-in tasks
+    (`pretrained_lm`). Beside them: the built-in dataset (`builtin`, with its own tokenizer) and the real-image
+    few-shot episodes (`digits`, `photos`). Then the Flamingo trains for 800 steps with the vision encoder and
+    every LM weight frozen: the gated cross-attention blocks and the embedding rows of `<image>` and
+    `<|endofchunk|>` (the new tokens) train. With the LM frozen the cross-attention is all that learns to read
+    the images, so there is a block before every LM layer (4 heads of 16; every other layer with 2 heads, as
+    the tiny variant, or with 4 heads read the images worse: docs/evaluation.md). The images are 64 px (the
+    built-in scenes' size: at 32 px small shapes blur).
+    Without a Perceiver resampler the gated cross-attention reads the ViT's 64 patch tokens (IDEFICS's
+    option): at 64 patches a resampler saves nothing, and trained from scratch it first averages the patches,
+    so the answers could not find objects (docs/evaluation.md). The ViT has a convolutional stem
     (`stem="conv"`, 16 channels): with the linear patchify a one-layer ViT hardly tells shapes apart in this
-    budget (docs/systems.md). The LM layers are rematerialised (`remat="full"`), which is faster here: the
-    saved attention probabilities cost more memory traffic than recomputing them (0.40 vs 0.45 s/step).
-    Evaluations run on held-out (colour, shape) combinations and on real-image few-shot episodes at the
-    end, beside the model-free baselines (`eval_baselines`; docs/evaluation.md has the numbers).
+    budget (docs/systems.md). The LM layers are rematerialised (`remat="full"`): the saved attention
+    probabilities cost more memory traffic than recomputing them. The whole command takes about 9-10 minutes
+    on a 2-core CPU with a fresh cache (docs/evaluation.md). Evaluations run on held-out (colour, shape)
+    combinations and on real-image few-shot episodes at the end, beside the model-free baselines
+    (`eval_baselines`; docs/evaluation.md has the numbers).
     """
     from data_pipelines import real_images
     from data_pipelines.builtin import build
 
     scale = float(arg.scale)  # of the built-in dataset's record counts (and of the real-image episodes); tests use less
     root = "prerequisite:builtin"  # the built-in dataset's folder, once resolved
-    c = get_config(f"variant=tiny,tokenizer={root}/{build.TOKENIZER}.model,data={root}")
-    c.total_steps, c.batch_size, c.log_every = 1000, 16, 50
-    c.checkpoint_every, c.eval_every, c.eval_examples = 500, 1000, 200
+    c = get_config(f"variant=tiny,tokenizer={root}/{build.TOKENIZER}.model,data={root},train_new_tokens=True")
+    c.total_steps, c.batch_size, c.log_every = 800, 16, 50
+    c.checkpoint_every, c.eval_every, c.eval_examples = 400, 800, 200
     c.model.image_size = 64  # and so encoder_kwargs.image_size and data.image.size (one reference)
-    c.model.encoder_kwargs.update(stem="conv", stem_width=16)
+    c.model.encoder_kwargs.update(stem="conv", stem_width=16, pool="none")  # the LM reads the patch tokens
     c.model.lm.remat = "full"
+    c.model.lm.cross_attn_every, c.model.lm.cross_attn.num_heads = 1, 4  # the LM is frozen: see the docstring
     c.model.resampler = None  # the LM attends to the 64 patch tokens: see the docstring
     c.data.seq_len, c.data.max_images = 128, 6  # and so data.interleaved's max_tokens and max_images
     c.data.image.method = "bilinear"
@@ -254,7 +267,7 @@ def builtin_main_job(arg):
     c.eval_baselines = {task: f"{root}/{task}/train" for task in ("vqa", "captions")}  # the bars to clear
     # Few-shot accuracy per k moves by a few points: 200 built-in episodes per k (100 per k on real images).
     c.eval_examples_per_task = {"fewshot": 800, **{f"fewshot/{source}": 400 for source in real_images.SOURCES}}
-    c.optim.update(lr=2e-3, schedule="cosine", warmup_steps=50, min_lr_ratio=0.05, freeze=())
+    c.optim.update(lr=3e-3, schedule="cosine", warmup_steps=50, min_lr_ratio=0.05)
     episodes = max(4, round(real_images.DEFAULT_EPISODES * scale))
     c.prerequisites = ConfigDict(
         dict(
@@ -263,26 +276,53 @@ def builtin_main_job(arg):
                 source: dict(kind="real_images", source=source, episodes=episodes, seed=0, image_size=64)
                 for source in real_images.SOURCES
             },
-            lm=dict(kind="run", workdir=f"{root}/lm-recall", config=pretrained_lm(c, max(4, round(LM_STEPS * scale)))),
+            vision=dict(
+                kind="run",
+                workdir=f"{root}/siglip-objects",
+                config=pretrained_vision(c, max(4, round(VISION_STEPS * scale))),
+            ),
+            lm=dict(kind="run", workdir=f"{root}/lm-text", config=pretrained_lm(c, max(4, round(LM_STEPS * scale)))),
         )
     )
+    c.model.vision_checkpoint = "prerequisite:vision"
     c.model.lm_checkpoint = "prerequisite:lm"
     return c
 
 
-LM_STEPS = 600  # of the main job's LM pretraining on the built-in text episodes
+def pretrained_vision(c: ConfigDict, steps: int) -> ConfigDict:
+    """The config of the main job's `vision` prerequisite: a SigLIP (`configs/siglip.py:data=builtin`, sigmoid
+    loss) whose image tower is the Flamingo's ViT (every key a reference to `c.model.encoder_kwargs`, but the
+    pooling: a MAP head, which the Flamingo does not read) with a linear projection to the text tower's width,
+    trained on the built-in `objects` pairs ("a red circle."): captions of whole scenes differ in so many words
+    that a contrastive encoder learns colours but hardly shapes from them (docs/evaluation.md). It stands in for Flamingo's contrastively pretrained NFNet."""
+    from data_pipelines.builtin import build
+
+    root = "prerequisite:builtin"
+    siglip = os.path.join(os.path.dirname(os.path.abspath(__file__)), "siglip.py")
+    run = load_config(f"{siglip}:data=builtin")
+    del run.prerequisites, run.eval_tasks  # the main job's prerequisites resolve `root`; no evaluation
+    vision = c.model.encoder_kwargs
+    run.model.vision = ConfigDict({**{key: vision.get_ref(key) for key in vision if key != "pool"}, "pool": "map"})
+    run.data.image_size = vision.get_ref("image_size")
+    run.model.projection = "clip"  # linear maps of both towers to `embed_dim` (the tower widths differ)
+    run.model.text.max_len = 16  # an objects text is 4 ids + bos + eos
+    run.data.train_path, run.data.validation_path = f"{root}/objects/train", f"{root}/objects/validation"
+    run.data.tokenizer = f"{root}/{build.TOKENIZER}.model"
+    run.total_steps, run.keep_checkpoints, run.eval_every, run.log_every = steps, 1, 0, 100
+    run.checkpoint_every = run.get_ref("total_steps")
+    return run
 
 
 def pretrained_lm(c: ConfigDict, steps: int) -> ConfigDict:
-    """The config of the main job's `lm` prerequisite: an `lm` run with the Flamingo LM's settings on the built-in
-    `recall` text episodes (about 75 s at 600 steps). Every key it shares with `c.model.lm` (but the vocabulary,
-    which both read from the tokenizer) and `data.seq_len` are references to `c`'s, so an override of the main
-    job's LM reaches this run too (and, changing its config, its cache folder).
+    """The config of the main job's `lm` prerequisite: an `lm` run with the Flamingo LM's settings on the text of
+    the built-in tasks (`LM_MIXTURE`: the text side of captions, VQA, grounding, documents and few-shot episodes,
+    in the Flamingo template, images unused; and the text-only `recall` episodes). Every key it shares with
+    `c.model.lm` (but the vocabulary, which both read from the tokenizer) and `data.seq_len` are references to
+    `c`'s, so an override of the main job's LM reaches this run too (and, changing its config, its cache folder).
 
-    It stands in for Flamingo's pretrained LM: trained from scratch beside the images, the 4-layer LM copies any
-    word of a few-shot episode (49-52% at k = 1, 2, 4 on 200 episodes each) instead of the word that followed the
-    query's colour; 600 steps of 16 rows of text episodes first teach that recall (95% on held-out text
-    episodes), and the few-shot accuracy of the main job then rises with k (docs/evaluation.md)."""
+    It stands in for Flamingo's pretrained LM. The recall episodes ("This is a red dax. This is a blue wug. This
+    is a red dax.") teach in-context recall: trained from scratch beside the images, the 4-layer LM copied any
+    word of a few-shot episode (49-52% at k = 1, 2, 4) instead of the word that followed the query's colour."""
     from data_pipelines.builtin import build
 
     root = "prerequisite:builtin"
@@ -292,7 +332,7 @@ def pretrained_lm(c: ConfigDict, steps: int) -> ConfigDict:
         if key in c.model.lm and key != "vocab_size":
             run.model[key] = c.model.lm.get_ref(key)
     run.data.seq_len = c.data.get_ref("seq_len")
-    run.data.validation_path = f"{root}/recall/validation"
+    run.data.mixture = build.mixture(root, LM_MIXTURE)
     run.total_steps, run.keep_checkpoints, run.eval_every, run.log_every = steps, 1, 0, 100
     run.checkpoint_every = run.get_ref("total_steps")
     return run

@@ -130,31 +130,50 @@ class ArrayRecordSource:
 class TfdsSource:
     """A locally prepared TFDS dataset read with `tfds.data_source` (random access; nothing is downloaded).
 
-    `fields` maps record keys to TFDS feature keys, e.g. {"image": "image",
-    "caption": "caption"}; images may be encoded bytes or decoded arrays
-    (arrays are re-encoded as PNG so every source yields the same record shape).
+    With `fields` empty the dataset's features must be the record features of
+    a format (`data_pipelines.tfds_records`: the built-in builder's, or
+    `VlmJaxRecords`' over `data build` folders); `format` is that format and
+    item i is the record its example i carries, equal to the ArrayRecord
+    record it was made from. A non-empty `fields` reads any image-text
+    dataset as pairs: it maps "image" and "caption" to top-level feature
+    keys; images may be encoded bytes or decoded arrays (arrays are
+    re-encoded as PNG).
     """
 
-    def __init__(self, name: str, split: str, data_dir: str | None, fields: dict[str, str], format: str = "pairs"):
+    def __init__(self, name: str, split: str, data_dir: str | None, fields: dict[str, str]):
         import tensorflow_datasets as tfds
+
+        from data_pipelines import tfds_records
 
         try:
             self._source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
         except Exception as e:  # tfds raises several types for a dataset that is not prepared
             raise UserError(f"the TFDS dataset {name!r} (split {split!r}) is not prepared in {data_dir}: {e}") from None
-        self.format = format
         self.fields = dict(fields)
+        features = self._source.dataset_info.features
+        self.format = "pairs" if self.fields else tfds_records.format_of(features)
+        if self.format is None:
+            raise UserError(
+                f"the TFDS dataset {name!r} has the features {', '.join(sorted(features.keys()))}, not the record "
+                "features of pairs, llava or interleaved (docs/data.md, TFDS); set data.tfds.fields to read it as pairs."
+            )
+        self._from_example = tfds_records.record_from_example
 
     def __len__(self) -> int:
         return len(self._source)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         example = self._source[i]
+        if not self.fields:
+            return self._from_example(example, self.format)
         image = example[self.fields.get("image", "image")]
         text = example[self.fields.get("caption", "caption")]
         if isinstance(text, bytes):
             text = text.decode("utf-8", errors="surrogateescape")
         return {"images": [_as_encoded(image)], "caption": text}
+
+    def __repr__(self) -> str:
+        return f"TfdsSource({len(self)} {self.format} records)"
 
 
 def _as_encoded(image: Any) -> bytes:

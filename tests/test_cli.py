@@ -27,7 +27,10 @@ def quickstart_block(n):
 def test_readme_blocks_are_what_ci_runs():
     main_job, test_command = quickstart_block(1), quickstart_block(2)
     assert "vlm-jax train" in main_job
-    assert "pip install" in test_command and "pytest" in test_command
+    assert test_command.strip() == "bash tests/setup_and_run.sh"  # one command sets up and runs the suite
+    script = open(os.path.join(REPO, "tests", "setup_and_run.sh")).read()
+    for step in ("pip install -q torch==", '-e ".[test,interop]"', "--no-deps timm==", "python -m pytest -q"):
+        assert step in script, step
     ci = open(os.path.join(REPO, ".ci", "run")).read()
     assert "quickstart_block.py 2" in ci  # CI runs README block (b) verbatim
 

@@ -4,7 +4,6 @@ declared prerequisites resolve once, cached (vlm_jax/prerequisites.py)."""
 import ast
 import json
 import os
-import time
 
 import pytest
 
@@ -128,10 +127,7 @@ def test_loading_a_config_builds_nothing_trains_nothing_reads_no_file(spec, tmp_
     for target, name in [(build, "build"), (build, "cached"), (real_images, "write"), (trainer, "train")]:
         monkeypatch.setattr(target, name, forbid)
     monkeypatch.setattr(Tokenizer, "__init__", forbid)
-    load_config(config_path(spec))  # imports the modules it needs
-    start = time.perf_counter()
     load_config(config_path(spec))
-    assert time.perf_counter() - start < 1.0  # measured: 1-100 ms
     assert os.listdir(cache) == [] and sorted(os.listdir(tmp_path)) == ["cache"]
 
 
@@ -141,10 +137,23 @@ def test_the_main_job_declares_its_prerequisites_and_refers_to_them():
         "builtin": "builtin_data",
         "digits": "real_images",
         "photos": "real_images",
+        "vision": "run",
         "lm": "run",
     }
     assert c.prerequisites.builtin.scale == 0.02 and c.prerequisites.lm.config.total_steps == 12
-    assert c.model.lm_checkpoint == "prerequisite:lm"
+    assert c.prerequisites.vision.config.total_steps == 10  # 500 x 0.02
+    assert c.model.lm_checkpoint == "prerequisite:lm" and c.model.vision_checkpoint == "prerequisite:vision"
+    vision = c.prerequisites.vision.config
+    assert vision.model.name == "dual_encoder" and vision.data.train_path == "prerequisite:builtin/objects/train"
+    # The paper's recipe: the vision encoder and every LM weight frozen; the new tokens' embedding rows train.
+    assert c.optim.freeze == (
+        "vision/.*",
+        "decoder/layer_groups(_tail)?/layers/.*",
+        "decoder/final_norm/.*",
+        "decoder/lm_head/.*",
+    )
+    assert c.optim.trainable_rows[0][0] == "decoder/embed/embedding"
+    assert ("optim.trainable_rows.0.1", ("<image>", "<|endofchunk|>")) in c.from_tokenizer
     assert c.data.tokenizer == "prerequisite:builtin/spm.model"
     assert c.eval_tasks["fewshot/digits"] == "prerequisite:digits"
     with pytest.raises(ConfigError, match="resolve the config first"):
@@ -166,10 +175,17 @@ FOLLOWERS = [
     (
         "flamingo.py:data=builtin",
         "--config.model.image_size=96",
-        ["model.encoder_kwargs.image_size", "data.image.size"],
+        ["model.encoder_kwargs.image_size", "data.image.size"]
+        + ["prerequisites.vision.config.model.vision.image_size", "prerequisites.vision.config.data.image_size"],
     ),
     ("flamingo.py:data=builtin", "--config.model.lm.embed_dim=96", ["prerequisites.lm.config.model.embed_dim"]),
     ("flamingo.py:data=builtin", "--config.model.lm.remat=dots", ["prerequisites.lm.config.model.remat"]),
+    # the contrastive pretraining's image tower is the Flamingo's ViT (but its pooling)
+    (
+        "flamingo.py:data=builtin",
+        "--config.model.encoder_kwargs.width=48",
+        ["prerequisites.vision.config.model.vision.width"],
+    ),
     ("lm.py:data=/d,tokenizer=/t.model", "--config.data.seq_len=256", ["data.interleaved.max_tokens"]),
     ("clip.py", "--config.data.image_size=48", ["model.vision.image_size"]),
     ("clip.py", "--config.model.text.max_len=24", ["data.text_len"]),
@@ -293,7 +309,8 @@ KNOBS = {
     "qwen_vl.py:variant=7b": ["--config.model.connector.head_dim=64", "--config.model.encoder_kwargs.remat=full"],
     "flamingo.py:data=builtin": FLAMINGO_KNOBS
     + ["--config.model.encoder_kwargs.stem=patch", "--config.model.encoder_kwargs.stem_width=8"]
-    + ["--config.prerequisites.builtin.scale=0.5", "--config.prerequisites.lm.config.total_steps=10"],
+    + ["--config.prerequisites.builtin.scale=0.5", "--config.prerequisites.lm.config.total_steps=10"]
+    + ["--config.prerequisites.vision.config.total_steps=10", "--config.prerequisites.vision.config.optim.lr=0.001"],
 }
 
 

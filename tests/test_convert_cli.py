@@ -1,8 +1,7 @@
 """`vlm-jax convert-hf` then `vlm-jax forward`: the command-line path a user takes to prove parity."""
 
 import numpy as np
-import torch
-import transformers
+import pytest
 
 from conftest import convert_and_forward, perturb
 from vlm_jax import cli
@@ -13,6 +12,10 @@ VISION = dict(
 
 
 def test_siglip_through_the_command_line(tmp_path, capsys):
+    torch = pytest.importorskip("torch", reason="the reference model is PyTorch: pip install -e '.[interop]'")
+    transformers = pytest.importorskip(
+        "transformers", reason="the reference is transformers' model: pip install -e '.[interop]'"
+    )
     text = dict(
         vocab_size=99,
         hidden_size=48,
@@ -39,6 +42,10 @@ def test_siglip_through_the_command_line(tmp_path, capsys):
 
 
 def test_clip_and_clip_vision_through_the_command_line(tmp_path):
+    torch = pytest.importorskip("torch", reason="the reference model is PyTorch: pip install -e '.[interop]'")
+    transformers = pytest.importorskip(
+        "transformers", reason="the reference is transformers' model: pip install -e '.[interop]'"
+    )
     text = dict(
         vocab_size=99,
         hidden_size=40,

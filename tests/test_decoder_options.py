@@ -1,12 +1,13 @@
 """Decoder options (positions, norms, MLPs, biases, soft-caps, MQA) against NumPy, and KV-cache decoding."""
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.special
-from transformers.models.mpt.modeling_mpt import build_mpt_alibi_tensor
 
 from vlm_jax.errors import UserError
 from vlm_jax.lm.decoder import DecoderLM
@@ -29,14 +30,19 @@ def random_params(model, *args, seed=0):
 
 
 def mpt_slopes(heads, bias_max):
-    """Slopes read off transformers' MPT ALiBi tensor, whose first column at length 2 is -slope."""
-    return -build_mpt_alibi_tensor(heads, 2, bias_max)[:, 0, 0].numpy().astype(np.float64)
+    """MPT's ALiBi slopes by `build_mpt_alibi_tensor`'s formula: 2^-(i * bias_max / n) for i = 1..n, n the next
+    power of two; for other head counts the odd-indexed then the even-indexed ones, the first `heads`."""
+    n = 2 ** math.ceil(math.log2(heads))
+    slopes = 2.0 ** -(np.arange(1, n + 1) * bias_max / n)
+    return np.concatenate([slopes[1::2], slopes[::2]])[:heads] if n != heads else slopes
 
 
-def numpy_decoder(p, tokens, segment_ids, positions, cfg):
-    """The decoder in float64 NumPy from the families' definitions (relative and ALiBi terms per token pair)."""
+def numpy_decoder(p, tokens, segment_ids, positions, c):
+    """The decoder in float64 NumPy from the families' definitions (relative and ALiBi terms per token pair).
+
+    `c` holds every setting this reads (`REFERENCE` and an option), none taken from `DecoderLM`.
+    """
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), p)
-    c = {f: getattr(DecoderLM(**cfg), f) for f in DecoderLM.__dataclass_fields__ if f not in ("parent", "name")}
     heads, kv_heads, d = c["num_heads"], c["num_kv_heads"], c["embed_dim"]
     hd = c["head_dim"] or d // heads
     acts = {
@@ -52,9 +58,9 @@ def numpy_decoder(p, tokens, segment_ids, positions, cfg):
         y = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + c["norm_eps"]) * n["scale"]
         return y + n["bias"] if c["norm_bias"] else y
 
-    def dense(x, lp, spec):
+    def dense(x, lp, spec, bias):
         y = np.einsum(spec, x, lp["kernel"])
-        return y + lp["bias"] if "bias" in lp else y
+        return y + lp["bias"] if bias else y
 
     def rope(x):  # pairs (i, i + hd/2)
         inv = c["rope_theta"] ** (-np.arange(0, hd, 2) / hd)
@@ -77,9 +83,10 @@ def numpy_decoder(p, tokens, segment_ids, positions, cfg):
         lp = jax.tree.map(lambda a: a[layer], p["layers"])
         a = lp["attn"]
         h = norm(x, lp["attn_norm"])
-        q = dense(h, a["query"], "bld,dhk->blhk")
-        k = np.repeat(dense(h, a["key"], "bld,dhk->blhk"), heads // kv_heads, axis=2)
-        v = np.repeat(dense(h, a["value"], "bld,dhk->blhk"), heads // kv_heads, axis=2)
+        qkv_bias = c["attn_bias"] or c["qkv_bias"]
+        q = dense(h, a["query"], "bld,dhk->blhk", qkv_bias)
+        k = np.repeat(dense(h, a["key"], "bld,dhk->blhk", qkv_bias), heads // kv_heads, axis=2)
+        v = np.repeat(dense(h, a["value"], "bld,dhk->blhk", qkv_bias), heads // kv_heads, axis=2)
         if c["position_embedding"] == "rope":
             q, k = rope(q), rope(k)
         distance = positions[:, :, None] - positions[:, None, :]  # [B, i, j]
@@ -97,14 +104,14 @@ def numpy_decoder(p, tokens, segment_ids, positions, cfg):
         logits = np.where(allowed[:, None], logits, -np.inf)
         w = np.exp(logits - logits.max(-1, keepdims=True))
         out = np.einsum("bhij,bjhk->bihk", w / w.sum(-1, keepdims=True), v)
-        x = x + dense(out, a["out"], "blhk,hkd->bld")
+        x = x + dense(out, a["out"], "blhk,hkd->bld", c["attn_bias"])
         h = norm(x, lp["mlp_norm"])
         m = lp["mlp"]
         if c["mlp"] == "gated":
-            h = act(dense(h, m["gate"], "bld,dm->blm")) * dense(h, m["up"], "bld,dm->blm")
+            h = act(dense(h, m["gate"], "bld,dm->blm", c["mlp_bias"])) * dense(h, m["up"], "bld,dm->blm", c["mlp_bias"])
         else:
-            h = act(dense(h, m["up"], "bld,dm->blm"))
-        x = x + dense(h, m["down"], "blm,md->bld")
+            h = act(dense(h, m["up"], "bld,dm->blm", c["mlp_bias"]))
+        x = x + dense(h, m["down"], "blm,md->bld", c["mlp_bias"])
     x = norm(x, p["final_norm"])
     logits = x @ (p["embed"]["embedding"].T if c["tie_embeddings"] else p["lm_head"]["kernel"])
     if c["final_logit_softcap"]:
@@ -140,24 +147,49 @@ OPTIONS = {
     "none": dict(position_embedding="none", num_kv_heads=4),
 }
 
+# Every setting `numpy_decoder` reads, for BASE; the options above override some. Written out here rather than read
+# from DecoderLM, whose defaults the model under test gets for everything BASE and an option leave out: a changed
+# default then fails the comparison instead of moving the reference along. The reference has no sliding window, RoPE
+# scaling, partial RoPE, q/k norms or multimodal RoPE, so defaults that turned one on would fail it too.
+REFERENCE = dict(
+    BASE,
+    head_dim=None,  # embed_dim / num_heads
+    norm="rmsnorm",
+    norm_eps=1e-6,
+    norm_bias=True,
+    mlp="gated",
+    mlp_act="silu",
+    mlp_bias=False,
+    attn_bias=False,
+    qkv_bias=False,
+    embed_scale=False,
+    position_embedding="rope",
+    alibi_bias_max=8.0,
+    attn_logit_softcap=0.0,
+    final_logit_softcap=0.0,
+    tie_embeddings=False,
+)
+
 
 @pytest.mark.parametrize("option", sorted(OPTIONS))
 def test_options_match_numpy_reference_on_a_packed_row(option):
-    cfg = {**BASE, **OPTIONS[option]}
-    model = DecoderLM(**cfg)
+    model = DecoderLM(**{**BASE, **OPTIONS[option]})
     tokens = np.random.default_rng(0).integers(1, BASE["vocab_size"], size=(2, 9)).astype(np.int32)
     segment_ids = np.array([[1] * 5 + [2] * 3 + [0], [0, 0] + [1] * 7], np.int32)  # packed + padded, left-padded
     positions = np.array([[0, 1, 2, 3, 4, 0, 1, 2, 0], [0, 0, 0, 1, 2, 3, 4, 5, 6]], np.int32)
     params = random_params(model, tokens, segment_ids, positions)
     got = np.asarray(jax.jit(model.apply)({"params": params}, tokens, segment_ids, positions))
-    want = numpy_decoder(params, tokens, segment_ids, positions, cfg)
+    want = numpy_decoder(params, tokens, segment_ids, positions, {**REFERENCE, **OPTIONS[option]})
     real = segment_ids > 0
     assert np.max(np.abs(got[real] - want[real])) <= 1e-4
 
 
 @pytest.mark.parametrize("heads, bias_max", [(8, 8.0), (6, 8.0), (5, 4.0), (12, 8.0)])
 def test_alibi_slopes_equal_mpt(heads, bias_max):
-    np.testing.assert_allclose(alibi_slopes(heads, bias_max), mpt_slopes(heads, bias_max), rtol=1e-6)
+    mpt = pytest.importorskip("transformers.models.mpt.modeling_mpt", reason="the reference is transformers' MPT")
+    want = -mpt.build_mpt_alibi_tensor(heads, 2, bias_max)[:, 0, 0].numpy()
+    np.testing.assert_allclose(alibi_slopes(heads, bias_max), want, rtol=1e-6)
+    np.testing.assert_allclose(mpt_slopes(heads, bias_max), want, rtol=1e-6)
 
 
 def test_relative_positions_give_flamingo_13_d_squared_per_layer():

@@ -64,6 +64,10 @@ def transformers_count(variant):
 # same architecture is the exact cross-check.
 @pytest.mark.parametrize("variant, published", [("7b", 7.34e9), ("1.3b", 1.98e9)])
 def test_paper_size_parameter_counts(variant, published):
+    pytest.importorskip(
+        "torch", reason="transformers' model (built on the meta device) is PyTorch: pip install -e '.[interop]'"
+    )
+    pytest.importorskip("transformers", reason="the reference is transformers' model: pip install -e '.[interop]'")
     count = param_count(variant)
     assert count == transformers_count(variant)
     assert abs(count / published - 1) < 0.02
@@ -141,6 +145,9 @@ def sample_photo():
 def test_padded_views_match_transformers_processor(crop):
     """data.image.mode="deepseek_vl" (`image_ops.pad_to_square`) gives transformers' high-resolution pixels:
     the longer side resized to 1024, centred on a square of the CLIP mean colour, CLIP-normalised."""
+    pytest.importorskip(
+        "transformers", reason="the reference is transformers' image processor: pip install -e '.[interop]'"
+    )
     from transformers.models.deepseek_vl_hybrid.image_processing_pil_deepseek_vl_hybrid import (
         DeepseekVLHybridImageProcessorPil,
     )
@@ -156,6 +163,9 @@ def test_the_derived_siglip_view_is_transformers_within_one_pixel_level():
     transformers' processor (as its conversion script configures it for deepseek-vl-7b-chat: bilinear, mean and
     std 0.5) resizes the padded uint8 image instead. On a real photo the two agree within one uint8 level
     (2 / 255 after the 0.5 / 0.5 normalisation)."""
+    pytest.importorskip(
+        "transformers", reason="the reference is transformers' image processor: pip install -e '.[interop]'"
+    )
     from transformers.image_utils import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD, PILImageResampling
     from transformers.models.deepseek_vl_hybrid.image_processing_pil_deepseek_vl_hybrid import (
         DeepseekVLHybridImageProcessorPil,

@@ -32,7 +32,7 @@ def test_tiny_dual_encoder_learns_and_retrieval_improves(name, tmp_path, capsys)
     assert after["t2i_recall@5"] > max(3 * before["t2i_recall@5"], 0.1), (before, after)
     # Zero-shot classification by the object's colour (8 classes, prompt ensemble) is computed; tiny
     # models this short do not reliably beat chance at it, so only its presence is checked here.
-    assert 0 <= after["zero_shot_top1"] <= 1
+    assert "zero_shot_top1" in after
     if name == "clip":  # `vlm-jax eval` runs the same evaluators on the workdir's checkpoint
         config_arg = os.path.join(REPO, "configs/clip.py:variant=tiny")
         args = ["eval", "--config", config_arg, "--workdir", str(tmp_path), "--config.mesh=data=8"]
@@ -47,7 +47,8 @@ def test_pairs_pipeline_batches_and_resume():
     a = PairsPipeline(config, "train")
     batches = [next(a) for _ in range(3)]
     assert batches[0]["images"].shape == (8, 32, 32, 3) and batches[0]["texts"].shape == (8, 16)
-    assert batches[0]["images"].min() >= -1 and batches[0]["images"].max() <= 1  # siglip normalisation
+    levels = (batches[0]["images"] + 1) * 127.5  # siglip normalisation is x / 127.5 - 1: uint8 levels come back
+    np.testing.assert_allclose(levels, np.clip(np.round(levels), 0, 255), atol=1e-3)
     b = PairsPipeline(config, "train")
     next(b)
     c = PairsPipeline(config, "train")

@@ -8,13 +8,15 @@ import jax
 import numpy as np
 import pytest
 from flax import traverse_util
+from test_generate import full_forward_greedy
 
 from conftest import REPO, read_tensorboard_scalars
 from data_pipelines.tokenizer import Tokenizer
-from vlm_jax import cli, models
+from vlm_jax import cli, generate, models
 from vlm_jax.config_lib import load_config
 from vlm_jax.lm.decoder import DecoderLM, flamingo_layout
 from vlm_jax.prerequisites import resolve
+from vlm_jax.train.checkpoint import load_params
 
 
 def tiny_config(**overrides):
@@ -91,24 +93,39 @@ def test_generate_command_continues_text_and_image_prompts(trained_flamingo, int
     out = tmp_path / "out.jsonl"
     argv = ["generate", "--checkpoint", workdir, "--prompts", prompts, "--out", str(out), "--max_new_tokens", "5"]
     assert cli.main([*argv, "--stop", "<|endofchunk|>,</s>"]) == 0, capsys.readouterr().err
-    lines = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(lines) == 3 and all(1 <= len(line["tokens"]) <= 5 and isinstance(line["text"], str) for line in lines)
-    # Without --stop, the system's stop tokens: the tokenizer's eos and the flamingo template's <|endofchunk|>;
-    # the text never shows them, and nothing is generated after one.
-    from vlm_jax.train.checkpoint import load_params
-
-    config, system, _ = load_params(workdir)
+    stopped = [json.loads(line) for line in out.read_text().splitlines()]
+    # Without --stop, the system's stop tokens: the tokenizer's eos and the flamingo template's <|endofchunk|>.
+    config, system, params = load_params(workdir)
     tokenizer = Tokenizer(config.data.tokenizer)
     stop = {tokenizer.eos_id, tokenizer.token_id("<|endofchunk|>")}
-    assert set(system.stop_tokens(tokenizer)) == stop
+    assert set(system.stop_tokens(tokenizer)) == stop and tokenizer.token_id("</s>") == tokenizer.eos_id
     default = tmp_path / "default.jsonl"
     argv_default = [*argv[:-4], "--out", str(default), "--max_new_tokens", "12"]
     assert cli.main(argv_default) == 0
-    for line in map(json.loads, default.read_text().splitlines()):
-        assert all(t not in stop for t in line["tokens"][:-1]) and "<|endofchunk|>" not in line["text"]
+    free = [json.loads(line) for line in default.read_text().splitlines()]
+    # Both runs are the checkpoint's greedy continuations up to and including the first stop token, token for
+    # token as the no-cache reference loop, and their texts are those tokens without the stop token.
+    fmt = generate.PromptFormat.of(system, tokenizer)
+    rendered = generate.read_prompts(prompts, fmt)
+    length = max(len(p["tokens"]) for p in rendered) + 12  # one compilation for every reference below
+
+    def reference(prompt, steps):
+        """The no-cache greedy continuation of a rendered prompt, up to and including its first stop token."""
+        pixels = np.array(prompt["images"], np.float32).reshape(-1, 32, 32, 3)
+        want = full_forward_greedy(system, params, prompt["tokens"], steps, pixels, length=length, slots=2)
+        return want[: next((i + 1 for i, t in enumerate(want) if t in stop), steps)]
+
+    for prompt, short, long in zip(rendered, stopped, free, strict=True):
+        want = reference(prompt, 12)
+        assert long["tokens"] == want and short["tokens"] == want[:5]
+        for line in (short, long):
+            assert line["text"] == tokenizer.decode([t for t in line["tokens"] if t not in stop])
+    capsys.readouterr()  # drops the "Wrote ..." lines of the runs above
     argv_one = ["generate", "--checkpoint", workdir, "--max_new_tokens", "3", "--prompt", "<image>This one is"]
     assert cli.main([*argv_one, "--image", os.path.join(images, "red.png")]) == 0
-    assert capsys.readouterr().out.strip()  # the continuation, printed
+    one = generate.parse_prompt({"text": "<image>This one is", "images": ["red.png"]}, fmt, "--prompt", images)
+    printed = tokenizer.decode([t for t in reference(one, 3) if t not in stop])
+    assert capsys.readouterr().out == printed + "\n"  # the continuation, printed
     with open(prompts, "a") as f:
         f.write(json.dumps({"text": "<image>x", "images": ["missing.png"]}) + "\n")
     assert cli.main(argv) == 2
@@ -140,7 +157,6 @@ def test_frozen_parts_start_from_lm_and_vision_checkpoints(interleaved_folder, s
     from vlm_jax.config_lib import ConfigError
     from vlm_jax.interop.convert import write_checkpoint
     from vlm_jax.train import trainer
-    from vlm_jax.train.checkpoint import load_params
 
     spec = f"configs/flamingo.py:variant=tiny,data={interleaved_folder},tokenizer={spm_model_path}"
     c = resolve(load_config(os.path.join(REPO, spec)))  # the LM's vocabulary size comes from the tokenizer

@@ -119,6 +119,9 @@ def test_canvas_and_grid_match_fuyus_image_processor(hw):
     """transformers' `FuyuImageProcessorPil` (fit into 32 x 32, pad with 1, to [-1, 1]; FuyuProcessor's crop to
     whole patches, `patchify_image`) against `fuyu_canvas` + "siglip" normalisation, `fuyu_feature_order`'s grid
     and `encoders.patch.patchify`."""
+    pytest.importorskip(
+        "transformers", reason="the reference is transformers' image processor: pip install -e '.[interop]'"
+    )
     import math
 
     from transformers.models.fuyu.image_processing_pil_fuyu import FuyuImageProcessorPil

@@ -1,5 +1,6 @@
 """KV-cache generation: cached decoding equals recomputing the full forward, sampling filters, stop tokens, the CLI."""
 
+import functools
 import json
 import os
 from typing import Callable
@@ -8,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from conftest import REPO
@@ -17,13 +19,20 @@ from vlm_jax.errors import UserError
 from vlm_jax.models.base import Decoding
 
 
-def full_forward_greedy(system, params, prompt, steps, images=None):
+@functools.cache
+def jitted_logits(system):
+    """`system.logits`, jitted once per system (a fresh `jax.jit` of the bound method compiles again each time)."""
+    return jax.jit(system.logits)
+
+
+def full_forward_greedy(system, params, prompt, steps, images=None, length=None, slots=None):
     """The reference: re-run the whole sequence through `system.logits` (no cache) for every new token.
 
     Rows are right-padded to one length (padding is segment 0, which causal attention never reaches back
-    to), so one compilation serves every step."""
-    length = len(prompt) + steps
-    logits = jax.jit(system.logits)
+    to), so one compilation serves every step; `length` (default: the prompt and its new tokens) and `slots`
+    (default: the prompt's images, at least 1) fix those shapes for several prompts."""
+    length = length or len(prompt) + steps
+    logits = jitted_logits(system)
     seq = list(prompt)
     for _ in range(steps):
         n = len(seq)
@@ -33,10 +42,10 @@ def full_forward_greedy(system, params, prompt, steps, images=None):
             "positions": np.arange(length, dtype=np.int32)[None],
         }
         if images is not None:
-            slots = max(len(images), 1)
-            batch["images"] = np.zeros((1, slots) + system.dummy_batch(1)["images"].shape[2:], np.float32)
+            count = slots or max(len(images), 1)
+            batch["images"] = np.zeros((1, count) + system.dummy_batch(1)["images"].shape[2:], np.float32)
             batch["images"][0, : len(images)] = images
-            batch["image_segment_ids"] = (np.arange(slots) < len(images)).astype(np.int32)[None]
+            batch["image_segment_ids"] = (np.arange(count) < len(images)).astype(np.int32)[None]
         seq.append(int(np.argmax(np.asarray(logits(params, batch))[0, n - 1])))
     return seq[len(prompt) :]
 
@@ -53,6 +62,14 @@ def flamingo():
     return system, params
 
 
+def flamingo_batch(prompts, images, length=7):
+    """Three prompts and their images as one batch of the Flamingo tests' shapes (7 tokens, 2 media slots), so that
+    generating with `Sampling(max_new_tokens=5)` compiles once for all of them."""
+    batch = generate.left_pad(prompts, length)
+    batch.update(generate.pad_images(images, 32, slots=2))
+    return batch
+
+
 def test_lm_cached_greedy_equals_full_forward_for_prompts_of_different_lengths():
     system = models.build(load_config(os.path.join(REPO, "configs/lm.py:variant=tiny")))
     params = nn.unbox(jax.jit(system.init)(jax.random.PRNGKey(1), system.dummy_batch(1)))
@@ -60,7 +77,7 @@ def test_lm_cached_greedy_equals_full_forward_for_prompts_of_different_lengths()
     out = generate.generate(system, params, generate.left_pad(prompts), generate.Sampling(max_new_tokens=6))
     assert out.shape == (3, 6)
     for row, prompt in enumerate(prompts):
-        assert out[row].tolist() == full_forward_greedy(system, params, prompt, 6)
+        assert out[row].tolist() == full_forward_greedy(system, params, prompt, 6, length=13)  # one compilation
 
 
 def test_flamingo_cached_greedy_equals_full_forward_with_different_image_counts(flamingo):
@@ -69,15 +86,54 @@ def test_flamingo_cached_greedy_equals_full_forward_with_different_image_counts(
     rng = np.random.default_rng(0)
     prompts = [[1, image, 40, 41], [1, 50, image, 51, 52, image, 53], [1, 60, 61]]  # 1, 2 and 0 images
     images = [rng.normal(size=(n, 32, 32, 3)).astype(np.float32) for n in (1, 2, 0)]
-    batch = generate.left_pad(prompts)
-    batch.update(generate.pad_images(images, 32))
+    batch = flamingo_batch(prompts, images)
     out = generate.generate(system, params, batch, generate.Sampling(max_new_tokens=5))
     for row, prompt in enumerate(prompts):
-        assert out[row].tolist() == full_forward_greedy(system, params, prompt, 5, images[row])
+        assert out[row].tolist() == full_forward_greedy(system, params, prompt, 5, images[row], length=12, slots=2)
     # the images matter: other pixels give another continuation for the image rows
     batch["images"] = batch["images"] + 3.0
     moved = generate.generate(system, params, batch, generate.Sampling(max_new_tokens=5))
     assert moved[2].tolist() == out[2].tolist() and moved[:2].tolist() != out[:2].tolist()
+
+
+# An image's colour -> the token that names it (as "This one is red." in tests/conftest.py's documents).
+COLOUR_WORDS = {(220, 30, 30): 50, (30, 200, 40): 60, (30, 40, 220): 70}
+
+
+def test_a_briefly_trained_flamingo_names_each_images_colour(flamingo):
+    """30 Adam steps on the LM head (the cheapest training whose result depends on the images, which reach the
+    last hidden state only through the open cross-attention) teach "<image> This one is" -> the image colour's
+    word, then a stop token; greedy generation must then say exactly that word for each colour, then stop. Only
+    the images tell the rows apart, so generation that loses, mixes up or ignores them fails, as does one whose
+    logits differ from the training forward's. The shapes are the test above's, so generation is compiled once."""
+    system, params = flamingo
+    stop, prompt = 2, [1, 30, 31, system.config.model.media_token_id, 40, 41, 42]
+    words = list(COLOUR_WORDS.values())
+    images = [np.full((1, 32, 32, 3), np.array(colour) / 127.5 - 1, np.float32) for colour in COLOUR_WORDS]
+    batch = flamingo_batch([prompt + [word] for word in words], images, length=8)
+    targets = np.array([[word, stop] for word in words], np.int32)
+    optimizer = optax.adam(3e-2)
+
+    def with_head(head):
+        return {**params, "decoder": {**params["decoder"], "lm_head": head}}
+
+    def loss(head):  # cross-entropy of the word after the prompt and of the stop token after the word
+        logp = jax.nn.log_softmax(system.logits(with_head(head), batch)[:, -2:].astype(jnp.float32))
+        return -jnp.take_along_axis(logp, targets[..., None], -1).mean()
+
+    @jax.jit
+    def step(head, state):
+        updates, state = optimizer.update(jax.grad(loss)(head), state, head)
+        return optax.apply_updates(head, updates), state
+
+    head = params["decoder"]["lm_head"]
+    state = optimizer.init(head)
+    for _ in range(30):
+        head, state = step(head, state)
+    out = generate.generate(
+        system, with_head(head), flamingo_batch([prompt] * 3, images), generate.Sampling(max_new_tokens=5)
+    )
+    assert out[:, :2].tolist() == [[word, stop] for word in words]
 
 
 def test_media_are_encoded_once_per_generation(flamingo, monkeypatch):
@@ -85,19 +141,17 @@ def test_media_are_encoded_once_per_generation(flamingo, monkeypatch):
     calls = []
     encode = system._encode_media
     monkeypatch.setattr(system, "_encode_media", lambda *args: calls.append(1) or encode(*args))
-    batch = generate.left_pad([[1, system.config.model.media_token_id, 9]])
-    batch.update(generate.pad_images([np.zeros((1, 32, 32, 3), np.float32)], 32))
-    generate.generate(system, params, batch, generate.Sampling(max_new_tokens=4))
+    batch = flamingo_batch([[1, system.config.model.media_token_id, 9]] * 3, [np.zeros((1, 32, 32, 3), np.float32)] * 3)
+    generate.generate(system, params, batch, generate.Sampling(max_new_tokens=5))
     assert len(calls) == 1  # and the decoding loop receives the latents, never the images
 
 
 def test_stop_tokens_end_a_row_and_the_others_go_on(flamingo):
     system, params = flamingo
-    batch = generate.left_pad([[1, 7, 8], [1, 20, 21, 22]])
-    batch.update(generate.pad_images([[], []], 32))
-    free = generate.generate(system, params, batch, generate.Sampling(max_new_tokens=6))
+    batch = flamingo_batch([[1, 7, 8], [1, 20, 21, 22], [1, 30]], [[], [], []])
+    free = generate.generate(system, params, batch, generate.Sampling(max_new_tokens=5))
     stop = int(free[0, 1])
-    stopped = generate.generate(system, params, batch, generate.Sampling(max_new_tokens=6, stop_tokens=(stop,)))
+    stopped = generate.generate(system, params, batch, generate.Sampling(max_new_tokens=5, stop_tokens=(stop,)))
     first = free[0].tolist().index(stop)
     assert stopped[0, : first + 1].tolist() == free[0, : first + 1].tolist()
     assert (stopped[0, first + 1 :] == generate.PAD).all()
@@ -227,6 +281,11 @@ def test_generate_command_on_a_trained_lm(trained_lm, tmp_path, capsys):
     argv = ["generate", "--checkpoint", workdir, "--prompts", str(prompts), "--out", str(out), "--max_new_tokens", "4"]
     assert cli.main(argv) == 0, capsys.readouterr().err
     lines = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [len(line["tokens"]) for line in lines] == [4, 4]
+    # The command's tokens are the checkpoint's greedy continuations, token for token as the no-cache reference.
+    from vlm_jax.train.checkpoint import load_params
+
+    _, system, params = load_params(workdir)
+    want = [full_forward_greedy(system, params, p, 4, length=7) for p in ([1, 2, 3], [9])]  # one compilation
+    assert [line["tokens"] for line in lines] == want
     assert cli.main([*argv[:-2], "--max_new_tokens", "0"]) == 2
     assert "max_new_tokens must be at least 1" in capsys.readouterr().err

@@ -83,29 +83,14 @@ def test_oracle_predictions_score_perfectly_and_wrong_ones_do_not(built, monkeyp
         assert set(fewshot) == {f"fewshot_{k}shot_accuracy" for k in (0, 1, 2, 4)}
         if outputs is perfect:
             assert metrics["vqa_accuracy"] == 1.0 and metrics["grounding_acc@0.5"] == 1.0
-            assert set(fewshot.values()) == {1.0} and metrics["cider"] > 5 and metrics["bleu4"] > 0.99
+            assert set(fewshot.values()) == {1.0}
+            # every caption equals its one reference: BLEU 1, and CIDEr-D 10 (cosine 1 for n = 1..4, equal lengths)
+            assert metrics["bleu4"] == pytest.approx(1.0) and metrics["cider"] == pytest.approx(10.0)
             assert {s["task"] for s in samples} == set(SIZES) and all(s["correct"] is not False for s in samples)
         else:
-            assert metrics["vqa_accuracy"] == 0.0 and metrics["grounding_iou"] == 0.0 and metrics["cider"] < 0.1
+            assert metrics["vqa_accuracy"] == 0.0 and metrics["grounding_iou"] == 0.0
+            assert metrics["cider"] == 0.0 and metrics["bleu1"] == pytest.approx(0.0)  # "nothing" is in no caption
             assert set(fewshot.values()) == {0.0}
-
-
-def test_baselines_from_the_data_alone(built):
-    from vlm_jax.evaluators import baselines
-
-    root, _ = built
-    vqa_train = generative.read_records(f"{root}/vqa/train", 100, "llava")
-    vqa_val = records(root, "vqa")
-    majority = baselines.majority_answer_accuracy(vqa_train, vqa_val)
-    assert 0.0 <= majority < 1.0
-    assert baselines.majority_answer_accuracy(vqa_val, vqa_val) >= majority - 1e-9  # its own majority can't do worse
-    val = records(root, "captions")
-    own = baselines.nearest_caption_scores(val, val)  # every image's nearest neighbour is itself
-    assert own["bleu4"] > 0.99
-    assert (
-        baselines.nearest_caption_scores(generative.read_records(f"{root}/captions/train", 100, "pairs"), val)["cider"]
-        < own["cider"]
-    )
 
 
 def test_fewshot_scores_the_first_episode_word_generated(built, monkeypatch):
@@ -129,30 +114,6 @@ def test_fewshot_scores_the_first_episode_word_generated(built, monkeypatch):
         monkeypatch.setattr(generative.Generator, "__call__", lambda self, prompts, max_new_tokens: outputs)
         metrics, _ = generative.fewshot(gen, episodes)
         assert set(metrics.values()) == {expected}
-
-
-def test_baselines_score_the_evaluated_records(built):
-    from vlm_jax.errors import UserError
-    from vlm_jax.evaluators import baselines
-
-    root, _ = built
-    evals = {task: f"{root}/{task}/validation" for task in SIZES}
-    scores = baselines.evaluate({"vqa": f"{root}/vqa/train", "captions": f"{root}/captions/train"}, evals, 5)
-    vqa_train = generative.read_records(f"{root}/vqa/train", 100, "llava")
-    first = generative.read_records(evals["vqa"], 5, "llava")
-    assert scores["baseline/vqa_accuracy"] == baselines.majority_answer_accuracy(vqa_train, first)
-    types = {r["question_type"] for r in first}
-    assert {k for k in scores if k.startswith("baseline/vqa_accuracy/")} == {f"baseline/vqa_accuracy/{t}" for t in types}
-    captions_train = generative.read_records(f"{root}/captions/train", 100, "pairs")
-    expected = baselines.nearest_caption_scores(captions_train, generative.read_records(evals["captions"], 5, "pairs"))
-    assert scores["baseline/cider"] == pytest.approx(expected["cider"])
-    more = baselines.evaluate({"vqa": f"{root}/vqa/train"}, evals, 5, {"vqa": 8})  # a per-task count, as the model's
-    eight = generative.read_records(evals["vqa"], 8, "llava")
-    assert more["baseline/vqa_accuracy"] == baselines.majority_answer_accuracy(vqa_train, eight)
-    with pytest.raises(UserError, match="no baseline 'fewshot'"):
-        baselines.evaluate({"fewshot": root}, evals, 5)
-    with pytest.raises(UserError, match="which eval_tasks does not evaluate"):
-        baselines.evaluate({"vqa": f"{root}/vqa/train"}, {}, 5)
 
 
 def test_per_task_record_counts(built, monkeypatch):

@@ -13,15 +13,18 @@ import os
 import jax
 import numpy as np
 import pytest
-import torch
-import transformers
-from safetensors.numpy import load_file, save_file
 
 from conftest import perturb
 from vlm_jax.encoders.two_tower import TwoTower, logits_per_image
 from vlm_jax.encoders.vit import ViT
 from vlm_jax.errors import UserError
 from vlm_jax.interop.hf_clip import load_hf_dir
+
+torch = pytest.importorskip("torch", reason="the reference model is PyTorch: pip install -e '.[interop]'")
+transformers = pytest.importorskip(
+    "transformers", reason="the reference is transformers' model: pip install -e '.[interop]'"
+)
+from safetensors.numpy import load_file, save_file  # noqa: E402
 
 TOL = 1e-4
 

@@ -14,13 +14,17 @@ import json
 
 import numpy as np
 import pytest
-import torch
-import transformers
 
 from conftest import convert_and_forward, perturb
 from vlm_jax import models
 from vlm_jax.errors import UserError
 from vlm_jax.interop.convert import to_system_config
+
+torch = pytest.importorskip("torch", reason="the reference model is PyTorch: pip install -e '.[interop]'")
+transformers = pytest.importorskip(
+    "transformers", reason="the reference is transformers' model: pip install -e '.[interop]'"
+)
+
 
 PAD, BOS, IMAGE = 0, 1, 110
 TOKENS = (32 // 8) ** 2

@@ -13,11 +13,15 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
-import transformers
 
 from conftest import convert_and_forward, perturb
 from vlm_jax.errors import UserError
+
+torch = pytest.importorskip("torch", reason="the reference model is PyTorch: pip install -e '.[interop]'")
+transformers = pytest.importorskip(
+    "transformers", reason="the reference is transformers' model: pip install -e '.[interop]'"
+)
+
 
 PERSIMMON = dict(
     vocab_size=120,

@@ -9,15 +9,18 @@ import types
 
 import numpy as np
 import pytest
-import torch
-import transformers
-from transformers.models.idefics.processing_idefics import (
-    image_attention_mask_for_packed_input_ids_pt,
-    incremental_to_binary_attention_mask,
-)
 
 from conftest import convert_and_forward, perturb
 from vlm_jax import cli
+
+torch = pytest.importorskip("torch", reason="the reference model is PyTorch: pip install -e '.[interop]'")
+transformers = pytest.importorskip(
+    "transformers", reason="the reference is transformers' model: pip install -e '.[interop]'"
+)
+from transformers.models.idefics.processing_idefics import (  # noqa: E402
+    image_attention_mask_for_packed_input_ids_pt,
+    incremental_to_binary_attention_mask,
+)
 
 VOCAB, PAD, BOS, EOS = 100, 0, 1, 2
 FAKE, IMAGE = VOCAB, VOCAB + 1  # the two additional tokens: <fake_token_around_image>, <image>

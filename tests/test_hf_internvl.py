@@ -12,12 +12,16 @@ in batch order. Float32 logits are compared on the real tokens.
 
 import numpy as np
 import pytest
-import torch
-import transformers
 
 from conftest import convert_and_forward, perturb
 from vlm_jax import models
 from vlm_jax.interop.convert import to_system_config
+
+torch = pytest.importorskip("torch", reason="the reference model is PyTorch: pip install -e '.[interop]'")
+transformers = pytest.importorskip(
+    "transformers", reason="the reference is transformers' model: pip install -e '.[interop]'"
+)
+
 
 PAD, BOS, IMG_START, IMG_END, IMAGE = 0, 1, 7, 8, 110
 TILE_TOKENS = (32 // 4 // 2) ** 2

@@ -13,15 +13,18 @@ import shutil
 import jax
 import numpy as np
 import pytest
-import torch
-import transformers
-from safetensors.numpy import load_file, save_file
 
 from conftest import convert_and_forward, perturb
 from vlm_jax import models
 from vlm_jax.errors import UserError
 from vlm_jax.interop.convert import to_system_config
 from vlm_jax.interop.hf_llava import TEXT_MODELS
+
+torch = pytest.importorskip("torch", reason="the reference model is PyTorch: pip install -e '.[interop]'")
+transformers = pytest.importorskip(
+    "transformers", reason="the reference is transformers' model: pip install -e '.[interop]'"
+)
+from safetensors.numpy import load_file, save_file  # noqa: E402
 
 VISION = dict(
     hidden_size=48, intermediate_size=72, num_hidden_layers=3, num_attention_heads=3, image_size=32, patch_size=8

@@ -16,9 +16,7 @@ import shutil
 import jax
 import numpy as np
 import pytest
-import transformers
 from PIL import Image
-from test_hf_llava import LLAMA, MISTRAL, VISION, diff_on_real_tokens, reference, relayout
 from test_image_ops import photo_crop
 
 from conftest import convert_and_forward, perturb
@@ -26,6 +24,12 @@ from vlm_jax import models
 from vlm_jax.errors import UserError
 from vlm_jax.interop.convert import to_system_config
 from vlm_jax.interop.hf_llava_next import DEFAULT_PINPOINTS
+
+pytest.importorskip("torch", reason="the reference model is PyTorch: pip install -e '.[interop]'")
+transformers = pytest.importorskip(
+    "transformers", reason="the reference is transformers' model: pip install -e '.[interop]'"
+)
+from test_hf_llava import LLAMA, MISTRAL, VISION, diff_on_real_tokens, reference, relayout  # noqa: E402
 
 PINPOINTS = [[32, 64], [64, 32], [64, 64]]  # (height, width): 2 or 4 tiles of 32 pixels
 IMAGE = 110  # "<image>": the id the processor's tokenizer gives it, inside the LM's 120 rows

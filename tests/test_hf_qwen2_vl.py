@@ -12,12 +12,16 @@ itself (`get_rope_index`); the converted model computes its own from the same in
 
 import numpy as np
 import pytest
-import torch
-import transformers
 
 from conftest import convert_and_forward, perturb
 from vlm_jax import models
 from vlm_jax.interop.convert import to_system_config
+
+torch = pytest.importorskip("torch", reason="the reference model is PyTorch: pip install -e '.[interop]'")
+transformers = pytest.importorskip(
+    "transformers", reason="the reference is transformers' model: pip install -e '.[interop]'"
+)
+
 
 IMAGE, VIDEO, START, END = 5, 6, 7, 8
 GRIDS = [(1, 4, 6), (1, 2, 2), (1, 8, 4)]

@@ -247,6 +247,7 @@ def test_decode_too_large():
 
 
 def test_resize_matches_transformers_pil_resize():
+    pytest.importorskip("transformers", reason="the reference is transformers' resize: pip install -e '.[interop]'")
     from transformers.image_transforms import resize as hf_resize
     from transformers.image_utils import PILImageResampling
 
@@ -282,6 +283,7 @@ def test_resize_rejects_bad_input():
 
 
 def test_resize_shorter_side_matches_transformers():
+    pytest.importorskip("transformers", reason="the reference is transformers' resize: pip install -e '.[interop]'")
     from transformers.image_transforms import get_resize_output_image_size
 
     for h, w in [(100, 150), (150, 100), (64, 64), (333, 127)]:
@@ -299,6 +301,9 @@ def test_fixed_resolution():
 
 
 def test_center_crop_matches_transformers():
+    pytest.importorskip(
+        "transformers", reason="the reference is transformers' center_crop: pip install -e '.[interop]'"
+    )
     from transformers.image_transforms import center_crop as hf_center_crop
 
     image = random_rgb(11, 16)
@@ -327,6 +332,7 @@ def test_random_crop_covers_all_offsets():
 
 
 def test_normalization_constants_are_the_published_ones():
+    pytest.importorskip("transformers", reason="the reference is transformers' constants: pip install -e '.[interop]'")
     from transformers.utils import constants
 
     assert image_ops.NORMALIZATION["imagenet"] == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -386,6 +392,9 @@ def test_internvl_square_tie_rule(side, grid):
 
 
 def test_internvl_grid_matches_transformers_gotocr2():
+    pytest.importorskip(
+        "transformers", reason="the reference is transformers' GotOcr2 tiling: pip install -e '.[interop]'"
+    )
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
 
     sizes = [(w, h) for w in range(20, 4000, 97) for h in range(20, 4000, 89)]
@@ -408,6 +417,9 @@ def test_internvl_tie_order_differs_from_gotocr2_when_min_equals_max():
     no such tie can be the closest (a grid in between is always closer), so the standard ranges agree, as the
     test above checks over a sweep.
     """
+    pytest.importorskip(
+        "transformers", reason="the reference is transformers' GotOcr2 tiling: pip install -e '.[interop]'"
+    )
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
 
     ratios = image_ops.internvl_target_ratios(4, 4)
@@ -417,6 +429,9 @@ def test_internvl_tie_order_differs_from_gotocr2_when_min_equals_max():
 
 @pytest.mark.parametrize("hw", [(65, 40), (40, 65), (20, 100), (28, 28), (35, 35), (50, 50), (9, 300), (128, 97)])
 def test_internvl_tiles_match_transformers_gotocr2_pixels(hw):
+    pytest.importorskip(
+        "transformers", reason="the reference is transformers' GotOcr2 image processor: pip install -e '.[interop]'"
+    )
     from transformers.image_utils import PILImageResampling, SizeDict
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
@@ -438,6 +453,9 @@ def test_internvl_tiles_match_transformers_gotocr2_pixels(hw):
 
 
 def test_internvl_tiles_layout_and_normalised_output():
+    pytest.importorskip(
+        "transformers", reason="the reference is transformers' GotOcr2 image processor: pip install -e '.[interop]'"
+    )
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
     # Quadrant colours: a 2x2 grid must come out row-major (top-left, top-right, bottom-left, bottom-right).
@@ -474,6 +492,9 @@ PINPOINT_SETS = [
 
 
 def test_select_best_resolution_matches_transformers():
+    pytest.importorskip(
+        "transformers", reason="the reference is transformers' select_best_resolution: pip install -e '.[interop]'"
+    )
     from transformers.image_processing_utils import select_best_resolution
 
     sizes = [(h, w) for h in range(50, 3000, 173) for w in range(50, 3000, 191)] + [(336, 336), (672, 336), (1, 1)]
@@ -493,6 +514,9 @@ def test_select_best_resolution_examples():
 @pytest.mark.parametrize("pinpoints", PINPOINT_SETS[:1] + PINPOINT_SETS[2:])
 @pytest.mark.parametrize("hw", [(100, 80), (80, 100), (300, 90), (50, 200), (70, 70), (333, 500), (13, 7)])
 def test_anyres_tiles_match_transformers_llava_next(pinpoints, hw):
+    pytest.importorskip(
+        "transformers", reason="the reference is transformers' LLaVA-NeXT image processor: pip install -e '.[interop]'"
+    )
     from transformers.image_utils import PILImageResampling
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
@@ -578,6 +602,9 @@ def llava_next_processor(pinpoints, tile, patch, strategy, extra_tokens):
 
 @pytest.mark.parametrize("crop", PHOTO_CROPS, ids=PHOTO_IDS)
 def test_anyres_tiles_match_llava_next_on_real_photos(crop):
+    pytest.importorskip(
+        "transformers", reason="the reference is transformers' LLaVA-NeXT processor: pip install -e '.[interop]'"
+    )
     image = photo_crop(*crop)
     processor = llava_next_processor(LLAVA_NEXT_PINPOINTS, 336, 14, "default", 1)
     out = processor(images=image, text="<image> describe", return_tensors="np")
@@ -600,7 +627,12 @@ COUNT_SETUPS = [
 @pytest.mark.parametrize("setup", COUNT_SETUPS, ids=["clip336-default", "siglip384-full"])
 @pytest.mark.parametrize("crop", PHOTO_CROPS, ids=PHOTO_IDS)
 def test_anyres_feature_count_is_the_llava_next_processors_placeholder_count(crop, setup):
-    import torch
+    torch = pytest.importorskip(
+        "torch", reason="transformers' LLaVA-NeXT unpadding is PyTorch: pip install -e '.[interop]'"
+    )
+    pytest.importorskip(
+        "transformers", reason="the reference is transformers' LLaVA-NeXT processor: pip install -e '.[interop]'"
+    )
     from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 
     pinpoints, tile, patch, strategy, extra = setup
@@ -620,9 +652,14 @@ def test_anyres_feature_count_is_the_llava_next_processors_placeholder_count(cro
 @pytest.mark.parametrize("crop", PHOTO_CROPS, ids=PHOTO_IDS)
 def test_anyres_feature_order_is_llava_next_pack_image_features(crop):
     """Features numbered by (view, token) come out of transformers' own packing in our order; -1 = newline."""
+    torch = pytest.importorskip(
+        "torch", reason="transformers' LLaVA-NeXT packing is PyTorch: pip install -e '.[interop]'"
+    )
+    pytest.importorskip(
+        "transformers", reason="the reference is transformers' LLaVA-NeXT packing: pip install -e '.[interop]'"
+    )
     import types
 
-    import torch
     from transformers.models.llava_next.modeling_llava_next import LlavaNextModel
 
     h, w = photo_crop(*crop).shape[:2]

@@ -106,6 +106,9 @@ def sample_photos():
 @pytest.mark.parametrize("crop", [(427, 640), (97, 640), (427, 61), (211, 211), (449, 447), (300, 450), (13, 601)])
 @pytest.mark.parametrize("max_tiles", [12, 40])
 def test_tiles_of_real_photos_match_transformers_processor(crop, max_tiles):
+    pytest.importorskip(
+        "transformers", reason="the reference is transformers' GotOcr2 image processor: pip install -e '.[interop]'"
+    )
     from transformers.image_utils import PILImageResampling, SizeDict
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 

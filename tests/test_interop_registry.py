@@ -4,8 +4,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
-from safetensors.numpy import save_file
 
 import vlm_jax.interop as interop
 from vlm_jax.errors import UserError
@@ -76,6 +74,11 @@ def test_registering_two_converters_for_one_key_is_refused(monkeypatch):
 
 
 def test_sharded_safetensors_are_read_through_their_index(tmp_path):
+    pytest.importorskip(
+        "safetensors", reason="writing and reading safetensors files needs it: pip install -e '.[interop]'"
+    )
+    from safetensors.numpy import save_file
+
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(3, 4)).astype(np.float32), rng.normal(size=(5,)).astype(np.float32)
     save_file({"a": a}, str(tmp_path / "model-00001-of-00002.safetensors"))
@@ -103,6 +106,7 @@ def test_prefix_accessor_reads_float32_and_names_a_missing_key():
 
 
 def test_head_reshapers_compute_what_torch_linear_computes():
+    torch = pytest.importorskip("torch", reason="the reference is torch's Linear: pip install -e '.[interop]'")
     torch.manual_seed(0)
     heads, head_dim, width = 3, 4, 5
     into = torch.nn.Linear(width, heads * head_dim)

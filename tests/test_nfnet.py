@@ -20,7 +20,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 from vlm_jax import sharding
 from vlm_jax.encoders.nfnet import GAMMA, NFNet, WSConv2D, num_params, scaled_activation
@@ -32,6 +31,9 @@ from vlm_jax.interop.timm_nfnet import load_timm_nfnet
 # with different betas), with fewer/narrower layers.
 TINY_ARGS = dict(depths=(1, 3, 1, 1), channels=(32, 64, 96, 96), stem_chs=32, group_size=16, num_features=128)
 NUM_CLASSES = 7
+
+TORCH_REASON = "the reference (timm's dm_nfnet) is PyTorch: pip install -e '.[interop]'"
+TIMM_REASON = "the reference is timm's dm_nfnet: pip install --no-deps timm==1.0.31 (setup.py)"
 
 
 class _Anything:
@@ -86,6 +88,7 @@ class _TorchvisionStandIn(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 
 def _import_timm():
+    pytest.importorskip("torch", reason=TORCH_REASON)
     if "timm" in sys.modules:
         return sys.modules["timm"]
     finder = None
@@ -93,7 +96,7 @@ def _import_timm():
         finder = _TorchvisionStandIn()
         sys.meta_path.insert(0, finder)
     try:
-        import timm
+        timm = pytest.importorskip("timm", reason=TIMM_REASON)
     finally:
         if finder is not None:
             sys.meta_path.remove(finder)
@@ -105,12 +108,14 @@ def timm():
     return _import_timm()
 
 
-def _randomise(model: torch.nn.Module, seed: int = 0) -> None:
-    """Random weights everywhere, including WS gains and skipinit gains (zero at init, which would hide bugs).
+def _randomise(model, seed: int = 0) -> None:
+    """Random weights everywhere (of the torch.nn.Module `model`), including WS gains and skipinit gains (zero at init, which would hide bugs).
 
     Conv weights get a non-zero mean and a small, per-tensor spread, so mean removal and the
     WS epsilon (1e-5 against variances ~1e-5..1e-2) both matter.
     """
+    import torch  # the callers' `timm` fixture has skipped without it
+
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -128,6 +133,7 @@ def _randomise(model: torch.nn.Module, seed: int = 0) -> None:
 @pytest.fixture(scope="module")
 def timm_tiny(timm, tmp_path_factory):
     """(timm model, its timm-format directory with a head, the same without a head)."""
+    import torch  # the `timm` fixture has skipped without it
     from timm.models import save_for_hf
 
     torch.manual_seed(0)
@@ -149,6 +155,8 @@ def _images(batch=8, h=67, w=45, seed=0):
 @pytest.fixture(scope="module")
 def converted(timm_tiny):
     """(kwargs, params) from the importer, 8 odd non-square images, and timm's outputs for them."""
+    import torch  # the `timm` fixture has skipped without it
+
     model, path, _ = timm_tiny
     images = _images()  # 67 x 45: odd and non-square, so every strided SAME conv and pool pads unevenly
     with torch.no_grad():
@@ -266,6 +274,8 @@ def test_param_counts_match_paper_and_timm(variant, timm):
 
 
 def test_nonlinearity_constants(timm):
+    import torch  # the `timm` fixture has skipped without it
+
     # The Haiku code's `base.nonlinearities` (deepmind-research nfnets/base.py), as published there.
     published = {
         "gelu": 1.7015043497085571,
@@ -298,6 +308,7 @@ def test_nonlinearity_constants(timm):
 
 def test_deepmind_weight_standardisation():
     """ws_style="deepmind" is the Haiku formula (w - mean) * gain * rsqrt(max(var * fan_in, 1e-4)), 'SAME' conv."""
+    torch = pytest.importorskip("torch", reason="the reference is torch's conv2d: pip install -e '.[interop]'")
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 9, 7, 4)).astype(np.float32)
     conv = WSConv2D(6, 3, ws_style="deepmind", eps=1e-4)

@@ -25,7 +25,8 @@ HF_IMAGE, HF_TOKENS, HF_IMAGE_ID = 16, 16, 98  # 16 px, patch 4: 16 image tokens
 
 def build_hf(path, tie=True):
     """A small random PaliGemmaForConditionalGeneration (odd-ish widths, one KV head) saved to `path`."""
-    torch = pytest.importorskip("torch")
+    torch = pytest.importorskip("torch", reason="the reference model is PyTorch: pip install -e '.[interop]'")
+    pytest.importorskip("transformers", reason="the reference is transformers' PaliGemma: pip install -e '.[interop]'")
     from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
 
     config = PaliGemmaConfig(
@@ -95,6 +96,8 @@ def test_logits_match_transformers(hf_model, tmp_path, explicit_positions):
 
 
 def test_an_untied_head_converts(tmp_path):
+    pytest.importorskip("torch", reason="the reference model is PyTorch: pip install -e '.[interop]'")
+    pytest.importorskip("transformers", reason="the reference is transformers' PaliGemma: pip install -e '.[interop]'")
     path, model = build_hf(tmp_path / "hf", tie=False)
     assert not np.allclose(model.lm_head.weight.detach().numpy(), model.get_input_embeddings().weight.detach().numpy())
     inputs, positions = hf_inputs(np.random.default_rng(0))
@@ -313,7 +316,8 @@ def test_paper_sizes(variant, tokens):
 
 def test_the_3b_count_equals_transformers():
     """The same architecture built by transformers (on the meta device: no memory) from the hub config's values."""
-    torch = pytest.importorskip("torch")
+    torch = pytest.importorskip("torch", reason="transformers' model is PyTorch: pip install -e '.[interop]'")
+    pytest.importorskip("transformers", reason="the reference is transformers' PaliGemma: pip install -e '.[interop]'")
     from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
 
     config = PaliGemmaConfig(

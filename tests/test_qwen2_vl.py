@@ -8,7 +8,6 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from conftest import REPO, train_briefly
@@ -114,6 +113,7 @@ def sample_photos():
 # Awkward sizes cut from the photos (and one resized up past max_pixels).
 @pytest.mark.parametrize("crop", [(427, 640), (97, 640), (427, 61), (211, 211), (13, 601), (1500, 2000)])
 def test_preprocessing_of_real_photos_matches_transformers_processor(crop):
+    pytest.importorskip("transformers", reason="the reference is transformers' processor: pip install -e '.[interop]'")
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     processor = Qwen2VLImageProcessorPil()
@@ -130,6 +130,8 @@ def test_preprocessing_of_real_photos_matches_transformers_processor(crop):
 
 @pytest.mark.parametrize("grid", [(1, 4, 6), (1, 10, 2), (2, 4, 4)])
 def test_patch_positions_equal_transformers(grid):
+    torch = pytest.importorskip("torch", reason="the reference takes a PyTorch tensor: pip install -e '.[interop]'")
+    pytest.importorskip("transformers", reason="the reference is transformers' function: pip install -e '.[interop]'")
     from transformers.vision_utils import get_vision_position_ids
 
     want = get_vision_position_ids(torch.tensor([grid]), 2).numpy()

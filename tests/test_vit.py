@@ -8,7 +8,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 from vlm_jax.encoders.vit import ConvStem, ViT, decode_variant, posemb_sincos_2d, resample_posemb
 from vlm_jax.errors import UserError
@@ -84,6 +83,7 @@ def test_sincos2d_matches_formula():
 @pytest.mark.parametrize("method", ["bilinear", "bicubic"])
 @pytest.mark.parametrize("new_hw", [(5, 3), (2, 7), (4, 4)])
 def test_resample_posemb_matches_torch_interpolate(method, new_hw):
+    torch = pytest.importorskip("torch", reason="the reference is torch's interpolate: pip install -e '.[interop]'")
     grid = np.random.default_rng(0).normal(size=(4, 4, 6)).astype(np.float32)
     out = resample_posemb(jnp.asarray(grid.reshape(1, 16, 6)), (4, 4), new_hw, method)
     ref = torch.nn.functional.interpolate(
@@ -181,6 +181,7 @@ def test_remat_and_taps_equal_unrematted():
 
 
 def test_conv_stem_matches_torch_convolutions():
+    torch = pytest.importorskip("torch", reason="the reference is torch's conv2d: pip install -e '.[interop]'")
     # torch's conv2d is the reference: 4x4 stride-4 (no padding), exact GELU, 3x3 padding 1, exact GELU.
     images = np.random.default_rng(4).normal(size=(2, 24, 16, 3)).astype(np.float32)
     stem = ConvStem(channels=5)
@@ -208,9 +209,11 @@ def test_conv_stem_vit_keeps_the_patch_grid():
     assert params["stem"]["conv1"]["kernel"].shape == (4, 4, 3, 12)
     assert params["pos_embedding"].shape == (1, 16, 48)  # image_size 32 / patch 8
     out = _apply(model, variables, images)
-    assert out["tokens"].shape == _apply(ViT(**TINY, pool="gap"), _init(ViT(**TINY, pool="gap"), images), images)[
-        "tokens"
-    ].shape == (2, 15, 48)
+    assert (
+        out["tokens"].shape
+        == _apply(ViT(**TINY, pool="gap"), _init(ViT(**TINY, pool="gap"), images), images)["tokens"].shape
+        == (2, 15, 48)
+    )
     boxes = jax.tree.leaves(variables["params"]["stem"], is_leaf=lambda x: isinstance(x, nn.Partitioned))
     assert all(isinstance(b, nn.Partitioned) and len(b.names) == b.value.ndim for b in boxes)
     # A token sees only its own patch through the stem's 3x3 conv and its neighbours' border cells: changing
@@ -222,7 +225,7 @@ def test_conv_stem_vit_keeps_the_patch_grid():
     changed = images.copy()
     changed[:, 32:] += 1.0
     a, b = (np.asarray(_apply(no_blocks, {"params": v}, x)["tokens"]) for x in (images, changed))
-    np.testing.assert_allclose(a[:, :3 * 3], b[:, :3 * 3], atol=1e-6)
+    np.testing.assert_allclose(a[:, : 3 * 3], b[:, : 3 * 3], atol=1e-6)
     assert np.abs(a[:, -3:] - b[:, -3:]).max() > 1e-3
     for bad in (dict(stem="conv", patch_size=6), dict(stem="pixels")):
         with pytest.raises(UserError):

@@ -11,6 +11,8 @@
     vlm-jax data    train-tokenizer --input FILE [FILE ...] --out PREFIX --vocab_size N
     vlm-jax data    builtin --out DIR [--image_size N] [--scale F] [--seed S]
     vlm-jax data    fewshot --source digits|photos --out DIR [--episodes N] [--image_size N] [--seed S]
+    vlm-jax data    tfds --data_dir DIR (--builtin TASK [TASK ...] [--scale F] [--image_size N] [--seed S]
+                                         | --name NAME --split SPLIT=FOLDER [--split SPLIT=FOLDER ...])
     vlm-jax plan    --config CONFIG --mesh data=N,fsdp=M,tensor=K [--devices N] [--device_memory_gb G]
 
 `--config` and its overrides are ml_collections config flags. `forward` and `generate` read the params straight
@@ -37,7 +39,8 @@ commands:
   generate  continue prompts (text and images) with a checkpoint: greedy, temperature, top-k, top-p
   convert-hf  import a transformers (CLIP, SigLIP, LLaMA, Qwen2, Gemma, MPT, IDEFICS) or timm (NFNet) directory
   data      build (user JSONL -> ArrayRecord), stats (run the pipeline), train-tokenizer, builtin,
-            fewshot (few-shot episodes on real images shipped with scikit-learn / scikit-image)
+            fewshot (few-shot episodes on real images shipped with scikit-learn / scikit-image),
+            tfds (prepare the built-in tasks or `data build` folders as TFDS datasets)
   plan      per-device memory (parameters, optimizer state, gradients, activations) of a config on a mesh
 
 `vlm-jax COMMAND --help` lists a command's flags."""
@@ -288,9 +291,9 @@ def cmd_generate(argv: list[str]) -> int:
 
 
 def cmd_data(argv: list[str]) -> int:
-    """`vlm-jax data build|builtin|fewshot|stats|train-tokenizer`."""
-    usage = "usage: vlm-jax data build|builtin|fewshot|stats|train-tokenizer [flags]   (vlm-jax data SUBCOMMAND --help)"
-    if not argv or argv[0] not in ("build", "builtin", "fewshot", "stats", "train-tokenizer"):
+    """`vlm-jax data build|builtin|fewshot|stats|tfds|train-tokenizer`."""
+    usage = "usage: vlm-jax data build|builtin|fewshot|stats|tfds|train-tokenizer [flags]   (vlm-jax data SUBCOMMAND --help)"
+    if not argv or argv[0] not in ("build", "builtin", "fewshot", "stats", "tfds", "train-tokenizer"):
         print(usage, file=sys.stderr)
         return 2
     sub, rest = argv[0], argv[1:]
@@ -337,6 +340,8 @@ def cmd_data(argv: list[str]) -> int:
         summary = real_images.write(args.source, args.out, args.episodes, args.seed, args.image_size)
         print(real_images.summary_text(summary, args.out))
         return 0
+    if sub == "tfds":
+        return _data_tfds(rest)
     if sub == "stats":
         if "--help" in rest or "-h" in rest:
             print(
@@ -378,6 +383,52 @@ def cmd_data(argv: list[str]) -> int:
 
     path = train_tokenizer(args.input, args.out, args.vocab_size, model_type=args.model_type)
     print(f"Wrote {path}")
+    return 0
+
+
+def _data_tfds(argv: list[str]) -> int:
+    """`vlm-jax data tfds`: prepares built-in tasks or `data build` folders as TFDS datasets (no TensorFlow)."""
+    import time
+
+    from vlm_jax.errors import UserError
+
+    parser = argparse.ArgumentParser(
+        prog="vlm-jax data tfds",
+        description="Prepares built-in tasks (TFDS builder vlm_jax_builtin) or `data build` folders "
+        "(vlm_jax_records) as TFDS datasets in --data_dir, readable with data.source='tfds'.",
+    )
+    parser.add_argument("--data_dir", required=True, help="the TFDS data folder (data.tfds.data_dir)")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--builtin", nargs="+", metavar="TASK", help="built-in tasks, e.g. captions vqa")
+    what.add_argument("--name", help="the config name of `data build` folders: vlm_jax_records/NAME")
+    parser.add_argument("--split", action="append", default=[], metavar="SPLIT=FOLDER", help="with --name")
+    parser.add_argument("--scale", type=float, help="with --builtin: multiplies the default record counts (1.0)")
+    parser.add_argument("--image_size", type=int, help="with --builtin: image side in pixels, >= 40 (64)")
+    parser.add_argument("--seed", type=int, help="with --builtin (0)")
+    args = parser.parse_args(argv)
+    given = {k: getattr(args, k) for k in ("scale", "image_size", "seed") if getattr(args, k) is not None}
+    if args.name:
+        folders = dict(s.split("=", 1) for s in args.split if "=" in s)
+        if not args.split or len(folders) != len(args.split) or given:
+            raise UserError(
+                "--name takes --split SPLIT=FOLDER for each split (e.g. --split train=data/train) and no "
+                "--scale, --image_size or --seed."
+            )
+        from data_pipelines import tfds_records
+
+        jobs = [lambda: tfds_records.prepare(args.name, folders, args.data_dir)]
+    else:
+        if args.split:
+            raise UserError("--split goes with --name (the built-in tasks have their own splits).")
+        from data_pipelines.builtin import tfds_builder
+
+        options = {"scale": 1.0, "image_size": 64, "seed": 0, **given}
+        jobs = [lambda task=task: tfds_builder.prepare(task, args.data_dir, **options) for task in args.builtin]
+    for job in jobs:
+        start = time.perf_counter()
+        name, counts = job()
+        splits = ", ".join(f"{split} {n}" for split, n in counts.items())
+        print(f"{name} in {args.data_dir}: {splits} examples ({time.perf_counter() - start:.1f} s)")
     return 0
 
 

@@ -9,6 +9,7 @@ fields its format needs (sources.py) and metadata the templates ignore:
 | task | format | text | metadata |
 |---|---|---|---|
 | captions | pairs | "two shapes on gray: a small red circle and a large blue square. the red circle is left of the blue square." | scene |
+| objects | pairs | "a red circle." (one object) | scene |
 | vqa | llava | human "<image>\\nWhat colour is the square?", gpt "red" | question, question_type, answer, scene |
 | grounding | llava | human "<image>\\nWhere is the red circle?", gpt "<ref>the red circle</ref><box>(x1,y1),(x2,y2)</box>" | ref, box (pixels), answer, scene |
 | chat | llava | 2-3 turns of caption / VQA / grounding questions about one image | question_types, answers, scene |
@@ -143,6 +144,16 @@ def _chat(turns: list[tuple[str, str]]) -> list[dict[str, str]]:
     return out
 
 
+def objects(rng: np.random.Generator, split: str, index: int, image_size: int) -> dict[str, Any]:
+    """One object named by its colour and shape ("a red circle."): the main job's contrastive pretraining reads
+    these, as texts that differ in one word often make an encoder tell shapes apart (captions of whole scenes
+    differ in so many words that it need not), and more than texts with sizes and positions did
+    (docs/evaluation.md)."""
+    png, scene = scenes.generate(rng, image_size, num_objects=1, text=False, **_combos(split))
+    obj = scene["objects"][0]
+    return {"images": [png], "caption": f"a {obj['colour']} {obj['shape']}.", "task": "objects", "scene": scene}
+
+
 def captions(rng: np.random.Generator, split: str, index: int, image_size: int) -> dict[str, Any]:
     png, scene = scenes.generate(rng, image_size, **_combos(split))
     return {"images": [png], "caption": caption(scene), "task": "captions", "scene": scene}
@@ -220,7 +231,7 @@ def interleaved(rng: np.random.Generator, split: str, index: int, image_size: in
 
 
 def episode_sentence(word: str, label: str | None = None) -> str:
-    """"This is a {word}." or, given the class, "This is a {label} {word}." (few-shot and recall episodes)."""
+    """ "This is a {word}." or, given the class, "This is a {label} {word}." (few-shot and recall episodes)."""
     return f"{FEWSHOT_PREFIX} {label + ' ' if label else ''}{word}."
 
 
@@ -287,6 +298,7 @@ TASKS: dict[str, tuple[str, Callable[..., dict[str, Any]]]] = {
     "interleaved": ("interleaved", interleaved),
     "fewshot": ("interleaved", fewshot),
     "recall": ("interleaved", recall),
+    "objects": ("pairs", objects),  # last: a task's position seeds its records (`make_record`)
 }
 """task -> (record format, fn(rng, split, index, image_size) -> record)."""
 

@@ -192,7 +192,10 @@ class Flamingo(System):
         target = parts.targets(self, mesh, rules)
         params = dict(params)
         # Both checkpoints are checked before either is read.
-        read_vision = parts.load_vision(m.vision_checkpoint, target["vision"]) if m.get("vision_checkpoint") else None
+        read_vision = None
+        if m.get("vision_checkpoint"):
+            drop = ("map_head", "proj")  # a dual encoder's pooling head and projection: Flamingo reads the tokens
+            read_vision = parts.load_vision(m.vision_checkpoint, target["vision"], drop)
         if m.get("lm_checkpoint"):
             saved = parts.checkpoint(m.lm_checkpoint, "lm_checkpoint", ("lm",), "an lm")
             want = target["decoder"]
