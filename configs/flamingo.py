@@ -237,8 +237,8 @@ def builtin_main_job(arg):
     so the answers could not find objects (docs/evaluation.md). The ViT has a convolutional stem
     (`stem="conv"`, 16 channels): with the linear patchify a one-layer ViT hardly tells shapes apart in this
     budget (docs/systems.md). The LM layers are rematerialised (`remat="full"`): the saved attention
-    probabilities cost more memory traffic than recomputing them. The whole command takes about 9-10 minutes
-    on a 2-core CPU with a fresh cache (docs/evaluation.md). Evaluations run on held-out (colour, shape)
+    probabilities cost more memory traffic than recomputing them. The whole command should take about 9-10
+    minutes on a 2-core CPU with a fresh cache (an estimate from its timed parts: docs/evaluation.md). Evaluations run on held-out (colour, shape)
     combinations and on real-image few-shot episodes at the end, beside the model-free baselines
     (`eval_baselines`; docs/evaluation.md has the numbers).
     """

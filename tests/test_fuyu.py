@@ -271,4 +271,7 @@ def test_tiny_fuyu_trains_evaluates_and_answers(trained, tmp_path, capsys, monke
     assert cli.main(argv + ["--max_new_tokens", "6", "--out", str(out)]) == 0
     line = json.loads(out.read_text())
     assert 1 <= len(line["tokens"]) <= 6
-    assert "|SPEAKER|" not in line.get("text", "") and "|NEWLINE|" not in line.get("text", "")
+    # the text is the generated tokens' only: the prompt's 64 placeholders do not leak into it (a 4-step model
+    # may itself generate a placeholder piece, one per token at most)
+    text = line.get("text", "")
+    assert text.count("|SPEAKER|") + text.count("|NEWLINE|") <= len(line["tokens"])
