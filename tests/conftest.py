@@ -118,6 +118,21 @@ def read_tensorboard_scalars(logdir):
     return read_scalars(logdir)
 
 
+def require_open_flamingo(what: str):
+    """torch, after skipping the calling test module (with the install line) unless torch, open_flamingo and the
+    packages its helpers.py imports are installed; `what` names the PyTorch reference the module compares with."""
+    import importlib.util
+
+    torch = pytest.importorskip("torch", reason=f"{what} is PyTorch: pip install -e '.[interop]'")
+    for module in ("einops", "einops_exts", "open_flamingo"):  # open_flamingo's helpers.py and what it imports
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(
+                f"{module} is missing: pip install --no-deps open-flamingo==2.0.1 einops-exts==0.0.4 einops (setup.py)",
+                allow_module_level=True,
+            )
+    return torch
+
+
 def open_flamingo_helpers():
     """open_flamingo's package __init__ imports open_clip; load src/helpers.py by path instead."""
     import importlib.util

@@ -2,24 +2,16 @@
 `vlm_jax.interop.open_flamingo`. The block's own invariants (gates, masks, packing, decoding) are in
 tests/test_gated_xattn_core.py, which needs no PyTorch."""
 
-import importlib.util
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import open_flamingo_helpers
+from conftest import open_flamingo_helpers, require_open_flamingo
 from vlm_jax.interop.open_flamingo import gated_xattn_params
 from vlm_jax.lm.gated_xattn import GatedCrossAttention, media_mask
 
-torch = pytest.importorskip("torch", reason="open_flamingo's block is PyTorch: pip install -e '.[interop]'")
-for _module in ("einops", "einops_exts", "open_flamingo"):  # open_flamingo's helpers.py and what it imports
-    if importlib.util.find_spec(_module) is None:
-        pytest.skip(
-            f"{_module} is missing: pip install --no-deps open-flamingo==2.0.1 einops-exts==0.0.4 einops (setup.py)",
-            allow_module_level=True,
-        )
+torch = require_open_flamingo("open_flamingo's block")
 
 IMG = 9  # media placeholder id in these tests
 

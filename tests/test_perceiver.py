@@ -1,22 +1,13 @@
 """The Perceiver resampler against open_flamingo's PyTorch `PerceiverResampler` on the same random weights."""
 
-import importlib.util
-
 import jax
 import numpy as np
-import pytest
 
-from conftest import open_flamingo_helpers
+from conftest import open_flamingo_helpers, require_open_flamingo
 from vlm_jax.connectors.perceiver import PerceiverResampler
 from vlm_jax.interop.open_flamingo import perceiver_params
 
-torch = pytest.importorskip("torch", reason="open_flamingo's resampler is PyTorch: pip install -e '.[interop]'")
-for _module in ("einops", "einops_exts", "open_flamingo"):  # open_flamingo's helpers.py and what it imports
-    if importlib.util.find_spec(_module) is None:
-        pytest.skip(
-            f"{_module} is missing: pip install --no-deps open-flamingo==2.0.1 einops-exts==0.0.4 einops (setup.py)",
-            allow_module_level=True,
-        )
+torch = require_open_flamingo("open_flamingo's resampler")
 
 
 def test_perceiver_matches_open_flamingo():

@@ -103,7 +103,9 @@ def test_renders_in_headless_chromium(written, tmp_path):
     """The honest check: Chromium renders the page from disk, and the screenshot shows curves and samples."""
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if not browser:
-        pytest.skip("no chromium or chromium-browser on PATH: apt-get install chromium (.ci/run installs it)")
+        pytest.skip(
+            "no chromium or chromium-browser on PATH: apt-get install chromium (tests/setup_and_run.sh installs it as root)"
+        )
     shot = tmp_path / "shot.png"
     args = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--user-data-dir={tmp_path / 'p'}"]
     args += ["--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
