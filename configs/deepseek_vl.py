@@ -151,7 +151,7 @@ def get_config(arg=None):
             weight_decay=0.0,
             wd_exclude=(),
             clip_norm=1.0,
-            freeze=FREEZE[arg.stage],
+            freeze=tuple(p for p in FREEZE[arg.stage] if hybrid or p not in SAM),  # 1.3b has no SAM-B to freeze
             lr_mults=(),
         )
     )

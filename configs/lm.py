@@ -45,6 +45,8 @@ def get_config(arg=None):
     c.log_every = 20
     c.checkpoint_every = 100
     c.keep_checkpoints = 3
+    c.max_consecutive_nonfinite = 10  # skipped non-finite updates in a row that stop the run; 0 = never
+    c.schedule_steps = 0  # the learning-rate schedule's length; 0 = total_steps
     c.eval_every = 100
     c.eval_steps = 4
     c.peak_tflops = 0.0  # per device; 0 = spec-sheet table, else measured

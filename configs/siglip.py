@@ -43,6 +43,8 @@ def get_config(arg=None):
     c.log_every = 20
     c.checkpoint_every = 200
     c.keep_checkpoints = 2
+    c.max_consecutive_nonfinite = 10  # skipped non-finite updates in a row that stop the run; 0 = never
+    c.schedule_steps = 0  # the learning-rate schedule's length; 0 = total_steps
     c.eval_every = 100
     c.eval_steps = 2
     c.eval_examples = 256

@@ -86,7 +86,7 @@ def test_every_parameter_is_sharded_as_the_rules_say(mesh_runs):
         split = np.prod([trainer.mesh.shape[a] for a in expected[path] if a is not None])
         assert array.addressable_shards[0].data.size * split == array.size, path
     # Adam's moments follow their parameters.
-    mu = state.opt_state[1][0].mu
+    mu = state.opt_state.inner_state[1][0].mu
     assert mu["layers"]["mlp"]["down"]["kernel"].sharding.spec == expected["layers/mlp/down/kernel"]
     # Every parameter carries logical names.
     boxed = jax.eval_shape(trainer.system.init, jax.random.key(0), trainer.system.dummy_batch(1))

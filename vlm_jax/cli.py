@@ -79,12 +79,20 @@ def _override_flags(config, rest: list[str], extra: dict[str, str]):
         flags.DEFINE_string(name, None, help_text, flag_values=fv)
     try:
         config_flags.DEFINE_config_dict("config", config, flag_values=fv, lock_config=True, sys_argv=rest)
-        fv(rest)
+        leftover = fv(rest)[1:]
     except (AttributeError, KeyError) as e:  # an override of a key the config lacks
         detail = str(e).strip("'\"").replace("\\'", "'").replace("\\n", "; ")
         raise ConfigError(f"a --config override names a key the config does not have ({detail}).") from None
+    except flags.UnrecognizedFlagError as e:
+        import difflib
+
+        close = difflib.get_close_matches(e.flagname, [n for n in fv if "." not in n], n=1)
+        tip = f" (did you mean --{close[0]}?)" if close else ""
+        raise ConfigError(f"--{e.flagname} is not a flag of this command{tip}.") from None
     except flags.Error as e:
         raise ConfigError(str(e).rstrip(".") + ".") from None
+    if leftover:  # e.g. a value after a flag that took none, or a stray word: never silently ignored
+        raise ConfigError(f"unexpected argument {leftover[0]!r}: flags are --name=value (or --name value).")
     return fv
 
 
@@ -167,6 +175,64 @@ def cmd_eval(argv: list[str]) -> int:
     return 0
 
 
+# `vlm-jax forward` inputs that hold token ids (or masks and sizes): integers (masks may be bool), and inputs that
+# hold pixels: real numbers. The systems' own `forward` checks the ranks, the vocabulary and their own inputs.
+_ID_INPUTS = ("input_ids", "attention_mask", "position_ids", "token_type_ids", "image_attention_mask", "image_sizes")
+_ID_INPUTS += ("image_grid_thw", "video_grid_thw", "pixel_attention_mask", "image_patches_indices")
+_MASK_INPUTS = ("attention_mask", "token_type_ids")  # [batch, length], like input_ids
+
+
+def _forward_inputs(path: str) -> dict:
+    """The arrays of a `vlm-jax forward --inputs` file, after one-sentence UserErrors for a file that is missing,
+    a folder or not an .npz archive, an array of Python objects, ids that are not integers, pixels that are not
+    finite real numbers, an empty input_ids, and masks whose shape is not input_ids'."""
+    import zipfile
+
+    import numpy as np
+
+    from vlm_jax.errors import UserError
+
+    if os.path.isdir(path):
+        raise UserError(f"--inputs {path} is a folder; give an .npz file (numpy.savez).")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"the inputs file {path} does not exist.")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise UserError(f"the inputs file {path} is not an .npz archive written by numpy.savez ({e}).") from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise UserError(f"the inputs file {path} holds one array, not named arrays; write it with numpy.savez.")
+    inputs = {}
+    with loaded:
+        for name in loaded.files:
+            try:
+                inputs[name] = loaded[name]
+            except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+                raise UserError(f"the input {name} of {path} cannot be read as a numeric array ({e}).") from None
+    for name, value in inputs.items():
+        kind = value.dtype.kind
+        if name in _ID_INPUTS and kind not in "iub":
+            raise UserError(f"{name} must hold integers; got dtype {value.dtype}.")
+        if ("pixel" in name or "patches" in name) and name not in _ID_INPUTS:
+            if kind not in "iuf":
+                raise UserError(f"{name} must hold real numbers; got dtype {value.dtype}.")
+            if kind == "f" and not np.isfinite(value).all():
+                raise UserError(f"{name} holds NaN or infinite values.")
+    ids = inputs.get("input_ids")
+    if ids is not None and ids.ndim == 2:
+        if ids.size == 0:
+            raise UserError(f"input_ids is empty (shape {ids.shape}); give at least one token in one row.")
+        for name in _MASK_INPUTS:
+            if name in inputs and inputs[name].shape != ids.shape:
+                raise UserError(f"{name} has shape {inputs[name].shape}; it must have input_ids' shape {ids.shape}.")
+        positions = inputs.get("position_ids")
+        if positions is not None and positions.shape[-2:] != ids.shape:
+            raise UserError(
+                f"position_ids has shape {positions.shape}; its last two axes must be input_ids' {ids.shape}."
+            )
+    return inputs
+
+
 def cmd_forward(argv: list[str]) -> int:
     """`vlm-jax forward`: checkpoint + inputs npz -> outputs npz."""
     parser = argparse.ArgumentParser(
@@ -183,10 +249,7 @@ def cmd_forward(argv: list[str]) -> int:
 
     from vlm_jax.train.checkpoint import load_params
 
-    if not os.path.isfile(args.inputs):
-        raise FileNotFoundError(f"the inputs file {args.inputs} does not exist.")
-    with np.load(args.inputs) as f:
-        inputs = {k: f[k] for k in f.files}
+    inputs = _forward_inputs(args.inputs)
     config, system, params = load_params(args.checkpoint, args.mesh)
     outputs = system.forward(params, inputs)
     if not distributed.is_main():  # every process computed the same outputs; process 0 writes them
@@ -249,6 +312,8 @@ def cmd_generate(argv: list[str]) -> int:
 
     if bool(args.prompt) == bool(args.prompts):
         raise UserError("give either --prompt (with its --image flags) or --prompts FILE.jsonl.")
+    if args.prompts and os.path.isdir(args.prompts):
+        raise UserError(f"--prompts {args.prompts} is a folder; give the JSONL file itself.")
     if args.prompts and not os.path.isfile(args.prompts):
         raise FileNotFoundError(f"the prompts file {args.prompts} does not exist.")
     config, system, params = load_params(args.checkpoint, args.mesh)
@@ -435,7 +500,12 @@ def _data_tfds(argv: list[str]) -> int:
 def cmd_convert_hf(argv: list[str]) -> int:
     """`vlm-jax convert-hf`: transformers / timm directory -> vlm_jax checkpoint."""
     parser = argparse.ArgumentParser(prog="vlm-jax convert-hf", description="Imports a public checkpoint directory.")
-    parser.add_argument("--hf_dir", required=True, help="config.json + *.safetensors (transformers or timm format)")
+    parser.add_argument(
+        "--hf_dir",
+        required=True,
+        help="config.json + *.safetensors (transformers or timm format); PyTorch pickles (.bin, .pt, .pth) are "
+        "never loaded, as unpickling can run code",
+    )
     parser.add_argument("--out", required=True, help="output directory (readable by --checkpoint)")
     args = parser.parse_args(argv)
     from vlm_jax.interop.convert import convert

@@ -11,3 +11,7 @@ class UserError(ValueError):
 
 class ConfigError(UserError):
     """A config that cannot work, explained in one sentence."""
+
+
+class NonFiniteError(UserError):
+    """A run stopped because its gradients stayed NaN or infinite, explained in one sentence."""

@@ -228,6 +228,7 @@ class PromptFormat:
     image_size: int
     image_settings: Any
     template_options: Any = None
+    vocab_size: int = 0  # the model's; prompt ids must lie in [0, vocab_size) (0: not checked)
 
     @classmethod
     def of(cls, system: Any, tokenizer: Any) -> "PromptFormat":
@@ -242,6 +243,7 @@ class PromptFormat:
             int(config.model.get("image_size", 0)),
             ml_collections.ConfigDict(dict(config.get("data", {}).get("image", {}) or {})),
             system.template_options,
+            _vocab_size(system),
         )
 
     @property
@@ -311,6 +313,20 @@ def batch_of(prompts: Sequence[dict], fmt: PromptFormat, length: int | None = No
     return batch
 
 
+def _vocab_size(system: Any) -> int:
+    """The vocabulary size of `system`'s language model (its module's, or its decoder's); 0 if it has none."""
+    module = getattr(system, "module", None)
+    for part in (module, getattr(module, "decoder", None)):
+        size = getattr(part, "vocab_size", None)
+        if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+            return size
+    return 0
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
 def parse_prompt(item: dict, fmt: PromptFormat, where: str, root: str) -> dict:
     """One prompt {"text": ...} or {"input_ids": [...]}, with optional "images" (paths relative to `root`) ->
     a `PromptFormat.prompt`; `where` names it in error messages.
@@ -320,23 +336,54 @@ def parse_prompt(item: dict, fmt: PromptFormat, where: str, root: str) -> dict:
     "USER: <image>\\n{text} ASSISTANT:", Flamingo's document `<s>{text}`);
     `<image>` marks where each image goes and expands to the system's image
     tokens for it. Without a template the text is encoded as written.
-    "input_ids" are used as given."""
+    "input_ids" are used as given: a non-empty flat list of integer ids in
+    [0, vocab_size). Anything else (a field of the wrong type or shape, an id
+    outside the vocabulary, an image that is missing, a folder or unreadable)
+    is one UserError sentence naming `where`."""
     import os
 
     from data_pipelines import image_ops, templates
 
+    if not isinstance(item, dict):
+        raise UserError(f'{where} is not a JSON object like {{"text": ..., "images": [...]}}.')
+    names = item.get("images", [])
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise UserError(f"{where}: images must be a list of image file paths; got {names!r:.80}.")
     encoded = []
-    for name in item.get("images", []):
+    for name in names:
         path = os.path.join(root, name)
+        if os.path.isdir(path):
+            raise UserError(f"{where}: the image {name} is a folder, not an image file.")
         if not os.path.isfile(path):
             raise UserError(f"{where}: the image {name} does not exist.")
-        encoded.append(open(path, "rb").read())
+        try:
+            with open(path, "rb") as f:
+                encoded.append(f.read())
+        except OSError as e:
+            raise UserError(f"{where}: the image {name} cannot be read ({e.strerror}).") from None
+    if encoded and not fmt.image_size and not fmt.native:
+        raise UserError(f"{where}: the system takes no images, but the prompt has {len(encoded)}.")
     if "input_ids" in item:
+        ids = item["input_ids"]
+        if not isinstance(ids, list) or any(isinstance(i, list) for i in ids):
+            shape = "a nested list" if isinstance(ids, list) else type(ids).__name__
+            raise UserError(f"{where}: input_ids must be a flat list of token ids (one prompt per line); got {shape}.")
+        if not ids:
+            raise UserError(f"{where}: input_ids is empty; a prompt needs at least one token.")
+        wrong = [i for i in ids if not _is_id(i)]
+        if wrong:
+            raise UserError(f"{where}: input_ids must be integers; got {wrong[0]!r} ({type(wrong[0]).__name__}).")
 
         def render(counts, **extra):
-            return [int(i) for i in item["input_ids"]]
+            return [int(i) for i in ids]
 
     elif "text" in item:
+        if not isinstance(item["text"], str):
+            raise UserError(f"{where}: text must be a string; got {type(item['text']).__name__}.")
+        try:
+            item["text"].encode("utf-8")
+        except UnicodeEncodeError:
+            raise UserError(f"{where}: the text is not valid UTF-8.") from None
         if fmt.tokenizer is None:
             raise UserError(f"{where} has text but no tokenizer is known (give --tokenizer).")
 
@@ -349,29 +396,47 @@ def parse_prompt(item: dict, fmt: PromptFormat, where: str, root: str) -> dict:
     else:
         raise UserError(f"{where} has neither 'text' nor 'input_ids'.")
     try:
-        return fmt.prompt(encoded, render)
+        prompt = fmt.prompt(encoded, render)
     except image_ops.BadImage as e:
         raise UserError(f"{where}: an image cannot be read ({e.reason}).") from None
     except templates.RenderError as e:
         raise UserError(f"{where}: {e}") from None
+    tokens = prompt["tokens"]
+    if fmt.vocab_size and tokens and (min(tokens) < 0 or max(tokens) >= fmt.vocab_size):
+        low, high = min(tokens), max(tokens)
+        if "input_ids" in item:
+            raise UserError(f"{where}: input_ids must lie in [0, {fmt.vocab_size}); got values from {low} to {high}.")
+        raise UserError(
+            f"{where}: the tokenizer gives ids up to {high}, beyond the model's vocabulary of {fmt.vocab_size} "
+            "(give the tokenizer the model was trained with)."
+        )
+    return prompt
 
 
 def read_prompts(path: str, fmt: PromptFormat) -> list[dict[str, Any]]:
-    """Prompts from a JSONL file, one `parse_prompt` item per line (image paths relative to the file)."""
+    """Prompts from a JSONL file, one `parse_prompt` item per line (image paths relative to the file); a line that
+    is not UTF-8, not JSON or not an object is one UserError sentence naming the line."""
     import json
     import os
 
+    with open(path, "rb") as f:
+        raw = f.read()
+    if raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark
+        raw = raw[3:]
+    root = os.path.dirname(os.path.abspath(path))
     prompts = []
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path} line {number} is not JSON ({e.msg}).") from None
-            root = os.path.dirname(os.path.abspath(path))
-            prompts.append(parse_prompt(item, fmt, f"{path} line {number}", root))
+    for number, data in enumerate(raw.split(b"\n"), 1):
+        if not data.strip():
+            continue
+        try:
+            line = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path} line {number} is not valid UTF-8 (byte {e.start + 1}).") from None
+        try:
+            item = json.loads(line)
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise UserError(f"{path} line {number} is not JSON ({getattr(e, 'msg', 'nested too deeply')}).") from None
+        prompts.append(parse_prompt(item, fmt, f"{path} line {number}", root))
     if not prompts:
         raise UserError(f"{path} holds no prompts.")
     return prompts

@@ -22,6 +22,9 @@ reshaping weights with `interop/tensors.py`; the module is found by itself.
 A directory no converter reads is a one-sentence error listing the known keys
 (`vlm_jax.interop.converters()` lists them).
 
+Weights are read from safetensors files only (`interop/tensors.py`); a directory with only PyTorch pickles
+(`pytorch_model.bin`, `*.pt`, `*.pth`) is refused with the command that converts them, as unpickling can run code.
+
 The output directory is laid out like a training workdir (`checkpoints/0/`
 with the params and the config), so `vlm-jax forward --checkpoint OUT` and
 `load_params` read it like any other checkpoint.
@@ -36,12 +39,14 @@ import ml_collections
 import numpy as np
 
 from vlm_jax.interop import find_converter
-from vlm_jax.interop.tensors import read_config
+from vlm_jax.interop.tensors import read_config, refuse_pickles
 
 
 def to_system_config(path: str) -> tuple[ml_collections.ConfigDict, dict]:
-    """(vlm_jax config, params) of a transformers or timm directory, by the converter registered for its config."""
+    """(vlm_jax config, params) of a transformers or timm directory, by the converter registered for its config.
+    A directory whose weights are only PyTorch pickles is refused before anything else (`refuse_pickles`)."""
     raw = read_config(path)
+    refuse_pickles(path, raw)
     return find_converter(raw, path)(path, raw)
 
 

@@ -3,6 +3,8 @@
 * `read_config(path)`: a model directory's config.json as a dict;
 * `read_safetensors(path)`: every tensor of its safetensors files (one file,
   or the shards a `*.safetensors.index.json` lists), as numpy arrays;
+* `refuse_pickles(path, raw_config)`: the one-sentence refusal of a directory
+  whose weights are only PyTorch pickles (`.bin`, `.pt`, `.pth`, `.ckpt`);
 * `Tensors`: those tensors read through a key prefix, as float32, a missing
   key being a UserError that names it;
 * `heads_kernel`, `heads_bias`, `out_kernel`: PyTorch `nn.Linear` weights
@@ -10,7 +12,10 @@
 * `stack_layers`: per-layer param trees -> one tree with a leading layer axis
   (the layout of the scanned layer stacks).
 
-None of them needs torch.
+None of them needs torch, and nothing here unpickles: a pickle (PyTorch's
+`.bin` / `.pt` / `.pth` checkpoints) can run any code when it is loaded, so
+weights are read from safetensors files only, and a directory that has only
+pickles is refused with the command that converts them (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -44,6 +49,30 @@ def read_config(path: str) -> dict:
     return config
 
 
+# PyTorch checkpoint files: pickles, which can run code when unpickled, so never read.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+def refuse_pickles(path: str, raw_config: dict | None = None) -> None:
+    """A UserError if the model directory `path` has no safetensors weights but PyTorch pickle files: says why they
+    are not read and how to convert them (`raw_config`, its config.json, names the transformers class to use)."""
+    names = sorted(os.listdir(path)) if os.path.isdir(path) else []
+    if any(n.endswith(".safetensors") or n.endswith(".safetensors.index.json") for n in names):
+        return
+    pickles = [n for n in names if n.endswith(PICKLE_SUFFIXES)]
+    if not pickles:
+        return
+    shown = ", ".join(pickles[:3]) + (f" and {len(pickles) - 3} more" if len(pickles) > 3 else "")
+    architectures = (raw_config or {}).get("architectures") or []
+    cls = str(architectures[0]) if architectures and str(architectures[0]).isidentifier() else "AutoModel"
+    raise UserError(
+        f"{path!r} holds its weights only as PyTorch pickle files ({shown}), which vlm-jax never loads because "
+        "unpickling a file can run any code it carries; convert them to safetensors in an environment you trust, "
+        f"e.g. python -c \"from transformers import {cls}; {cls}.from_pretrained('{path}')"
+        f".save_pretrained('{path}', safe_serialization=True)\", then run convert-hf again."
+    )
+
+
 def _shard_files(path: str) -> list[str]:
     """The safetensors files of `path`: the shards its index lists, or every `*.safetensors` file."""
     indexes = sorted(glob.glob(os.path.join(path, "*.safetensors.index.json")))
@@ -52,9 +81,8 @@ def _shard_files(path: str) -> list[str]:
     if not indexes:
         files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
         if not files:
-            raise UserError(
-                f"{path!r} has no *.safetensors file (PyTorch .bin checkpoints are not read; re-save with safetensors)."
-            )
+            refuse_pickles(path)
+            raise UserError(f"{path!r} has no *.safetensors file, the only weight format convert-hf reads.")
         return files
     try:
         with open(indexes[0], encoding="utf-8") as f:

@@ -10,13 +10,24 @@ orbax handler (`grain.checkpoint`: `process_<i>-of-<n>.json`, one per process)
 in the same atomic step as the train state, which every process writes its
 shards of. A run restarted with another number of processes restores the
 train state and says that its data starts afresh.
+
+Faults (docs/reliability.md): a workdir that cannot be written is one sentence
+before any compute (`check_writable`); a save that fails (a full disk) is one
+sentence naming the intact step it leaves; a step that cannot be read back (a
+truncated file, a missing item) is moved to `WORKDIR/unreadable_checkpoints/`
+and training resumes from the newest step that reads (`restore_newest`), saying
+so; a checkpoint whose arrays do not fit the config's train state (another model
+shape, another optimizer) is one sentence naming the first difference.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import sys
-from typing import Any
+import tempfile
+from typing import Any, Callable
 
 import grain
 import jax
@@ -24,14 +35,40 @@ import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 
+from vlm_jax.errors import ConfigError, UserError
+
 CHECKPOINT_DIR = "checkpoints"
+UNREADABLE_DIR = "unreadable_checkpoints"
+
+
+def check_writable(workdir: str) -> None:
+    """One sentence when `workdir` (created if missing) cannot hold checkpoints: tried by writing a file there."""
+    try:
+        directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as e:
+        raise UserError(
+            f"the workdir {workdir} cannot be written ({e.strerror or e}): give a --workdir on a writable disk."
+        ) from None
+
+
+def _reason(error: BaseException) -> str:
+    """The first line of an exception, shortened: what a one-sentence message quotes."""
+    lines = str(error).strip().splitlines()
+    text = lines[0] if lines else ""
+    return f"{type(error).__name__}: {text[:200]}" if text else type(error).__name__
 
 
 class Checkpointer:
     """Saves and restores (state, data state, config) under `workdir/checkpoints`."""
 
     def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
-        self.directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+        self.workdir = os.path.abspath(workdir)
+        self.directory = os.path.join(self.workdir, CHECKPOINT_DIR)
+        self._unsaved_step: int | None = None  # the step of the save in flight
+        self._saved_step: int | None = None  # the newest step known to be complete on disk (set by `save`)
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
@@ -39,7 +76,11 @@ class Checkpointer:
                 enable_async_checkpointing=async_save,
                 cleanup_tmp_directories=True,
             ),
-            item_names=("state", "data", "config"),
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "data": grain.checkpoint.CheckpointHandler(),
+                "config": ocp.JsonCheckpointHandler(),
+            },
         )
 
     def latest_step(self) -> int | None:
@@ -61,7 +102,29 @@ class Checkpointer:
         items = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(config.to_dict())}
         if data is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data)
-        self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        if self._saved_step is None:
+            self._saved_step = self.latest_step()
+        with self._failures_named():
+            self.manager.save(step, args=ocp.args.Composite(**items), force=force)  # first waits for the last one
+        self._saved_step = self._saved_step if self._unsaved_step is None else self._unsaved_step
+        self._unsaved_step = step
+
+    @contextlib.contextmanager
+    def _failures_named(self):
+        """A failed write (a full disk, a file-size limit, a vanished directory) -> one sentence naming the step
+        it leaves intact; orbax never finalizes a step whose write failed."""
+        try:
+            yield
+        except Exception as e:  # orbax and tensorstore raise many kinds for an I/O failure
+            intact = (
+                f"the newest complete checkpoint, step {self._saved_step}, is intact"
+                if self._saved_step is not None
+                else "there is no complete checkpoint yet"
+            )
+            raise UserError(
+                f"writing a checkpoint to {self.directory} failed ({_reason(e)}), e.g. because the disk is "
+                f"full; {intact}: free space and run the same command to resume."
+            ) from e
 
     def restore(self, step: int, abstract_state: Any, data: grain.DatasetIterator | None = None) -> Any:
         """The state placed as `abstract_state`'s shardings say; `data` (this process's pipeline iterator) is set
@@ -91,9 +154,105 @@ class Checkpointer:
             self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
         )
 
+    def restore_newest(
+        self, abstract_state: Any, data: grain.DatasetIterator | None, check_config: Callable[[Any], None]
+    ) -> tuple[int, Any] | None:
+        """(step, state) of the newest step that reads back, or None when there is no step at all.
+
+        Each step's config goes through `check_config` (a ConfigError stops here) and its arrays are compared with
+        `abstract_state` before anything is read. A step that cannot be read is moved to `unreadable_checkpoints/`
+        (one sentence on stderr) and the next older one is tried; when none reads, one sentence says so."""
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        if not steps:
+            return None
+        for step in steps:
+            try:
+                saved_config = self.config(step)
+            except Exception as e:
+                self._set_aside(step, e)
+                continue
+            check_config(saved_config)
+            try:
+                metadata = self.manager.item_metadata(step)["state"]
+                if metadata is None:
+                    raise FileNotFoundError("its train state has no metadata")
+            except Exception as e:
+                self._set_aside(step, e)
+                continue
+            check_same_arrays(metadata, abstract_state, self.directory, step)
+            try:
+                state = self.restore(step, abstract_state, data)
+            except Exception as e:
+                self._set_aside(step, e)
+                continue
+            return step, state
+        raise UserError(
+            f"none of the {len(steps)} checkpoint(s) in {self.directory} can be read (each was moved to "
+            f"{os.path.join(self.workdir, UNREADABLE_DIR)}): run the same command to start afresh, or give a new "
+            "--workdir."
+        )
+
+    def _set_aside(self, step: int, error: BaseException) -> None:
+        """Moves an unreadable step out of the way (so no later save collides with it), saying why."""
+        target = os.path.join(self.workdir, UNREADABLE_DIR, str(step))
+        if jax.process_index() == 0:
+            if os.path.exists(target):
+                shutil.rmtree(target)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            shutil.move(os.path.join(self.directory, str(step)), target)
+            print(
+                f"Note: the checkpoint of step {step} cannot be read ({_reason(error)}); it was moved to {target} "
+                "and an older step is tried.",
+                file=sys.stderr,
+            )
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"vlm_jax_set_aside_{step}")
+        self.manager.reload()
+
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        with self._failures_named():
+            self.manager.wait_until_finished()
         self.manager.close()
+        if self._unsaved_step is not None:
+            self._saved_step, self._unsaved_step = self._unsaved_step, None
+
+
+def check_same_arrays(metadata: Any, abstract_state: Any, directory: str, step: int) -> None:
+    """One sentence when a checkpoint's arrays (orbax metadata) are not the arrays of `abstract_state`: a path
+    only one side has (another optimizer, another model part) or another shape (another model size)."""
+
+    def flat(tree):
+        leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+        return {_path_name(p): tuple(x.shape) for p, x in leaves if hasattr(x, "shape")}
+
+    saved, wanted = flat(metadata), flat(abstract_state)
+    where = f"the checkpoint of step {step} in {directory}"
+    for name in sorted(set(saved) | set(wanted)):
+        if name not in wanted:
+            problem = f"holds {name}, which this config's train state has no place for"
+        elif name not in saved:
+            problem = f"has no {name}, which this config's train state needs"
+        elif saved[name] != wanted[name]:
+            problem = f"holds {name} of shape {saved[name]} but this config's is {wanted[name]}"
+        else:
+            continue
+        raise ConfigError(
+            f"{where} {problem} (another model or optimizer): use the config it was written with to resume, or "
+            "a new --workdir."
+        )
+
+
+def _path_name(path: tuple) -> str:
+    """'params/embed/embedding', 'opt_state/inner_state/0/mu/...': one naming for orbax metadata and live trees."""
+    parts = []
+    for key in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+    return "/".join(parts)
 
 
 def resolve(path: str) -> tuple[str, int]:
@@ -192,8 +351,9 @@ class SavedParams:
         """Reads the params of `target` (a tree of ShapeDtypeStructs with shardings, shaped like the params or any
         part of them: absent keys are not read) straight into those shardings: each device reads its own shard
         (orbax); nothing else (optimizer state, other params) is read."""
-        ckpt = Checkpointer(self.workdir, async_save=False)
-        restored = ckpt.manager.restore(
+        # A manager of its own: a partial restore takes the PyTree handler, not the Checkpointer's Standard one.
+        manager = ocp.CheckpointManager(os.path.join(self.workdir, CHECKPOINT_DIR), item_names=("state",))
+        restored = manager.restore(
             self.step,
             args=ocp.args.Composite(
                 state=ocp.args.PyTreeRestore(
@@ -203,7 +363,7 @@ class SavedParams:
                 )
             ),
         )
-        ckpt.close()
+        manager.close()
         return restored["state"]["params"]
 
 

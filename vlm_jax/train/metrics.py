@@ -63,6 +63,10 @@ def peak_flops(devices: list, peak_tflops_per_device: float = 0.0, dtype=jnp.flo
     return measure_matmul_flops(devices, dtype), f"measured matmul peak ({kind})"
 
 
+# Step metrics that are running counts: a window reports their last value, not their mean.
+COUNTERS = ("nonfinite_steps", "nonfinite_streak")
+
+
 class ThroughputWindow:
     """Step metrics and throughput since the last log, kept on device until `summary` fetches them once."""
 
@@ -88,11 +92,14 @@ class ThroughputWindow:
         self.excluded_s += seconds
 
     def summary(self) -> dict[str, float]:
-        """Window means of the step metrics plus examples/s, tokens/s and MFU; starts a new window."""
+        """Window means of the step metrics (last values of the `COUNTERS`) plus examples/s, tokens/s and MFU;
+        starts a new window."""
         fetched = jax.device_get(self.pending)
         seconds = time.perf_counter() - self.start - self.excluded_s
         steps_per_s = len(fetched) / seconds
-        result = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+        result = {
+            k: float(fetched[-1][k]) if k in COUNTERS else float(np.mean([m[k] for m in fetched])) for k in fetched[0]
+        }
         result.update(
             examples_per_s=steps_per_s * self.examples_per_step,
             tokens_per_s=self.tokens / seconds,

@@ -8,7 +8,10 @@ The train step is one pure jitted function of (state, batch) with the state
 donated. Frozen parameters (`optim.freeze`) are split off before
 differentiation: they get no gradient and no optimizer state. Gradient
 accumulation scans over micro-batches and normalises by the total loss weight
-once, so it gives the same update as one large batch.
+once, so it gives the same update as one large batch. An update whose gradients
+are not finite is skipped (optax's `apply_if_finite`) and counted as
+`nonfinite_steps`; `max_consecutive_nonfinite` of them in a row stop the run
+(docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 import data_pipelines
 from vlm_jax import config_lib, models, prerequisites, report, sharding
-from vlm_jax.errors import ConfigError
+from vlm_jax.errors import ConfigError, NonFiniteError
+from vlm_jax.train import checkpoint as checkpoint_lib
 from vlm_jax.train import optimizer as optim_lib
 from vlm_jax.train.checkpoint import Checkpointer, abstract_like
 from vlm_jax.train.metrics import Reporter, ThroughputWindow, peak_flops
@@ -74,7 +78,10 @@ def state_layout(config: ml_collections.ConfigDict, system: Any, mesh: Any, rule
     paths = [optim_lib.path_str(k) for k in traverse_util.flatten_dict(param_names)]
     config_lib.validate_patterns(config, paths)
     trainable_names, _ = optim_lib.split_trainable(param_names, freeze)
-    tx, schedule = optim_lib.make_optimizer(config.optim, config.total_steps, trainable_names)
+    tx, schedule = optim_lib.make_optimizer(config.optim, schedule_steps(config), trainable_names)
+    # Skips (never applies) an update with a NaN or infinite gradient; the trainer stops the run after
+    # `max_consecutive_nonfinite` in a row, so the optax limit is never reached.
+    tx = optax.apply_if_finite(tx, max_consecutive_errors=np.iinfo(np.int32).max)
 
     def init_state(rng):
         params = nn.unbox(system.init(rng, init_batch))
@@ -90,6 +97,11 @@ def state_layout(config: ml_collections.ConfigDict, system: Any, mesh: Any, rule
         opt_state=_opt_state_shardings(abstract.opt_state, abstract.params, param_shardings, replicated),
     )
     return StateLayout(boxed, tx, schedule, init_state, abstract, shardings)
+
+
+def schedule_steps(config: ml_collections.ConfigDict) -> int:
+    """The length of the learning-rate schedule: `schedule_steps`, or `total_steps` when that is 0 (unset)."""
+    return int(config.get("schedule_steps", 0)) or int(config.total_steps)
 
 
 def batch_layout(system: Any, batch_size: int, mesh: Any, rules: Any) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -209,7 +221,11 @@ class Trainer:
                 "loss": loss_sum / denom,
                 **{k: v / denom for k, v in extra.items()},
                 "grad_norm": optim_lib.global_norm(grads),
-                "learning_rate": jnp.asarray(self.schedule(state.step), jnp.float32),
+                # The optimizer's own count: skipped updates do not advance the schedule.
+                "learning_rate": jnp.asarray(self.schedule(state.step - state.opt_state.total_notfinite), jnp.float32),
+                # Counters of skipped updates (the window summary keeps their last value): in all, and in a row.
+                "nonfinite_steps": opt_state.total_notfinite,
+                "nonfinite_streak": opt_state.notfinite_count,
             }
             new_state = TrainState(step=state.step + 1, params=optim_lib.merge(trainable, frozen), opt_state=opt_state)
             return new_state, metrics
@@ -290,6 +306,51 @@ class _StopOnSignal:
         return False
 
 
+class _NonFiniteWatch:
+    """Stops a run after `limit` skipped (non-finite) updates in a row (0: never).
+
+    Each step's count of skipped updates in a row is read one step late, once the next step is queued, so the
+    device never waits for the host; every process reads the same replicated count and stops at the same step.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.pending: tuple[int, jax.Array] | None = None
+        self.stopped_at: int | None = None
+
+    def check(self, step: int, step_metrics: dict[str, jax.Array]) -> int | None:
+        """Queues `step`'s count and reads the previous step's; the step the run must stop at, or None."""
+        previous, self.pending = self.pending, (step, step_metrics["nonfinite_streak"])
+        return self._read(previous)
+
+    def flush(self) -> int | None:
+        """Reads the last queued step's count (at the end of the loop)."""
+        previous, self.pending = self.pending, None
+        return self._read(previous)
+
+    def _read(self, pending: tuple[int, jax.Array] | None) -> int | None:
+        if pending is None or self.limit <= 0:
+            return None
+        step, streak = pending
+        if int(jax.device_get(streak)) >= self.limit:
+            self.stopped_at = step
+        return self.stopped_at
+
+    def error(self, saved_step: int | None, directory: str) -> NonFiniteError:
+        first = self.stopped_at - self.limit + 1
+        kept = (
+            f"its last checkpoint, step {saved_step} in {directory}, is kept (a skipped update never reaches the "
+            "parameters)"
+            if saved_step is not None
+            else "it saved no checkpoint"
+        )
+        return NonFiniteError(
+            f"the gradients were not finite in {self.limit} steps in a row (steps {first} to {self.stopped_at}), "
+            f"so the run stopped at step {self.stopped_at} and {kept}: look at the data of those steps or lower "
+            "optim.lr (max_consecutive_nonfinite sets how many in a row stop a run)."
+        )
+
+
 def evaluate(trainer: Trainer, params: Any) -> dict[str, float]:
     """Loss and metrics over `config.eval_steps` validation batches (the same every time; fewer, said on stderr,
     where the validation data ends sooner), plus the system's own evaluators."""
@@ -322,18 +383,22 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     The config's prerequisites (data builds, runs such as a pretrained LM) are resolved first, each built or
     trained once and cached (`vlm_jax/prerequisites.py`); the resolved config, with concrete paths, is the
     one trained and saved beside the checkpoints."""
+    config_lib.validate(config, jax.device_count(), resolved=False)  # before any prerequisite is built or trained
+    checkpoint_lib.check_writable(workdir)
+    ckpt = Checkpointer(workdir, keep=int(config.get("keep_checkpoints", 3)))
+    _check_resumable(ckpt, config, workdir)  # before any prerequisite is built or trained
     config = prerequisites.resolve(config)
-    os.makedirs(workdir, exist_ok=True)
     trainer = Trainer(config)
     system = trainer.system
     is_main = jax.process_index() == 0
-    ckpt = Checkpointer(workdir, keep=int(config.get("keep_checkpoints", 3)))
     data = data_pipelines.build(config, "train", jax.process_index(), jax.process_count())
 
-    latest = ckpt.latest_step()
-    if latest is not None:
-        config_lib.validate_checkpoint_config(ckpt.config(latest), config, workdir)
-        state = ckpt.restore(latest, trainer.abstract_state, data)
+    restored = ckpt.restore_newest(
+        trainer.abstract_state, data, lambda saved: _check_resumable_with(saved, config, workdir)
+    )
+    latest = restored[0] if restored else None
+    if restored:
+        state = restored[1]
     else:
         state = trainer.init(jax.random.key(config.seed))
         if hasattr(system, "pretrained"):  # e.g. a Flamingo's frozen LM and vision encoder from checkpoints
@@ -363,6 +428,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     eval_s = 0.0
     loop_start = time.perf_counter()
     saved_step = latest
+    watch = _NonFiniteWatch(int(config.get("max_consecutive_nonfinite", 10)))
     with _StopOnSignal() as stop:
         stopping = False
         while step < config.total_steps and not stopping:
@@ -373,6 +439,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
             step += 1
             window.add(step_metrics, system.tokens_in(host_batch) * jax.process_count())
             reporter.step_done(step)
+            if watch.check(step, step_metrics) is not None:
+                break  # the newest state is not saved: the last checkpoint is the run's result
             stopping = stop.stop_at(step)
 
             if config.log_every and (step % config.log_every == 0 or step == config.total_steps):
@@ -390,9 +458,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
                 reporter.write(step, eval_metrics, prefix="eval")
                 window.exclude(time.perf_counter() - eval_start)
                 eval_s += time.perf_counter() - eval_start
-        if saved_step != step:
+        if watch.stopped_at is None and watch.flush() is None and saved_step != step:
             ckpt.save(step, state, data, config, force=True)
         ckpt.close()
+        if watch.stopped_at is not None:
+            reporter.close()
+            raise watch.error(saved_step, ckpt.directory)
         if stopping:
             name = signal.Signals(stop.signum).name
             reporter.message(
@@ -418,6 +489,58 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     return TrainResult(
         step=step, metrics=metrics, eval_metrics=eval_metrics, stopped_by_signal=stop.signum if stopping else None
     )
+
+
+def _check_resumable(ckpt: Checkpointer, config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Before any compute: the newest checkpoint in `workdir`, if any, was written by a run of this model, and
+    its learning-rate schedule is kept (`_keep_schedule`). The full check, `_check_resumable_with`, runs once
+    the config's prerequisites are resolved; an unreadable config is left to `Checkpointer.restore_newest`."""
+    latest = ckpt.latest_step()
+    if latest is None:
+        return
+    try:
+        saved = ckpt.config(latest)
+    except Exception:
+        return
+    _check_resumable_with(saved, config, workdir, structure=False)
+    _keep_schedule(saved, config, workdir)
+
+
+def _keep_schedule(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict, workdir: str) -> None:
+    """A resumed run keeps the learning-rate schedule it was written with. Another `total_steps` only moves the
+    end of the run: `schedule_steps` is set to the saved schedule's length, said on stderr (past it the rate
+    stays at its final value). An explicit `schedule_steps` that changes the schedule is refused."""
+    saved_steps = int(saved.get("schedule_steps", 0)) or int(saved.total_steps)
+    if schedule_steps(config) == saved_steps:
+        return
+    if int(config.get("schedule_steps", 0)):
+        raise ConfigError(
+            f"the checkpoint in {workdir} follows a {saved_steps}-step learning-rate schedule but the config gives "
+            f"schedule_steps={config.schedule_steps}: a schedule cannot change under a running optimizer; resume "
+            f"with --config.schedule_steps={saved_steps}, or start a new --workdir."
+        )
+    config.schedule_steps = saved_steps
+    if jax.process_index() == 0:
+        print(
+            f"Note: the checkpoint in {workdir} was written with total_steps={saved.total_steps} and this run goes to "
+            f"{config.total_steps}; it keeps its {saved_steps}-step learning-rate schedule (schedule_steps="
+            f"{saved_steps}), whose final rate holds past step {saved_steps}.",
+            file=sys.stderr,
+        )
+
+
+def _check_resumable_with(
+    saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict, workdir: str, structure: bool = True
+) -> None:
+    """A checkpoint resumes only under a config of the same model (`model.name`, said before anything else) and
+    the same model and optimizer structure (`config_lib.validate_checkpoint_config`)."""
+    if saved.get("model", {}).get("name") != config.model.name:
+        raise ConfigError(
+            f"the workdir {workdir} holds a run of model {saved.get('model', {}).get('name')!r}, not "
+            f"{config.model.name!r}: give a new --workdir."
+        )
+    if structure:
+        config_lib.validate_checkpoint_config(saved, config, workdir)
 
 
 def _count(params: Any) -> int:
