@@ -5,9 +5,10 @@
 Method. One uninterrupted `vlm-jax train` of the tiny LM (`--steps` steps, a
 checkpoint every 5, asynchronous saves) gives the reference parameters. Each
 trial then runs the same command on a fresh workdir, SIGKILLs it `--kills`
-times, each after a random delay (uniform in 0-2 s after the train step has
-compiled, so kills land between steps, inside steps and while a checkpoint is
-being written), restarts it each time, lets the last start run to the end, and
+times, restarts it each time (odd kills: a random delay of 0-2 s after the
+train step has compiled, landing between and inside steps; even kills: 0-50
+ms after the log line of a checkpoint step, right after which the loop
+starts the asynchronous save), lets the last start run to the end, and
 compares its final parameters with the reference, bit for bit. Reported: trials
 identical / trials, the kills that left an unfinished checkpoint directory
 behind (a save in flight), and the steps each restart resumed from. The last
@@ -41,14 +42,16 @@ def command(workdir: str, steps: int) -> list[str]:
     ]  # fmt: skip
 
 
-def killed_run(workdir: str, steps: int, delay: float) -> tuple[bool, int | None]:
-    """Starts the run, SIGKILLs it `delay` s after its train step compiled; (save in flight, resumed-from step)."""
+def killed_run(workdir: str, steps: int, delay: float, at_a_save: bool) -> tuple[bool, int | None]:
+    """Starts the run and SIGKILLs it `delay` s after its train step compiled, or, `at_a_save`, `delay` s after
+    the log line of a checkpoint step (the loop logs, then starts the save); (a save in flight, resumed-from)."""
     proc = subprocess.Popen(command(workdir, steps), stderr=subprocess.PIPE, text=True, cwd=REPO)
-    resumed = None
+    resumed, compiled = None, False
     for line in proc.stderr:
         if line.startswith("Resuming from step"):
             resumed = int(line.split()[3].rstrip(":"))
-        if line.startswith("Compiled the train step"):
+        compiled = compiled or line.startswith("Compiled the train step")
+        if compiled and (not at_a_save or line.startswith("[train] step")):
             break
     time.sleep(delay)
     proc.kill()
@@ -79,8 +82,10 @@ def main(argv: list[str]) -> dict:
     identical, in_flight, resumed_from = 0, 0, []
     for trial in range(args.trials):
         workdir = os.path.join(root, f"trial{trial}")
-        for _ in range(args.kills):
-            saving, resumed = killed_run(workdir, args.steps, rng.uniform(0.0, 2.0))
+        for kill in range(args.kills):
+            at_a_save = kill % 2 == 1
+            delay = rng.uniform(0.0, 0.05) if at_a_save else rng.uniform(0.0, 2.0)
+            saving, resumed = killed_run(workdir, args.steps, delay, at_a_save)
             in_flight += saving
             resumed_from.append(resumed)
         done = subprocess.run(command(workdir, args.steps), capture_output=True, text=True, cwd=REPO)

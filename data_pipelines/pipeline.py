@@ -23,11 +23,15 @@ is the global batch.
 
 from __future__ import annotations
 
+import atexit
+import threading
+import weakref
 from typing import Any
 
 import grain
 import ml_collections
 import numpy as np
+from grain.multiprocessing import SharedMemoryArray
 
 from data_pipelines import fitting, image_ops, native_resolution, templates
 from data_pipelines.packing import REPAIRS, SKIP, CountSkips, CountSkipsIterator, pack
@@ -498,11 +502,35 @@ class BatchIteratorBase(grain.DatasetIterator):
     _parents: tuple = ()  # until `grain.DatasetIterator.__init__` runs (a constructor that raised earlier)
     _closed = False
 
+    def __init__(self, iterator: grain.DatasetIterator):
+        super().__init__(iterator)
+        _track(self)
+
+    def close(self) -> None:
+        """Stops the Grain worker processes, if any, and frees the batches they had prefetched in shared memory;
+        idempotent. A pipeline still open when the interpreter exits is closed then (`_close_open_pipelines`)."""
+        self._close(wait=True)
+
+    def _close(self, wait: bool) -> None:
+        if self._closed:
+            return
+        super().close()  # closes `self._iterator` and its parents: the worker stops, its queued batches are unlinked
+        if wait:
+            _wait_for_shared_memory_release()
+
+    def __del__(self):
+        self._close(wait=False)  # garbage collection may run anywhere (even in Grain's threads): never block
+
     def __iter__(self):
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        return next(self._iterator)
+        batch = next(self._iterator)
+        # From a Grain worker, each array lies in a shared-memory block, unlinked when the array is dropped. The
+        # trainer gets copies, so its batch is ordinary memory and the block is freed now: JAX on CPU aliases host
+        # arrays without a copy, and a block held by a device array that only the cyclic garbage collector frees
+        # outlived Grain's unlinking thread and was reported at exit as "leaked shared_memory objects".
+        return {k: np.array(v) if isinstance(v, SharedMemoryArray) else v for k, v in batch.items()}
 
     def get_state(self) -> dict[str, Any]:
         return self._iterator.get_state()
@@ -579,6 +607,44 @@ class GrainPipeline(BatchIteratorBase):
         super().__init__(self._iterator)
 
 
+_open_pipelines: weakref.WeakSet = weakref.WeakSet()  # pipelines not yet closed, closed at interpreter exit
+_exit_hook_registered = False
+
+
+def _track(pipeline: BatchIteratorBase) -> None:
+    """Closes `pipeline` at interpreter exit if it is still open then.
+
+    A batch from a Grain worker (`data.worker_count` > 0) lies in shared memory, unlinked when the batch is
+    dropped. A pipeline still referenced at exit (a global, a reference cycle) holds a batch in Grain's prefetch
+    thread, dropped only during interpreter teardown, after `multiprocessing`'s exit handler has stopped Grain's
+    unlinking thread: Python's resource tracker then reports it as "leaked shared_memory objects". This hook is
+    registered after `multiprocessing` registered that handler, so it runs first (atexit runs handlers last-in
+    first-out), while the worker and the unlinking thread still run.
+    """
+    global _exit_hook_registered
+    _open_pipelines.add(pipeline)
+    if not _exit_hook_registered:
+        _exit_hook_registered = True
+        atexit.register(_close_open_pipelines)
+
+
+def _close_open_pipelines() -> None:
+    for pipeline in list(_open_pipelines):
+        pipeline.close()
+
+
+def _wait_for_shared_memory_release() -> None:
+    """Waits until Grain's background thread has unlinked the shared memory of every batch dropped so far.
+
+    Grain frees the shared memory of a dropped batch on a one-thread pool (`SharedMemoryArray.enable_async_del`),
+    first in, first out, and that pool's pending work is discarded at interpreter exit; a no-op run on the same
+    pool returns once everything queued before it is done. Only from the main thread: a call from inside the pool
+    (garbage collection can run there) would wait for itself."""
+    pool = getattr(SharedMemoryArray, "_del_thread_pool", None)
+    if pool is not None and threading.current_thread() is threading.main_thread():
+        pool.apply(int)
+
+
 def in_workers(batches: grain.IterDataset, data: ml_collections.ConfigDict) -> grain.IterDataset:
     """`batches` prepared by `data.worker_count` Grain worker processes (`mp_prefetch`; 0: in this process)."""
     workers = int(data.get("worker_count", 0))
@@ -642,6 +708,7 @@ def data_stats(config: ml_collections.ConfigDict, split: str = "train", max_rows
             break
     seconds = time.perf_counter() - start
     counts = counts_of(iterator)
+    pipeline.close()  # its worker processes (`data.worker_count`), which this pass over `rows` does not use
     seq_len, max_images = int(config.data.seq_len), int(config.data.max_images)
     if config.data.get("image", {}).get("mode") == "native":  # the image budget is patches, not media slots
         max_images = int(config.data.max_patches)

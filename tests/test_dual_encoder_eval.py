@@ -12,6 +12,7 @@ from data_pipelines import image_ops
 from data_pipelines.builtin import build, scenes, tasks
 from data_pipelines.pairs import PairsPreprocessor, builtin_captions_config
 from data_pipelines.sources import read_records
+from data_pipelines.tokenizer import Tokenizer
 from vlm_jax.config_lib import ConfigDict, load_config
 from vlm_jax.errors import UserError
 from vlm_jax.evaluators import dual_encoder_tasks as det
@@ -222,7 +223,7 @@ def tiny_build(tmp_path_factory):
 def test_system_evaluate_end_to_end_on_a_tiny_build(tiny_build):
     config = load_config(f"{REPO}/configs/siglip.py:variant=tiny")
     config.data = ConfigDict(builtin_captions_config(tiny_build, 32, 16, "siglip"))
-    config.model.text.vocab_size = 400
+    config.model.text.vocab_size = Tokenizer(config.data.tokenizer).vocab_size  # resolving reads it so too
     del config.zero_shot
     config.mesh, config.batch_size, config.eval_steps, config.eval_examples = "data=8", 8, 1, 16
     config.eval_tasks = {**det.builtin_eval_tasks(tiny_build), "retrieval/again": f"{tiny_build}/captions/validation"}

@@ -241,9 +241,9 @@ def test_validation_loss_stops_where_the_validation_data_ends(monkeypatch, capsy
         eval_step = staticmethod(lambda params, batch: {"loss": 2.0 * batch, "weight": 1.0 * batch})
 
     FakeTrainer.config.eval_steps = 4
-    monkeypatch.setattr(data_pipelines, "build", lambda *args: iter([1, 3]))  # two batches, then the end
+    monkeypatch.setattr(data_pipelines, "build", lambda *args: (b for b in [1, 3]))  # two batches, then the end
     assert trainer_lib.evaluate(FakeTrainer(), None) == {"loss": 2.0}
     assert "ended after 2 of eval_steps=4 batches" in capsys.readouterr().err
-    monkeypatch.setattr(data_pipelines, "build", lambda *args: iter([]))
+    monkeypatch.setattr(data_pipelines, "build", lambda *args: (b for b in []))
     with pytest.raises(ConfigError, match="the validation data gives no batch of batch_size=16 rows"):
         trainer_lib.evaluate(FakeTrainer(), None)

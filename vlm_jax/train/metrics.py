@@ -144,7 +144,7 @@ class Reporter:
             self.writer.flush()
         text = " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items())
         if self.bar is not None:
-            self.bar.write(f"[{prefix}] step {step}: {text}")
+            self.bar.write(f"[{prefix}] step {step}: {text}", file=self.stream)
         else:
             print(f"[{prefix}] step {step}/{self.total_steps}: {text}", file=self.stream, flush=True)
 
@@ -152,7 +152,7 @@ class Reporter:
         if not self.enabled:
             return
         if self.bar is not None:
-            self.bar.write(text)
+            self.bar.write(text, file=self.stream)
         else:
             print(text, file=self.stream, flush=True)
 

@@ -16,6 +16,7 @@ are not finite is skipped (optax's `apply_if_finite`) and counted as
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import os
@@ -355,14 +356,17 @@ def evaluate(trainer: Trainer, params: Any) -> dict[str, float]:
     """Loss and metrics over `config.eval_steps` validation batches (the same every time; fewer, said on stderr,
     where the validation data ends sooner), plus the system's own evaluators."""
     config = trainer.config
-    data = data_pipelines.build(config, "validation", jax.process_index(), jax.process_count())
     totals: dict[str, float] = {}
     steps, batches = int(config.get("eval_steps", 4)), 0
-    for batch in itertools.islice(data, steps):
-        sums = jax.device_get(trainer.eval_step(params, trainer.put_batch(batch)))
-        for k, v in sums.items():
-            totals[k] = totals.get(k, 0.0) + float(v)
-        batches += 1
+    # closed at once: with data.worker_count > 0 each evaluation's pipeline has its own worker process
+    with contextlib.closing(
+        data_pipelines.build(config, "validation", jax.process_index(), jax.process_count())
+    ) as data:
+        for batch in itertools.islice(data, steps):
+            sums = jax.device_get(trainer.eval_step(params, trainer.put_batch(batch)))
+            for k, v in sums.items():
+                totals[k] = totals.get(k, 0.0) + float(v)
+            batches += 1
     if batches == 0 and steps > 0:
         raise ConfigError(
             f"the validation data gives no batch of batch_size={config.batch_size} rows: use more validation "
@@ -429,7 +433,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     loop_start = time.perf_counter()
     saved_step = latest
     watch = _NonFiniteWatch(int(config.get("max_consecutive_nonfinite", 10)))
-    with _StopOnSignal() as stop:
+    # the pipeline is closed (its Grain workers stopped) once the last checkpoint holding its state is on disk
+    with contextlib.closing(data), _StopOnSignal() as stop:
         stopping = False
         while step < config.total_steps and not stopping:
             host_batch = next(data)
