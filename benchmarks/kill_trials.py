@@ -56,7 +56,7 @@ def killed_run(workdir: str, steps: int, delay: float, at_a_save: bool) -> tuple
     time.sleep(delay)
     proc.kill()
     proc.communicate()
-    in_flight = bool(glob.glob(os.path.join(workdir, "checkpoints", "*.orbax-checkpoint-tmp-*")))
+    in_flight = bool(glob.glob(os.path.join(workdir, "checkpoints", "*.orbax-checkpoint-tmp*")))
     return in_flight, resumed
 
 
